@@ -1,0 +1,197 @@
+"""The ``regtune`` command. Thin: it parses arguments and calls the layers.
+
+``regtune fit`` with no argument runs the offline default: Fashion-MNIST, 1 % of the training images per class,
+EfficientNet-Lite0 with its offline ImageNet weights, 128 px, 15 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+__all__ = ["main", "build_parser", "parse_term"]
+
+_log = logging.getLogger("regtune")
+
+# Flag -> dotted config key. Every field stays reachable with --set KEY=VALUE.
+_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--dataset": ("data.dataset", str, "dataset name (see `regtune list datasets`)"),
+    "--data-root": ("data.root", str, "folder holding the dataset in its native layout"),
+    "--fraction": ("data.fraction", float, "share of each class of the training split to use, in (0, 1]"),
+    "--per-class": ("data.per_class", int, "images per class instead of a fraction"),
+    "--val-fraction": ("data.val_fraction", float, "share of the chosen images held out for model selection"),
+    "--split-manifest": ("data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
+    "--img-size": ("data.img_size", int, "input resolution in pixels"),
+    "--batch-size": ("data.batch_size", int, "training batch size"),
+    "--num-workers": ("data.num_workers", int, "DataLoader worker processes"),
+    "--backbone": ("model.backbone", str, "timm model name"),
+    "--pretrained": ("model.pretrained", str, "auto | offline | hub | none | PATH to .pth/.safetensors"),
+    "--optimizer": ("optim.optimizer", str, "sgd | adamw"),
+    "--lr": ("optim.lr", float, "backbone learning rate"),
+    "--head-lr-mult": ("optim.head_lr_mult", float, "head learning rate = lr x this"),
+    "--weight-decay": ("optim.weight_decay", float, "weight decay"),
+    "--scheduler": ("optim.scheduler", str, "cosine | step | constant"),
+    "--epochs": ("trainer.epochs", int, "training epochs"),
+    "--seed": ("trainer.seed", int, "seed of everything"),
+    "--select": ("trainer.select", str, "val_acc | val_loss | test_acc (papers' test-set selection) | last"),
+    "--accelerator": ("trainer.accelerator", str, "auto | cpu | gpu"),
+    "--devices": ("trainer.devices", str, "Lightning devices (auto, a count, or a list)"),
+    "--precision": ("trainer.precision", str, "32-true | bf16-mixed | 16-mixed"),
+    "--criterion": ("criterion", str, "classification loss: NAME[:key=value,...] (default ce)"),
+}
+
+
+def parse_term(text: str) -> dict[str, Any]:
+    """``"name:key=value,key2=value2"`` -> ``{"name": ..., "args": {...}}`` (values parsed as YAML scalars)."""
+    name, _, rest = text.partition(":")
+    args: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected key=value in {text!r}, got {item!r}")
+        args[key.strip()] = yaml.safe_load(value)
+    return {"name": name.strip(), "args": args}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regtune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fine-tune one model and test the selected checkpoint",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit.add_argument("--config", type=Path, help="YAML config (a run's config.yaml reproduces it)")
+    fit.add_argument("--run-dir", type=Path, help="output directory (default: a new folder under runs/)")
+    fit.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    fit.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    fit.add_argument("--download", action="store_true", help="let torchvision download the dataset (internet)")
+    fit.add_argument("--reg", action="append", default=[], metavar="NAME[:k=v,...]",
+                     help="add a regularizer (repeatable), e.g. --reg fmr:beta=50")
+    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="set any config field, e.g. --set optim.warmup_epochs=1")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
+    for flag, (key, kind, text) in _FLAGS.items():
+        fit.add_argument(flag, type=str if key == "criterion" else kind, default=None, help=f"{text} [{key}]")
+
+    lst = sub.add_parser("list", help="list known names")
+    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
+    return parser
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes log lines above a running progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("[regtune] %(message)s"))
+    root = logging.getLogger("regtune")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def _fit_config(args: argparse.Namespace):
+    from regtune.train.config import FitConfig, apply_overrides, load_config
+
+    config = load_config(args.config) if args.config else FitConfig()
+    overrides: dict[str, Any] = {}
+    for flag, (key, _, _) in _FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        overrides[key] = parse_term(value) if key == "criterion" else value
+    if args.fraction is not None and args.per_class is None:
+        overrides["data.per_class"] = None
+    if args.per_class is not None and args.fraction is None:
+        overrides["data.fraction"] = None
+    if args.download:
+        overrides["data.download"] = True
+    if args.no_progress:
+        overrides["trainer.progress_bar"] = False
+    if args.devices is not None:
+        overrides["trainer.devices"] = yaml.safe_load(args.devices)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"regtune: --set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if args.reg:
+        overrides["regularizers"] = [parse_term(r) for r in args.reg]
+    return apply_overrides(config, overrides)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from regtune.train.fit import fit
+
+    if args.resume is not None:
+        result = fit(run_dir=args.resume, resume=True)
+    else:
+        result = fit(_fit_config(args), run_dir=args.run_dir, overwrite=args.overwrite)
+    if result.interrupted:
+        print(f"interrupted; resume with: regtune fit --resume {result.run_dir}")
+        return 130
+    m = result.metrics
+    print(f"test accuracy: {m['test_acc']:.4f}  (mean per class {m['test_mean_class_acc']:.4f}; "
+          f"checkpoint of epoch {m['selected_epoch'] + 1}, selected by {m['selection']}; "
+          f"{m['wall_time_s']:.0f} s)")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "datasets":
+        from regtune.data.datasets import list_datasets
+
+        names = list_datasets()
+    elif args.what == "offline-weights":
+        from regtune.models import OFFLINE_SOURCES, has_offline_weights
+
+        names = [f"{k}  ({v.package}; {'installed' if has_offline_weights(k) else 'not installed'})"
+                 for k, v in OFFLINE_SOURCES.items()]
+    else:
+        import regtune.regularizers as r
+
+        names = r.list_regularizers() if args.what == "regularizers" else r.list_criteria()
+    print("\n".join(names) if names else "(none)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``regtune`` console script."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        if args.command == "fit":
+            return _cmd_fit(args)
+        return _cmd_list(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError, OSError,
+            FloatingPointError) as err:
+        # User-facing errors carry their own explanation; the traceback is for --verbose.
+        if args.verbose:
+            raise
+        print(f"regtune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

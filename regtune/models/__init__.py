@@ -1,0 +1,24 @@
+"""Backbones (timm), feature taps and offline weight sources."""
+
+from regtune.models.factory import (
+    WEIGHT_SOURCES,
+    Backbone,
+    UnknownBackboneError,
+    create_backbone,
+    data_config,
+    forward_parts,
+)
+from regtune.models.weights import OFFLINE_SOURCES, WeightsMismatchError, has_offline_weights, offline_weights_path
+
+__all__ = [
+    "WEIGHT_SOURCES",
+    "Backbone",
+    "UnknownBackboneError",
+    "create_backbone",
+    "data_config",
+    "forward_parts",
+    "OFFLINE_SOURCES",
+    "WeightsMismatchError",
+    "has_offline_weights",
+    "offline_weights_path",
+]

@@ -1,0 +1,189 @@
+"""The regularizer contract, the training-step record every term reads, and the registries of terms and criteria.
+
+Imports nothing but ``torch``: a user of another training loop can take a regularizer without regtune's trainer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TrainStep",
+    "Regularizer",
+    "Criterion",
+    "CrossEntropy",
+    "UnknownNameError",
+    "register_regularizer",
+    "create_regularizer",
+    "list_regularizers",
+    "register_criterion",
+    "create_criterion",
+    "list_criteria",
+]
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """What one training step exposes to a criterion or regularizer.
+
+    Args:
+        features: Penultimate features ``forward_head(forward_features(x), pre_logits=True)``.
+        logits: Classifier outputs.
+        labels: Integer targets.
+        model: The model being trained (backbone with its head).
+        step: Global optimisation step (0-based) this batch will produce.
+        epoch: Current epoch (0-based).
+        feature_maps: Last feature map ``forward_features(x)`` and, only for terms that set ``needs_feature_maps``,
+            whatever intermediate maps the trainer was asked for, by name.
+
+    Shape:
+        features: (B, D). logits: (B, C). labels: (B,).
+    """
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    model: nn.Module
+    step: int = 0
+    epoch: int = 0
+    feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Regularizer(nn.Module):
+    """Base class of every regularization term.
+
+    A subclass implements :meth:`forward` and, when it needs them, :meth:`setup` and :meth:`stats`. Running state
+    goes in ``register_buffer`` (saved in checkpoints, moved by ``.to()``); learnable state in ``nn.Parameter``s,
+    which the trainer puts in their own optimizer group with :meth:`param_group_options`.
+
+    Attributes:
+        needs_feature_maps: Names of intermediate feature maps the term reads from ``TrainStep.feature_maps``.
+        needs_setup_pass: Whether :meth:`setup` iterates the training loader (the trainer then runs it before the
+            first update).
+    """
+
+    needs_feature_maps: tuple[str, ...] = ()
+    needs_setup_pass: bool = False
+
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        """Called once before the first optimisation step (pretrained statistics, snapshots, ...)."""
+
+    def forward(self, step: TrainStep) -> torch.Tensor:  # pragma: no cover - abstract
+        """Return the weighted scalar loss term of one training step."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        """Return what the term wants logged after the last :meth:`forward` (weights, entropies, ...)."""
+        return {}
+
+    def param_group_options(self) -> dict[str, Any]:
+        """Optimizer options (e.g. ``{"lr": 1e-2}``) for this term's own parameters; empty means the trainer's."""
+        return {}
+
+
+class Criterion(nn.Module):
+    """Base class of the classification loss that a run optimises (exactly one per run)."""
+
+    def forward(self, step: TrainStep) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class UnknownNameError(KeyError):
+    """A registry was asked for a name (or argument) it does not know; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; show the sentence as written.
+        return str(self.args[0])
+
+
+_T = TypeVar("_T", bound=type)
+_REGULARIZERS: dict[str, type[Regularizer]] = {}
+_CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def _register(table: dict[str, type], kind: str, name: str) -> Callable[[_T], _T]:
+    if name != name.lower() or not name:
+        raise ValueError(f"{kind} names are lowercase and non-empty, got {name!r}")
+
+    def decorator(cls: _T) -> _T:
+        if name in table:
+            raise ValueError(f"{kind} {name!r} is already registered (by {table[name].__qualname__})")
+        table[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
+
+
+def _create(table: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]) -> Any:
+    if name not in table:
+        raise UnknownNameError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table)) or '(none registered)'}")
+    cls = table[name]
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                          inspect.Parameter.VAR_KEYWORD)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise UnknownNameError(
+            f"{kind} {name!r} has no argument(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"
+        )
+    return cls(**kwargs)
+
+
+def register_regularizer(name: str) -> Callable[[_T], _T]:
+    """Class decorator adding a :class:`Regularizer` to the registry under ``name`` (a duplicate name raises)."""
+    return _register(_REGULARIZERS, "regularizer", name)
+
+
+def create_regularizer(name: str, **kwargs: Any) -> Regularizer:
+    """Build a registered regularizer from its name and keyword arguments.
+
+    Raises:
+        UnknownNameError: unknown name or argument; the message lists the valid ones.
+    """
+    return _create(_REGULARIZERS, "regularizer", name, kwargs)
+
+
+def list_regularizers() -> list[str]:
+    """Registered regularizer names, sorted."""
+    return sorted(_REGULARIZERS)
+
+
+def register_criterion(name: str) -> Callable[[_T], _T]:
+    """Class decorator adding a :class:`Criterion` to the registry under ``name`` (a duplicate name raises)."""
+    return _register(_CRITERIA, "criterion", name)
+
+
+def create_criterion(name: str, **kwargs: Any) -> Criterion:
+    """Build a registered criterion from its name and keyword arguments (see :func:`create_regularizer`)."""
+    return _create(_CRITERIA, "criterion", name, kwargs)
+
+
+def list_criteria() -> list[str]:
+    """Registered criterion names, sorted."""
+    return sorted(_CRITERIA)
+
+
+@register_criterion("ce")
+class CrossEntropy(Criterion):
+    """Softmax cross-entropy on the logits, optionally with label smoothing.
+
+    Args:
+        label_smoothing: Mass moved uniformly to all classes, in ``[0, 1)``.
+
+    Reduction:
+        Mean over the batch.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        return nn.functional.cross_entropy(step.logits, step.labels, label_smoothing=self.label_smoothing)

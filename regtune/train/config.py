@@ -1,0 +1,279 @@
+"""The configuration of one fine-tuning run: frozen dataclasses, written to and read from YAML.
+
+The resolved config that a run writes (``config.yaml``) is accepted by ``regtune fit --config`` and reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainerConfig",
+    "TermSpec",
+    "FitConfig",
+    "ConfigError",
+    "load_config",
+    "save_config",
+    "apply_overrides",
+    "SELECT_MODES",
+]
+
+SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, how many, and how they are transformed.
+
+    Attributes:
+        dataset: Registry name (``regtune.data.list_datasets()``).
+        root: Folder holding the dataset (in its native layout).
+        download: Let torchvision download the dataset where it can (needs internet).
+        fraction: Share of each class of the training split to use, in (0, 1]; ``None`` with ``per_class`` unset
+            uses everything.
+        per_class: Images per class instead of a fraction.
+        val_fraction: Share of the chosen images held out (per class) for model selection.
+        split_manifest: Reuse the exact split of an earlier run (its ``split.json``).
+        img_size: Input resolution; ``None`` uses the backbone's pretrained resolution.
+        scale: RandomResizedCrop area range.
+        hflip: Horizontal flip probability.
+        color_jitter: Colour jitter strength, ``None`` for none.
+        auto_augment: timm auto-augment policy, ``None`` for none.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for validation and test.
+        num_workers: DataLoader worker processes.
+    """
+
+    dataset: str = "fashion_mnist"
+    root: str = "data"
+    download: bool = False
+    fraction: float | None = 0.01
+    per_class: int | None = None
+    val_fraction: float = 0.1
+    split_manifest: str | None = None
+    img_size: int | None = 128
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    color_jitter: float | None = None
+    auto_augment: str | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone and its weights.
+
+    Attributes:
+        backbone: timm model name.
+        pretrained: ``auto`` | ``offline`` | ``hub`` | ``none`` | path to a weights file.
+        head_init: ``normal`` (N(0, 0.01), zero bias, as the papers) or ``timm``.
+        drop_rate: Dropout before the classifier.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "auto"
+    head_init: str = "normal"
+    drop_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+        optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
+        lr: Backbone learning rate.
+        head_lr_mult: Head learning rate = ``lr * head_lr_mult`` (the papers use 10).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: Decoupled (AdamW) or L2 (SGD) weight decay on every trained parameter.
+        scheduler: ``cosine`` (per step, to zero), ``step`` (x ``gamma`` at each epoch in ``milestones``) or
+            ``constant``.
+        warmup_epochs: Linear warm-up length, in epochs (fractions allowed).
+        milestones: Epochs where ``step`` multiplies the learning rate by ``gamma``.
+        gamma: Factor of the ``step`` schedule.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The loop (Lightning ``Trainer``) and model selection.
+
+    Attributes:
+        epochs: Training epochs.
+        seed: Seed of everything (split, initialisation, order, augmentation).
+        select: ``val_acc`` / ``val_loss``: best checkpoint on the held-out validation split (honest);
+            ``test_acc``: the papers' protocol (TLlib, FMR) of picking the best epoch on the TEST set (optimistic,
+            labelled so in the results); ``last``: the final epoch.
+        deterministic: ``torch.use_deterministic_algorithms`` (via Lightning).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        devices: Lightning devices (``auto``, a count, or a list).
+        precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
+        progress_bar: Show the progress bar.
+    """
+
+    epochs: int = 15
+    seed: int = 0
+    select: str = "val_acc"
+    deterministic: bool = True
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    precision: str = "32-true"
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """A criterion or regularizer by registry name, with its keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that defines a run (the run directory is not part of it)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    criterion: TermSpec = field(default_factory=lambda: TermSpec("ce"))
+    regularizers: tuple[TermSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (tuples as lists), as written to YAML."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def validate(config: FitConfig) -> None:
+    """Check values that would otherwise fail late (after minutes of set-up)."""
+    d, o, t = config.data, config.optim, config.trainer
+    checks = [
+        (d.fraction is None or 0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1], got {d.fraction}"),
+        (d.per_class is None or d.per_class >= 1, f"data.per_class must be >= 1, got {d.per_class}"),
+        (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
+        (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),
+        (d.batch_size >= 1 and d.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+        (o.optimizer in ("sgd", "adamw"), f"optim.optimizer must be 'sgd' or 'adamw', got {o.optimizer!r}"),
+        (o.scheduler in ("cosine", "step", "constant"),
+         f"optim.scheduler must be 'cosine', 'step' or 'constant', got {o.scheduler!r}"),
+        (o.lr > 0 and o.head_lr_mult > 0, "optim.lr and optim.head_lr_mult must be > 0"),
+        (t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}"),
+        (t.select in SELECT_MODES, f"trainer.select must be one of {', '.join(SELECT_MODES)}, got {t.select!r}"),
+        (not (t.select in ("val_acc", "val_loss") and d.val_fraction == 0.0),
+         f"trainer.select={t.select!r} needs a validation split: set data.val_fraction > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Build a value of annotated type ``tp`` from YAML data, strictly for dataclasses."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        return tp(**{k: _convert(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in value.items()})
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, where) for v in value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> FitConfig:
+    """Build a :class:`FitConfig` from nested dicts (unknown keys are errors)."""
+    data = dict(data or {})
+    if "criterion" in data and isinstance(data["criterion"], str):
+        data["criterion"] = {"name": data["criterion"]}
+    if "regularizers" in data:
+        data["regularizers"] = [{"name": r} if isinstance(r, str) else r for r in data["regularizers"] or []]
+    return _convert(FitConfig, data, "")
+
+
+def load_config(path: str | Path) -> FitConfig:
+    """Read a YAML config (a partial one fills the rest with defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def save_config(config: FitConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def apply_overrides(config: FitConfig, overrides: dict[str, Any]) -> FitConfig:
+    """Return ``config`` with dotted keys replaced, e.g. ``{"optim.lr": 0.02, "data.fraction": 0.05}``."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"unknown config key {key!r}; valid at that level: {valid}")
+        node[parts[-1]] = value
+    return config_from_dict(data)

@@ -1,0 +1,83 @@
+"""The LightningDataModule: training subset, validation carve-out and test split, each with its transform."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from regtune.data.base import ImageDataset
+from regtune.data.subset import Split
+from regtune.data.transforms import TransformedSubset
+
+__all__ = ["FineTuneData"]
+
+
+class FineTuneData(pl.LightningDataModule):
+    """Loaders over one :class:`~regtune.data.subset.Split` of a dataset.
+
+    Args:
+        train_set: The dataset's full training split (the subset is ``split.train``).
+        test_set: The dataset's test split.
+        split: Indices of the training subset and the validation carve-out.
+        train_transform: Random augmentation for training.
+        eval_transform: Deterministic transform for validation, test and set-up passes.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size.
+        num_workers: Worker processes per loader.
+        validate_on_test: Use the test split as the validation loader (the papers' test-set selection; only with
+            ``select="test_acc"``).
+    """
+
+    def __init__(
+            self,
+            train_set: ImageDataset,
+            test_set: ImageDataset,
+            split: Split,
+            train_transform: Callable,
+            eval_transform: Callable,
+            batch_size: int = 32,
+            eval_batch_size: int = 128,
+            num_workers: int = 0,
+            validate_on_test: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_set = train_set
+        self.test_set = test_set
+        self.split = split
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.validate_on_test = validate_on_test
+
+    def _loader(self, dataset: TransformedSubset, train: bool) -> DataLoader:
+        # drop_last keeps every training batch full (BatchNorm and batch-statistics terms such as BSS need B > 1),
+        # unless the subset is smaller than one batch. Workers are not persistent: each epoch's workers are seeded
+        # from that epoch's seed, which makes a resumed run identical to an uninterrupted one.
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(TransformedSubset(self.train_set, self.split.train, self.train_transform), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.validate_on_test:
+            return self.test_dataloader()
+        return self._loader(TransformedSubset(self.train_set, self.split.val, self.eval_transform), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(TransformedSubset(self.test_set, range(len(self.test_set)), self.eval_transform),
+                            train=False)
+
+    def setup_dataloader(self) -> DataLoader:
+        """Training subset with the evaluation transform, in order: for regularizers' statistics passes."""
+        return self._loader(TransformedSubset(self.train_set, self.split.train, self.eval_transform), train=False)

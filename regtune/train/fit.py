@@ -1,0 +1,240 @@
+"""One fine-tuning run, end to end: data, split, model, Lightning ``Trainer``, test of the selected checkpoint.
+
+Every run writes one directory::
+
+    config.yaml      resolved config (``regtune fit --config config.yaml`` reproduces the run)
+    split.json       item ids of the training subset and the validation carve-out
+    epochs.csv       one row per epoch: losses, accuracies, every logged term, learning rates, time
+    checkpoints/     last.ckpt (every epoch) and best.ckpt (selected checkpoint)
+    metrics.json     final numbers (written last: its presence marks a finished run)
+    curves.png       learning curves
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import regtune
+from regtune.analysis.plots import plot_learning_curves
+from regtune.data.datasets import build_dataset
+from regtune.data.subset import split_from_manifest, stratified_split, write_manifest
+from regtune.data.transforms import build_transforms
+from regtune.models import create_backbone, data_config
+from regtune.regularizers import create_criterion, create_regularizer
+from regtune.train.callbacks import EpochLog, EpochSeed, read_epoch_log
+from regtune.train.config import FitConfig, load_config, save_config
+from regtune.train.datamodule import FineTuneData
+from regtune.train.module import FineTuner, NonFiniteLossError
+
+__all__ = ["fit", "RunDirError", "FitResult", "default_run_dir"]
+
+_log = logging.getLogger(__name__)
+
+_SELECT = {  # select mode -> (monitored metric, mode, what the results call it)
+    "val_acc": ("val/acc", "max", "best validation accuracy (held-out split of the training subset)"),
+    "val_loss": ("val/loss", "min", "lowest validation loss (held-out split of the training subset)"),
+    "test_acc": ("val/acc", "max", "best TEST accuracy over epochs (papers' protocol, optimistic: the test set chose "
+                                   "the checkpoint)"),
+    "last": (None, "max", "last epoch"),
+}
+
+
+class RunDirError(FileExistsError):
+    """The run directory holds a run that this call would overwrite, or no run to resume."""
+
+
+@dataclass
+class FitResult:
+    """Where a run went and what it measured."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    interrupted: bool = False
+
+
+def default_run_dir(config: FitConfig, root: str | Path = "runs") -> Path:
+    """``runs/<dataset>-<backbone>-<terms>-s<seed>-<timestamp>``."""
+    terms = "+".join(r.name for r in config.regularizers) or "ft"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.data.dataset}-{config.model.backbone}-{terms}-s{config.trainer.seed}-{stamp}"
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    finished = (run_dir / "metrics.json").is_file()
+    started = (run_dir / "config.yaml").is_file()
+    if resume:
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise RunDirError(f"{run_dir} has no checkpoints/last.ckpt to resume from")
+        if finished:
+            raise RunDirError(f"{run_dir} holds a finished run (metrics.json); nothing to resume")
+        return
+    if finished or started:
+        if not overwrite:
+            what = "a finished run" if finished else "an unfinished run (resume it with --resume)"
+            raise RunDirError(f"{run_dir} already holds {what}; choose another --run-dir, or pass --overwrite")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def fit(
+        config: FitConfig | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: Sequence[pl.Callback] = (),
+) -> FitResult:
+    """Fine-tune, select a checkpoint, test it once, and write the run directory.
+
+    Args:
+        config: The run's settings; ``None`` uses the defaults (or, with ``resume``, the run's own config).
+        run_dir: Output directory; ``None`` makes a new one under ``runs/``.
+        resume: Continue the interrupted run in ``run_dir`` from its ``last.ckpt`` (the config is read from there).
+        overwrite: Replace a run already in ``run_dir``.
+        callbacks: Extra Lightning callbacks (progress hooks, tests).
+
+    Returns:
+        The :class:`FitResult`; ``interrupted`` is true when the run was stopped (Ctrl-C) before its end, in which
+        case no metrics are written and ``regtune fit --resume`` continues it.
+
+    Raises:
+        RunDirError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
+        NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+    """
+    started = time.perf_counter()
+    if resume:
+        if run_dir is None:
+            raise RunDirError("--resume needs the run directory to continue")
+        run_dir = Path(run_dir)
+        _prepare_run_dir(run_dir, resume=True, overwrite=False)
+        config = load_config(run_dir / "config.yaml")
+    else:
+        config = config or FitConfig()
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        save_config(config, run_dir / "config.yaml")
+    d, t = config.data, config.trainer
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+
+    train_set = build_dataset(d.dataset, d.root, "train", download=d.download)
+    test_set = build_dataset(d.dataset, d.root, "test", download=d.download)
+    if list(train_set.classes) != list(test_set.classes):
+        raise ValueError(f"{d.dataset}: train and test splits have different classes")
+    manifest = run_dir / "split.json"
+    if resume or d.split_manifest:
+        split = split_from_manifest(manifest if resume else d.split_manifest, train_set.ids, d.dataset)
+    else:
+        split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction,
+                                 per_class=d.per_class, val_fraction=d.val_fraction, seed=t.seed,
+                                 class_names=train_set.classes)
+    if not resume:
+        write_manifest(manifest, split, train_set.ids, d.dataset)
+
+    backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
+                               head_init=config.model.head_init, drop_rate=config.model.drop_rate)
+    train_tf, eval_tf = build_transforms(data_config(backbone.model, d.img_size), scale=d.scale, hflip=d.hflip,
+                                         color_jitter=d.color_jitter, auto_augment=d.auto_augment)
+    datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
+                              eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                              validate_on_test=t.select == "test_acc")
+    criterion = create_criterion(config.criterion.name, **config.criterion.args)
+    regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
+    module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
+                       setup_loader=datamodule.setup_dataloader)
+
+    monitor, mode, selection = _SELECT[t.select]
+    ckpt_dir = run_dir / "checkpoints"
+    last_ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None,
+                                save_on_train_epoch_end=True, enable_version_counter=False)
+    best_ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                                save_on_train_epoch_end=True, enable_version_counter=False)
+    trainer = pl.Trainer(
+        max_epochs=t.epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        logger=False,
+        callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), *callbacks, last_ckpt, best_ckpt],
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+    _log.info("run directory: %s", run_dir)
+    _log.info("%s/%s: %d train, %d val, %d test images, %d classes; backbone %s (weights: %s); input %s",
+              d.dataset, "train", len(split.train), len(split.val), len(test_set), train_set.num_classes,
+              backbone.name, backbone.weights, data_config(backbone.model, d.img_size)["input_size"])
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
+    except NonFiniteLossError as err:
+        last = ckpt_dir / "last.ckpt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch had finished, no checkpoint"
+        raise NonFiniteLossError(
+            f"{err}. Training stopped; {kept}. Lower the learning rate or the regularizer weights and start again "
+            "(or --resume after fixing the cause)."
+        ) from err
+    finally:
+        rows = read_epoch_log(run_dir / "epochs.csv")
+        if rows:
+            plot_learning_curves(rows, run_dir / "curves.png", title=f"{run_dir.name} ({t.select})")
+    if trainer.interrupted:
+        _log.warning("interrupted; continue with: regtune fit --resume %s", run_dir)
+        return FitResult(run_dir=run_dir, metrics={}, interrupted=True)
+
+    train_time = time.perf_counter() - started
+    selected = best_ckpt.best_model_path if monitor is not None else last_ckpt.last_model_path
+    selected = selected or str(ckpt_dir / "last.ckpt")
+    best_epoch = torch.load(selected, map_location="cpu", weights_only=False)["epoch"]
+    (result,) = trainer.test(module, datamodule=datamodule, ckpt_path=selected, verbose=False)
+    metrics = {
+        "test_acc": result["test/acc"],
+        "test_loss": result["test/loss"],
+        "test_mean_class_acc": result["test/mean_class_acc"],
+        "test_class_acc": module.test_class_accuracy(),
+        "selection": t.select,
+        "selection_note": selection,
+        "selected_epoch": int(best_epoch),
+        "selected_checkpoint": str(Path(selected).relative_to(run_dir)),
+        "best_val": float(best_ckpt.best_model_score) if best_ckpt.best_model_score is not None else None,
+        "epochs": t.epochs,
+        "num_train": len(split.train),
+        "num_val": len(split.val),
+        "num_test": len(test_set),
+        "num_classes": train_set.num_classes,
+        "dataset": d.dataset,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "input_size": list(data_config(backbone.model, d.img_size)["input_size"]),
+        "regularizers": [r.name for r in config.regularizers],
+        "criterion": config.criterion.name,
+        "seed": t.seed,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "fit_time_s": round(train_time, 2),
+        "resumed": resume,
+        "versions": {"regtune": regtune.__version__, "torch": torch.__version__, "lightning": pl.__version__,
+                     "python": platform.python_version()},
+    }
+    if t.select == "test_acc":
+        _log.warning("selection on the TEST set (papers' protocol): test accuracy is optimistic")
+    _write_json(run_dir / "metrics.json", metrics)
+    _log.info("test accuracy %.4f (mean per class %.4f), checkpoint of epoch %d by %s; run directory %s",
+              metrics["test_acc"], metrics["test_mean_class_acc"], best_epoch + 1, t.select, run_dir)
+    return FitResult(run_dir=run_dir, metrics=metrics)

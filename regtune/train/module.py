@@ -1,0 +1,211 @@
+"""The LightningModule: a backbone with its head, one criterion and any number of regularizers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from regtune.models import forward_parts
+from regtune.regularizers import Criterion, Regularizer, TrainStep
+from regtune.train.config import OptimConfig
+
+__all__ = ["FineTuner", "NonFiniteLossError", "lr_factor"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the term."""
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, optim: OptimConfig) -> float:
+    """Learning-rate multiplier at optimisation ``step`` (0-based): linear warm-up, then the schedule."""
+    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim.scheduler == "constant":
+        return 1.0
+    if optim.scheduler == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return optim.gamma ** sum(epoch >= m for m in optim.milestones)
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _unique_names(terms: Sequence[Regularizer]) -> list[str]:
+    names: list[str] = []
+    for term in terms:
+        base = getattr(term, "registry_name", type(term).__name__.lower())
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+class FineTuner(pl.LightningModule):
+    """Fine-tunes ``model`` with ``criterion`` plus the sum of ``regularizers``.
+
+    The model is reached only through :func:`regtune.models.forward_parts` (``forward_features``,
+    ``forward_head(pre_logits=True)``, the classifier), so any timm backbone works. Every term is logged by name
+    (``train/<name>``), with each regularizer's ``stats()`` (``train/<name>/<key>``).
+
+    Args:
+        model: timm model with a ``num_classes``-way head.
+        criterion: The classification loss.
+        regularizers: Terms added to the loss; each follows the :class:`~regtune.regularizers.Regularizer` contract.
+        optim: Optimizer and schedule settings.
+        num_classes: Classes of the task (for per-class test accuracy).
+        setup_loader: Called with no argument, returns the loader that regularizers' ``setup`` passes iterate
+            (training images with the deterministic evaluation transform); ``None`` if no term needs one.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Criterion,
+            regularizers: Sequence[Regularizer],
+            optim: OptimConfig,
+            num_classes: int,
+            setup_loader: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.regularizers = nn.ModuleDict(dict(zip(_unique_names(regularizers), regularizers)))
+        self.optim = optim
+        self.num_classes = num_classes
+        self.setup_loader = setup_loader
+        self.criterion_name = getattr(criterion, "registry_name", "loss")
+        self.regularizers_ready = False
+        self._test_hits = torch.zeros(num_classes, dtype=torch.long)
+        self._test_counts = torch.zeros(num_classes, dtype=torch.long)
+
+    # -- set-up -----------------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        # Regularizers measure pretrained statistics once, before the first update; a resumed run has them in its
+        # checkpoint already.
+        if self.regularizers_ready:
+            return
+        mode = self.model.training
+        try:
+            for name, term in self.regularizers.items():
+                loader = self.setup_loader() if term.needs_setup_pass and self.setup_loader is not None else None
+                try:
+                    term.setup(self.model, loader)
+                except Exception as err:
+                    raise RuntimeError(f"setup of regularizer {name!r} failed: {err}") from err
+        finally:
+            self.model.train(mode)
+        self.regularizers_ready = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["regtune_regularizers_ready"] = self.regularizers_ready
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.regularizers_ready = bool(checkpoint.get("regtune_regularizers_ready", False))
+
+    # -- steps ------------------------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return forward_parts(self.model, images)[2]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        feature_map, features, logits = forward_parts(self.model, images)
+        step = TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=self.global_step,
+                         epoch=self.current_epoch, feature_maps={"last": feature_map})
+        terms = {self.criterion_name: self.criterion(step)}
+        for name, term in self.regularizers.items():
+            terms[name] = term(step)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        if not torch.isfinite(loss):
+            bad = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx}): {bad}"
+            )
+        batch_size = labels.shape[0]
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), on_step=False, on_epoch=True,
+                 batch_size=batch_size)
+        if self.regularizers:
+            for name, value in terms.items():
+                self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+            for name, term in self.regularizers.items():
+                for key, value in term.stats().items():
+                    self.log(f"train/{name}/{key}", float(value), on_step=True, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        predicted = logits.argmax(-1)
+        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{prefix}/acc", (predicted == labels).float().mean(), on_epoch=True, batch_size=labels.shape[0])
+        return predicted
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_hits = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+        self._test_counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        predicted = self._evaluate(batch, "test")
+        labels = batch[1]
+        self._test_counts += torch.bincount(labels, minlength=self.num_classes)
+        self._test_hits += torch.bincount(labels[predicted == labels], minlength=self.num_classes)
+
+    def on_test_epoch_end(self) -> None:
+        hits = self.all_gather(self._test_hits).reshape(-1, self.num_classes).sum(0)
+        counts = self.all_gather(self._test_counts).reshape(-1, self.num_classes).sum(0)
+        present = counts > 0
+        per_class = hits[present].double() / counts[present].double()
+        self.log("test/mean_class_acc", per_class.mean().float(), sync_dist=False)
+
+    def test_class_accuracy(self) -> list[float | None]:
+        """Per-class test accuracy of the last test run (``None`` for classes absent from the test set)."""
+        return [float(h) / float(c) if c > 0 else None for h, c in zip(self._test_hits.tolist(),
+                                                                         self._test_counts.tolist())]
+
+    # -- optimisation -----------------------------------------------------------------------------------------------
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        head = list(self.model.get_classifier().parameters())
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        groups = [
+            {"name": "backbone", "params": backbone, "lr": self.optim.lr},
+            {"name": "head", "params": [p for p in head if p.requires_grad],
+             "lr": self.optim.lr * self.optim.head_lr_mult},
+        ]
+        for name, term in self.regularizers.items():
+            params = [p for p in term.parameters() if p.requires_grad]
+            if params:
+                groups.append({"name": f"reg/{name}", "params": params, "lr": self.optim.lr,
+                               **term.param_group_options()})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self._param_groups()
+        if self.optim.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.optim.lr, momentum=self.optim.momentum,
+                                        nesterov=self.optim.nesterov and self.optim.momentum > 0,
+                                        weight_decay=self.optim.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total, per_epoch, self.optim))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def named_terms(self) -> Iterable[str]:
+        """Names under which the criterion and regularizers are logged."""
+        return [self.criterion_name, *self.regularizers.keys()]
