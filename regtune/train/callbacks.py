@@ -36,6 +36,11 @@ class EpochSeed(pl.Callback):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed from a checkpoint written at the end of an epoch starts the next epoch without calling
+        # on_train_epoch_start (Lightning treats it as restarting on that epoch's end), so seed here as well.
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed = epoch_seed(self.seed, trainer.current_epoch)
         random.seed(seed)
@@ -59,11 +64,13 @@ class EpochLog(pl.Callback):
         self.path = Path(path)
         self._start = 0.0
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after a resumed run's checkpoint is restored, so current_epoch is the next epoch to train.
         rows = read_epoch_log(self.path)
         kept = [r for r in rows if int(r["epoch"]) < trainer.current_epoch]
         if len(kept) != len(rows):
             self._write(kept)
+        self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()

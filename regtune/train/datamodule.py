@@ -5,13 +5,48 @@ from __future__ import annotations
 from typing import Callable
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from regtune.data.base import ImageDataset
 from regtune.data.subset import Split
 from regtune.data.transforms import TransformedSubset
+from regtune.train.callbacks import epoch_seed
 
-__all__ = ["FineTuneData"]
+__all__ = ["FineTuneData", "EpochShuffle"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before each training epoch. The sampler also owns the generator the
+    DataLoader draws its worker base seed from, re-seeded with the permutation, so neither the order nor the
+    workers' augmentation depends on how much of torch's global random stream ran before (a validation loop, a
+    restart from a checkpoint): a resumed run sees exactly the batches of the uninterrupted one.
+
+    Args:
+        size: Number of items.
+        seed: The run's seed.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)
+                                                                                  + 1))
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class FineTuneData(pl.LightningDataModule):
@@ -28,6 +63,7 @@ class FineTuneData(pl.LightningDataModule):
         num_workers: Worker processes per loader.
         validate_on_test: Use the test split as the validation loader (the papers' test-set selection; only with
             ``select="test_acc"``).
+        seed: Seed of the training order (see :class:`EpochShuffle`).
     """
 
     def __init__(
@@ -41,6 +77,7 @@ class FineTuneData(pl.LightningDataModule):
             eval_batch_size: int = 128,
             num_workers: int = 0,
             validate_on_test: bool = False,
+            seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_set = train_set
@@ -52,15 +89,18 @@ class FineTuneData(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.validate_on_test = validate_on_test
+        self.seed = seed
 
     def _loader(self, dataset: TransformedSubset, train: bool) -> DataLoader:
         # drop_last keeps every training batch full (BatchNorm and batch-statistics terms such as BSS need B > 1),
         # unless the subset is smaller than one batch. Workers are not persistent: each epoch's workers are seeded
         # from that epoch's seed, which makes a resumed run identical to an uninterrupted one.
+        sampler = EpochShuffle(len(dataset), self.seed) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            generator=sampler.generator if sampler is not None else None,
             drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=False,

@@ -17,7 +17,10 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,6 +91,13 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _workers(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
@@ -152,12 +162,12 @@ def fit(
     train_tf, eval_tf = build_transforms(data_config(backbone.model, d.img_size), scale=d.scale, hflip=d.hflip,
                                          color_jitter=d.color_jitter, auto_augment=d.auto_augment)
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
-                              eval_batch_size=d.eval_batch_size, num_workers=d.num_workers,
-                              validate_on_test=t.select == "test_acc")
+                              eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
+                              validate_on_test=t.select == "test_acc", seed=t.seed)
     criterion = create_criterion(config.criterion.name, **config.criterion.args)
     regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
-                       setup_loader=datamodule.setup_dataloader)
+                       setup_loader=datamodule.setup_dataloader, channels_last=t.channels_last)
 
     monitor, mode, selection = _SELECT[t.select]
     ckpt_dir = run_dir / "checkpoints"
@@ -182,8 +192,17 @@ def fit(
     _log.info("%s/%s: %d train, %d val, %d test images, %d classes; backbone %s (weights: %s); input %s",
               d.dataset, "train", len(split.train), len(split.val), len(test_set), train_set.num_classes,
               backbone.name, backbone.weights, data_config(backbone.model, d.img_size)["input_size"])
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
+    except SystemExit:
+        # Lightning answers Ctrl-C by saving nothing further and calling sys.exit(1); a library call should return
+        # instead, with the last epoch's checkpoint in place for --resume.
+        if not trainer.interrupted:
+            raise
     except NonFiniteLossError as err:
         last = ckpt_dir / "last.ckpt"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no epoch had finished, no checkpoint"
@@ -192,6 +211,8 @@ def fit(
             "(or --resume after fixing the cause)."
         ) from err
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
         rows = read_epoch_log(run_dir / "epochs.csv")
         if rows:
             plot_learning_curves(rows, run_dir / "curves.png", title=f"{run_dir.name} ({t.select})")

@@ -1,0 +1,168 @@
+"""End-to-end runs on a tiny ImageFolder with timm's tiny EfficientNet: outputs, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from regtune.regularizers import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers import base as reg_base
+from regtune.train.callbacks import read_epoch_log
+from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TermSpec, TrainerConfig
+from regtune.train.fit import RunDirError, fit
+from regtune.train.module import NonFiniteLossError
+from tests.conftest import TINY_BACKBONE
+
+COMPARED = ("test_acc", "test_loss", "selected_epoch", "best_val")
+
+
+def tiny_config(root: Path, epochs: int = 3, **trainer: object) -> FitConfig:
+    return FitConfig(
+        data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, val_fraction=0.2, img_size=32,
+                        batch_size=8, eval_batch_size=16, num_workers=0),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none"),
+        optim=OptimConfig(lr=0.05, warmup_epochs=0.5),
+        trainer=TrainerConfig(epochs=epochs, progress_bar=False, accelerator="cpu", **trainer),
+    )
+
+
+@pytest.fixture
+def toy_terms(monkeypatch: pytest.MonkeyPatch) -> type:
+    """Registers 'toy_norm' (a feature-norm term that counts its setup calls) and 'toy_nan' for one test."""
+    monkeypatch.setattr(reg_base, "_REGULARIZERS", dict(reg_base._REGULARIZERS))
+
+    @register_regularizer("toy_norm")
+    class ToyNorm(Regularizer):
+        needs_setup_pass = True
+        setups: list[int] = []
+
+        def __init__(self, weight: float = 0.01) -> None:
+            super().__init__()
+            self.weight = weight
+            self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+            self._last = 0.0
+
+        def setup(self, model: torch.nn.Module, loader: object) -> None:
+            ToyNorm.setups.append(sum(len(labels) for _, labels in loader))
+
+        def forward(self, step: TrainStep) -> torch.Tensor:
+            self.seen += step.labels.numel()
+            value = step.features.pow(2).sum(1).mean()
+            self._last = float(value.detach())
+            return self.weight * value
+
+        def stats(self) -> dict[str, float]:
+            return {"norm2": self._last}
+
+    @register_regularizer("toy_nan")
+    class ToyNaN(Regularizer):
+        def __init__(self, at_step: int = 3) -> None:
+            super().__init__()
+            self.at_step = at_step
+
+        def forward(self, step: TrainStep) -> torch.Tensor:
+            zero = step.features.sum() * 0
+            return zero + float("nan") if step.step >= self.at_step else zero
+
+    ToyNorm.setups = []
+    return ToyNorm
+
+
+def test_run_directory_contents(imagefolder: Path, tmp_path: Path) -> None:
+    result = fit(tiny_config(imagefolder), run_dir=tmp_path / "run")
+    run = result.run_dir
+    for name in ("config.yaml", "split.json", "epochs.csv", "metrics.json", "curves.png",
+                 "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == result.metrics
+    assert metrics["num_train"] == 24 and metrics["num_val"] == 6 and metrics["num_test"] == 12
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["selection"] == "val_acc"
+    rows = read_epoch_log(run / "epochs.csv")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr/backbone", "lr/head"} <= set(rows[0])
+    assert rows[0]["lr/head"] == pytest.approx(10 * rows[0]["lr/backbone"])
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 24 and split["train"][0].startswith("train/class_")
+
+
+def test_same_seed_same_numbers_and_config_reproduces(imagefolder: Path, tmp_path: Path) -> None:
+    first = fit(tiny_config(imagefolder), run_dir=tmp_path / "a")
+    from regtune.train.config import load_config
+
+    again = fit(load_config(first.run_dir / "config.yaml"), run_dir=tmp_path / "b")
+    assert {k: first.metrics[k] for k in COMPARED} == {k: again.metrics[k] for k in COMPARED}
+    rows_a, rows_b = (read_epoch_log(r.run_dir / "epochs.csv") for r in (first, again))
+    assert [r["train/loss"] for r in rows_a] == [r["train/loss"] for r in rows_b]
+    other = fit(tiny_config(imagefolder, seed=1), run_dir=tmp_path / "c")
+    assert [r["train/loss"] for r in read_epoch_log(other.run_dir / "epochs.csv")] != [r["train/loss"]
+                                                                                        for r in rows_a]
+
+
+class _StopAt(pl.Callback):
+    """Simulates Ctrl-C at the start of an epoch (after the previous epoch's checkpoint was written)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(imagefolder: Path, tmp_path: Path, toy_terms: type) -> None:
+    config = tiny_config(imagefolder, epochs=4)
+    config = FitConfig(data=config.data, model=config.model, optim=config.optim, trainer=config.trainer,
+                       regularizers=(TermSpec("toy_norm"),))
+    whole = fit(config, run_dir=tmp_path / "whole")
+    stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_StopAt(2)])
+    assert stopped.interrupted and not (stopped.run_dir / "metrics.json").exists()
+    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [0, 1]
+    resumed = fit(run_dir=tmp_path / "cut", resume=True)
+    assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
+    assert resumed.metrics["resumed"] is True
+    rows_whole = read_epoch_log(whole.run_dir / "epochs.csv")
+    rows_resumed = read_epoch_log(resumed.run_dir / "epochs.csv")
+    assert [r["epoch"] for r in rows_resumed] == [0, 1, 2, 3]
+    for a, b in zip(rows_whole, rows_resumed):
+        assert a["train/loss"] == b["train/loss"] and a["val/acc"] == b["val/acc"]
+    # setup ran once per run (whole, cut), not again on resume, over the 24 training images
+    assert toy_terms.setups == [24, 24]
+    # the regularizer's buffer was restored from the checkpoint and kept counting
+    state = torch.load(resumed.run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert int(state["regularizers.toy_norm.seen"]) == 4 * 3 * 8  # epochs x steps x batch
+    assert "train/toy_norm" in rows_resumed[0] and "train/toy_norm/norm2" in rows_resumed[0]
+
+
+def test_finished_run_is_not_overwritten(imagefolder: Path, tmp_path: Path) -> None:
+    config = tiny_config(imagefolder, epochs=1)
+    fit(config, run_dir=tmp_path / "run")
+    before = (tmp_path / "run/metrics.json").read_text()
+    with pytest.raises(RunDirError, match="already holds a finished run.*--overwrite"):
+        fit(config, run_dir=tmp_path / "run")
+    assert (tmp_path / "run/metrics.json").read_text() == before
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        fit(run_dir=tmp_path / "run", resume=True)
+    fit(config, run_dir=tmp_path / "run", overwrite=True)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(imagefolder: Path, tmp_path: Path, toy_terms: type) -> None:
+    config = tiny_config(imagefolder, epochs=3)
+    config = FitConfig(data=config.data, model=config.model, optim=config.optim, trainer=config.trainer,
+                       regularizers=(TermSpec("toy_nan", {"at_step": 4}),))
+    with pytest.raises(NonFiniteLossError, match=r"step 4 \(epoch 1.*toy_nan=nan.*last good checkpoint"):
+        fit(config, run_dir=tmp_path / "run")
+    last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 3
+    assert not (tmp_path / "run/metrics.json").exists()
+
+
+def test_paper_selection_is_labelled(imagefolder: Path, tmp_path: Path) -> None:
+    config = tiny_config(imagefolder, epochs=2, select="test_acc")
+    metrics = fit(config, run_dir=tmp_path / "run").metrics
+    assert metrics["selection"] == "test_acc" and "TEST" in metrics["selection_note"]
+    assert metrics["best_val"] == pytest.approx(metrics["test_acc"])  # the test set chose the checkpoint
