@@ -40,7 +40,6 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     lr_keys = sorted({k for r in rows for k in r if k.startswith("lr/")})
     for key in lr_keys:
         axes[2].plot(epochs, [r.get(key, float("nan")) for r in rows], "-", label=key.removeprefix("lr/"))
-    axes[2].set_yscale("log")
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)

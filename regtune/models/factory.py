@@ -14,7 +14,7 @@ from torch import nn
 
 from regtune.models.weights import has_offline_weights, load_offline_weights, load_weights_file
 
-__all__ = ["Backbone", "UnknownBackboneError", "create_backbone", "data_config", "forward_parts", "WEIGHT_SOURCES"]
+__all__ = ["Backbone", "UnknownBackboneError", "check_backbone_name", "create_backbone", "data_config", "forward_parts", "WEIGHT_SOURCES"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class Backbone:
     source_head: nn.Module | None
 
 
-def _check_name(name: str) -> None:
+def check_backbone_name(name: str) -> None:
+    """Raise :class:`UnknownBackboneError` (with close matches) unless timm knows ``name``."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
@@ -89,7 +90,7 @@ def create_backbone(
         >>> bb.model(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 3])
     """
-    _check_name(name)
+    check_backbone_name(name)
     if head_init not in ("normal", "timm"):
         raise ValueError(f"head_init must be 'normal' or 'timm', got {head_init!r}")
     source = pretrained

@@ -49,6 +49,8 @@ class DataConfig:
         val_fraction: Share of the chosen images held out (per class) for model selection.
         split_manifest: Reuse the exact split of an earlier run (its ``split.json``).
         img_size: Input resolution; ``None`` uses the backbone's pretrained resolution.
+        crop_pct: Evaluation centre-crop ratio (resize to ``img_size / crop_pct``, crop ``img_size``); ``None``
+            uses the backbone's pretrained value (0.875 for most ImageNet models), 1.0 keeps the whole image.
         scale: RandomResizedCrop area range.
         hflip: Horizontal flip probability.
         color_jitter: Colour jitter strength, ``None`` for none.
@@ -67,6 +69,7 @@ class DataConfig:
     val_fraction: float = 0.1
     split_manifest: str | None = None
     img_size: int | None = 128
+    crop_pct: float | None = None
     scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
     color_jitter: float | None = None
@@ -195,6 +198,7 @@ def validate(config: FitConfig) -> None:
         (d.per_class is None or d.per_class >= 1, f"data.per_class must be >= 1, got {d.per_class}"),
         (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
         (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
         (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),
         (d.batch_size >= 1 and d.eval_batch_size >= 1, "batch sizes must be >= 1"),
         (d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),

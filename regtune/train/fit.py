@@ -12,6 +12,7 @@ Every run writes one directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -31,10 +32,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import regtune
 from regtune.analysis.plots import plot_learning_curves
-from regtune.data.datasets import build_dataset
+from regtune.data.datasets import build_dataset, dataset_source_hint
 from regtune.data.subset import split_from_manifest, stratified_split, write_manifest
 from regtune.data.transforms import build_transforms
-from regtune.models import create_backbone, data_config
+from regtune.models import check_backbone_name, create_backbone, data_config
 from regtune.regularizers import create_criterion, create_regularizer
 from regtune.train.callbacks import EpochLog, EpochSeed, read_epoch_log
 from regtune.train.config import FitConfig, load_config, save_config
@@ -91,6 +92,14 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    # Lightning 2.6 with torch 2.14 warns about its own use of a deprecated torch pytree API on every fit/test.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        yield
+
+
 def _workers(requested: int | None) -> int:
     if requested is not None:
         return requested
@@ -137,11 +146,17 @@ def fit(
         config = load_config(run_dir / "config.yaml")
     else:
         config = config or FitConfig()
+    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    # Names are checked before anything is written, so a typo costs no run directory.
+    dataset_source_hint(config.data.dataset)
+    check_backbone_name(config.model.backbone)
+    criterion = create_criterion(config.criterion.name, **config.criterion.args)
+    regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
+    if not resume:
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
         _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
         save_config(config, run_dir / "config.yaml")
     d, t = config.data, config.trainer
-    pl.seed_everything(t.seed, workers=True, verbose=False)
 
     train_set = build_dataset(d.dataset, d.root, "train", download=d.download)
     test_set = build_dataset(d.dataset, d.root, "test", download=d.download)
@@ -159,13 +174,14 @@ def fit(
 
     backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
                                head_init=config.model.head_init, drop_rate=config.model.drop_rate)
-    train_tf, eval_tf = build_transforms(data_config(backbone.model, d.img_size), scale=d.scale, hflip=d.hflip,
+    preprocessing = data_config(backbone.model, d.img_size)
+    if d.crop_pct is not None:
+        preprocessing["crop_pct"] = d.crop_pct
+    train_tf, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip,
                                          color_jitter=d.color_jitter, auto_augment=d.auto_augment)
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed)
-    criterion = create_criterion(config.criterion.name, **config.criterion.args)
-    regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
                        setup_loader=datamodule.setup_dataloader, channels_last=t.channels_last)
 
@@ -191,12 +207,11 @@ def fit(
     _log.info("run directory: %s", run_dir)
     _log.info("%s/%s: %d train, %d val, %d test images, %d classes; backbone %s (weights: %s); input %s",
               d.dataset, "train", len(split.train), len(split.val), len(test_set), train_set.num_classes,
-              backbone.name, backbone.weights, data_config(backbone.model, d.img_size)["input_size"])
+              backbone.name, backbone.weights, preprocessing["input_size"])
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+        with _quiet_lightning():
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
     except SystemExit:
         # Lightning answers Ctrl-C by saving nothing further and calling sys.exit(1); a library call should return
@@ -224,7 +239,8 @@ def fit(
     selected = best_ckpt.best_model_path if monitor is not None else last_ckpt.last_model_path
     selected = selected or str(ckpt_dir / "last.ckpt")
     best_epoch = torch.load(selected, map_location="cpu", weights_only=False)["epoch"]
-    (result,) = trainer.test(module, datamodule=datamodule, ckpt_path=selected, verbose=False)
+    with _quiet_lightning():
+        (result,) = trainer.test(module, datamodule=datamodule, ckpt_path=selected, verbose=False)
     metrics = {
         "test_acc": result["test/acc"],
         "test_loss": result["test/loss"],
@@ -243,7 +259,8 @@ def fit(
         "dataset": d.dataset,
         "backbone": backbone.name,
         "weights": backbone.weights,
-        "input_size": list(data_config(backbone.model, d.img_size)["input_size"]),
+        "input_size": list(preprocessing["input_size"]),
+        "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocessing.items()},
         "regularizers": [r.name for r in config.regularizers],
         "criterion": config.criterion.name,
         "seed": t.seed,

@@ -1,0 +1,44 @@
+"""Transforms come from the backbone's data config; grayscale sources reach the model with 3 channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regtune.data.base import ImageDataset
+from regtune.data.transforms import TransformedSubset, build_transforms
+
+CONFIG = {"input_size": (3, 40, 40), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+          "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def _gray_dataset() -> ImageDataset:
+    pixels = np.full((28, 28), 255, dtype=np.uint8)
+    return ImageDataset(name="toy", split="train", ids=["a", "b"], targets=[0, 1], classes=["x", "y"],
+                        load=lambda i: Image.fromarray(pixels, mode="L"))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_grayscale_becomes_three_channels_at_the_configured_size(train: bool) -> None:
+    train_tf, eval_tf = build_transforms(CONFIG)
+    data = TransformedSubset(_gray_dataset(), [1, 0], train_tf if train else eval_tf)
+    image, target = data[0]
+    assert image.shape == (3, 40, 40) and target == 1
+    # white (255) with mean = std = 0.5 normalises to (1 - 0.5) / 0.5 = 1 in every channel
+    torch.testing.assert_close(image[:, 20, 20], torch.ones(3), atol=1e-3, rtol=0)
+
+
+def test_eval_transform_resizes_then_centre_crops() -> None:
+    _, eval_tf = build_transforms(CONFIG)
+    names = [type(t).__name__ for t in eval_tf.transforms]
+    assert names[:2] == ["Resize", "CenterCrop"]
+    assert eval_tf.transforms[0].size == int(40 / 0.875)
+
+
+def test_train_transform_uses_requested_crop_scale() -> None:
+    train_tf, _ = build_transforms(CONFIG, scale=(0.5, 1.0), hflip=0.0)
+    crop = train_tf.transforms[0]
+    assert tuple(crop.scale) == (0.5, 1.0) and crop.size == (40, 40)
+    assert not any("Flip" in type(t).__name__ for t in train_tf.transforms)
