@@ -272,6 +272,9 @@ def fit(
     }
     if t.select == "test_acc":
         _log.warning("selection on the TEST set (papers' protocol): test accuracy is optimistic")
+    plot_learning_curves(read_epoch_log(run_dir / "epochs.csv"), run_dir / "curves.png",
+                         title=f"{run_dir.name} ({t.select})", selected_epoch=int(best_epoch),
+                         test_acc=metrics["test_acc"])
     _write_json(run_dir / "metrics.json", metrics)
     _log.info("test accuracy %.4f (mean per class %.4f), checkpoint of epoch %d by %s; run directory %s",
               metrics["test_acc"], metrics["test_mean_class_acc"], best_epoch + 1, t.select, run_dir)
