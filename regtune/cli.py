@@ -151,6 +151,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     print(f"test accuracy: {m['test_acc']:.4f}  (mean per class {m['test_mean_class_acc']:.4f}; "
           f"checkpoint of epoch {m['selected_epoch'] + 1}, selected by {m['selection']}; "
           f"{m['wall_time_s']:.0f} s)")
+    if m["selection"] == "test_acc":
+        print("note: the checkpoint was chosen on the TEST set (the papers' protocol): this accuracy is optimistic")
     print(f"run directory: {result.run_dir}")
     return 0
 

@@ -270,9 +270,10 @@ def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: st
     with mu_c the prior mean of class c, mbar_c the running (EMA) mean of class c's features and C the number of
     classes; the inter sum runs over the C(C-1) ordered pairs. AMBIGUITY (methods.md §2.1, §10 #6, #7): the paper
     speaks of a "distance" and a cosine; the defaults are the released code's squared forms. Cosines use safe
-    normalisation: each row is divided by max(||row||_2, eps), so a zero row has cosine 0 with everything
-    (gradient-free there) instead of NaN. With C = 1 there is no pair and L_inter = 0 (still attached to the graph).
-    The caller should pass ``running_mean`` detached (it is a statistic, not a parameter).
+    normalisation: each row is divided by max(||row||_2, eps), so a zero row has cosine 0 with everything instead
+    of NaN (its gradient is then of order 1/eps, as with ``F.normalize``). With C = 1 there is no pair and
+    L_inter = 0 (still attached to the graph). The caller should pass ``running_mean`` detached (it is a statistic,
+    not a parameter).
 
     Args:
         mu: Prior class means mu.
