@@ -18,7 +18,31 @@ from regtune.regularizers.base import (
     register_regularizer,
 )
 
+# Importing the method modules registers them.
+from regtune.regularizers import adarand, fmr, margins, penalties  # noqa: E402,F401
+from regtune.regularizers.adarand import AdaRand, RandomFeatureRegularizer  # noqa: E402
+from regtune.regularizers.fmr import FeatureMagnitudeRegularization  # noqa: E402
+from regtune.regularizers.margins import (  # noqa: E402
+    CosineClassifier,
+    LMSoftmax,
+    SampleMarginRegularizer,
+    ZeroCentroidRegularizer,
+)
+from regtune.regularizers.penalties import FeatureNormPenalty, HeadL1, HeadL2, HeadNegativePenalty, MaxEntropy  # noqa
+
 __all__ = [
+    "AdaRand",
+    "CosineClassifier",
+    "FeatureMagnitudeRegularization",
+    "FeatureNormPenalty",
+    "HeadL1",
+    "HeadL2",
+    "HeadNegativePenalty",
+    "LMSoftmax",
+    "MaxEntropy",
+    "RandomFeatureRegularizer",
+    "SampleMarginRegularizer",
+    "ZeroCentroidRegularizer",
     "Criterion",
     "CrossEntropy",
     "Regularizer",

@@ -38,6 +38,7 @@ class TrainStep:
         model: The model being trained (backbone with its head).
         step: Global optimisation step (0-based) this batch will produce.
         epoch: Current epoch (0-based).
+        total_steps: Planned number of optimisation steps of the run, when known (for schedules inside a term).
         feature_maps: Last feature map ``forward_features(x)`` and, only for terms that set ``needs_feature_maps``,
             whatever intermediate maps the trainer was asked for, by name.
 
@@ -51,6 +52,7 @@ class TrainStep:
     model: nn.Module
     step: int = 0
     epoch: int = 0
+    total_steps: int | None = None
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -65,10 +67,13 @@ class Regularizer(nn.Module):
         needs_feature_maps: Names of intermediate feature maps the term reads from ``TrainStep.feature_maps``.
         needs_setup_pass: Whether :meth:`setup` iterates the training loader (the trainer then runs it before the
             first update).
+        setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
+            evaluation transform, in order) or ``"train"`` (the training loader itself: shuffled, augmented).
     """
 
     needs_feature_maps: tuple[str, ...] = ()
     needs_setup_pass: bool = False
+    setup_transform: str = "eval"
 
     def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
         """Called once before the first optimisation step (pretrained statistics, snapshots, ...)."""
@@ -81,13 +86,20 @@ class Regularizer(nn.Module):
         """Return what the term wants logged after the last :meth:`forward` (weights, entropies, ...)."""
         return {}
 
-    def param_group_options(self) -> dict[str, Any]:
-        """Optimizer options (e.g. ``{"lr": 1e-2}``) for this term's own parameters; empty means the trainer's."""
+    def param_group_options(self) -> dict[str, Any] | None:
+        """Optimizer options (e.g. ``{"lr": 1e-2}``) for this term's own parameters; empty means the trainer's.
+
+        ``None`` means the term updates its parameters itself (e.g. AdaRand's Adam step on its prior means inside
+        :meth:`forward`), and the trainer keeps them out of its optimizer.
+        """
         return {}
 
 
 class Criterion(nn.Module):
     """Base class of the classification loss that a run optimises (exactly one per run)."""
+
+    def adapt_model(self, model: nn.Module) -> None:
+        """Called once before training; a criterion that needs another head (e.g. cosine) installs it here."""
 
     def forward(self, step: TrainStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

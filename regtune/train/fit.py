@@ -183,7 +183,8 @@ def fit(
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed)
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
-                       setup_loader=datamodule.setup_dataloader, channels_last=t.channels_last)
+                       setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
+                       channels_last=t.channels_last)
 
     monitor, mode, selection = _SELECT[t.select]
     ckpt_dir = run_dir / "checkpoints"

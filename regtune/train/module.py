@@ -60,6 +60,8 @@ class FineTuner(pl.LightningModule):
         num_classes: Classes of the task (for per-class test accuracy).
         setup_loader: Called with no argument, returns the loader that regularizers' ``setup`` passes iterate
             (training images with the deterministic evaluation transform); ``None`` if no term needs one.
+        train_loader: Called with no argument, returns the (shuffled, augmented) training loader, for terms whose
+            ``setup_transform`` is ``"train"`` (FMR's statistics pass).
         channels_last: Keep the model and image batches in channels-last memory format (about 1.7x faster
             training steps for EfficientNet on CPU, and the preferred layout for convolutions on GPUs).
     """
@@ -73,16 +75,20 @@ class FineTuner(pl.LightningModule):
             num_classes: int,
             setup_loader: Any = None,
             channels_last: bool = True,
+            train_loader: Any = None,
     ) -> None:
         super().__init__()
         self.model = model
+        criterion.adapt_model(model)  # e.g. LM-Softmax installs its cosine head before the optimizer sees the model
         self.criterion = criterion
         self.regularizers = nn.ModuleDict(dict(zip(_unique_names(regularizers), regularizers)))
         self.optim = optim
         self.num_classes = num_classes
         self.setup_loader = setup_loader
+        self.train_loader = train_loader
         self.criterion_name = getattr(criterion, "registry_name", "loss")
         self.regularizers_ready = False
+        self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -99,7 +105,8 @@ class FineTuner(pl.LightningModule):
         mode = self.model.training
         try:
             for name, term in self.regularizers.items():
-                loader = self.setup_loader() if term.needs_setup_pass and self.setup_loader is not None else None
+                factory = self.train_loader if term.setup_transform == "train" else self.setup_loader
+                loader = factory() if term.needs_setup_pass and factory is not None else None
                 try:
                     term.setup(self.model, loader)
                 except Exception as err:
@@ -128,7 +135,7 @@ class FineTuner(pl.LightningModule):
         images, labels = batch
         feature_map, features, logits = forward_parts(self.model, self._layout(images))
         step = TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=self.global_step,
-                         epoch=self.current_epoch, feature_maps={"last": feature_map})
+                         epoch=self.current_epoch, total_steps=self._total_steps(), feature_maps={"last": feature_map})
         terms = {self.criterion_name: self.criterion(step)}
         for name, term in self.regularizers.items():
             terms[name] = term(step)
@@ -150,6 +157,9 @@ class FineTuner(pl.LightningModule):
                 for key, value in term.stats().items():
                     self.log(f"train/{name}/{key}", float(value), on_step=True, on_epoch=True, batch_size=batch_size)
         return loss
+
+    def _total_steps(self) -> int | None:
+        return self._steps_total
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
         images, labels = batch
@@ -197,10 +207,10 @@ class FineTuner(pl.LightningModule):
              "lr": self.optim.lr * self.optim.head_lr_mult},
         ]
         for name, term in self.regularizers.items():
+            options = term.param_group_options()
             params = [p for p in term.parameters() if p.requires_grad]
-            if params:
-                groups.append({"name": f"reg/{name}", "params": params, "lr": self.optim.lr,
-                               **term.param_group_options()})
+            if params and options is not None:  # None: the term steps its own parameters
+                groups.append({"name": f"reg/{name}", "params": params, "lr": self.optim.lr, **options})
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -212,6 +222,7 @@ class FineTuner(pl.LightningModule):
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
+        self._steps_total = total
         per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, total, per_epoch, self.optim))

@@ -1,0 +1,79 @@
+"""Private helpers shared by the regularizer modules (pure torch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The model's final classifier (timm's ``get_classifier()``), which must have a ``weight`` (C, D)."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        raise TypeError(f"{type(model).__name__} has no get_classifier(); head penalties and margins need a timm-style "
+                        "model whose classifier is a Linear layer")
+    head = getter()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise TypeError(f"the classifier {type(head).__name__} has no (C, D) weight matrix")
+    return head
+
+
+def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
+    """Raise ValueError unless ``value`` is >= 0 (or > 0)."""
+    if value < 0 or (not allow_zero and value == 0):
+        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+
+
+def replace_classifier(model: nn.Module, new_head: nn.Module) -> None:
+    """Install ``new_head`` where the model's classifier is (timm's ``pretrained_cfg["classifier"]`` path)."""
+    path = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if not path:
+        raise TypeError(f"{type(model).__name__} does not name its classifier (pretrained_cfg['classifier'])")
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if not isinstance(getattr(parent, name, None), nn.Module):
+        raise TypeError(f"{type(model).__name__}.{path} is not a module")
+    setattr(parent, name, new_head)
+    if classifier_of(model) is not new_head:
+        raise TypeError(f"replacing {path} did not change what get_classifier() returns for {type(model).__name__}")
+
+
+def penultimate(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, logits)`` of a timm-style model: ``forward_head(forward_features(x), pre_logits=True)``."""
+    feature_map = model.forward_features(images)
+    features = model.forward_head(feature_map, pre_logits=True)
+    return features, classifier_of(model)(features)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+class LazyShapeMixin:
+    """Lets a module load tensors whose shape is only known after ``setup`` (e.g. (C, D) class statistics).
+
+    A regularizer built fresh for a resumed run holds empty placeholders; loading the checkpoint resizes each own
+    buffer / parameter to the saved shape first, then loads the values as usual (strictly).
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch's signature
+        for table in (self._parameters, self._buffers):
+            for name, tensor in list(table.items()):
+                saved = state_dict.get(prefix + name)
+                if tensor is not None and saved is not None and saved.shape != tensor.shape:
+                    resized = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = resized
+                    else:
+                        table[name] = resized
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

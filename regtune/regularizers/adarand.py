@@ -1,0 +1,286 @@
+"""Random-feature regularization: RandReg (Zhong & Maki, CVPR 2020, arXiv 1908.05997) and AdaRand (Yamaguchi et
+al., CVPR 2024, arXiv 2403.10097); methods.md §2, §3.1.
+
+Both pull the penultimate feature towards a reference vector drawn afresh at every step from a prior:
+L = lambda * d(f, z), d the mean-squared error. RandReg's prior is fixed; AdaRand's is class-conditional and its
+means move (one Adam step per training step) to follow the running class means of the features while staying
+mutually orthogonal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from regtune.regularizers._utils import LazyShapeMixin, check_choice, check_positive, model_device, penultimate
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers.functional import adarand_prior_losses, random_feature_loss
+
+__all__ = ["RandomFeatureRegularizer", "AdaRand", "RANDREG_PRIORS", "feature_statistics"]
+
+RANDREG_PRIORS = ("uniform", "normal", "pretrained", "class")
+
+
+def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Per-class and marginal mean and standard deviation of the model's penultimate features over ``loader``.
+
+    Runs in eval mode without gradient, accumulating in float64; the caller's mode is restored. Standard deviations
+    are population values (divided by N, as NumPy's default).
+
+    Returns:
+        ``(class_mean (C, D), class_std (C, D), class_count (C,), mean (D,), std (D,))``.
+
+    Raises:
+        ValueError: a class has no image in ``loader``.
+    """
+    device, was_training = model_device(model), model.training
+    model.eval()
+    sums = squares = counts = None
+    try:
+        with torch.no_grad():
+            for images, labels in loader:
+                features, _ = penultimate(model, images.to(device))
+                features, labels = features.double(), labels.to(device)
+                if sums is None:
+                    dim = features.shape[1]
+                    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+                    squares = torch.zeros_like(sums)
+                    counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
+                sums.index_add_(0, labels, features)
+                squares.index_add_(0, labels, features * features)
+                counts += torch.bincount(labels, minlength=num_classes).double()
+    finally:
+        model.train(was_training)
+    if sums is None:
+        raise ValueError("the set-up loader is empty")
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"no training image of class(es) {missing[:10]}: class statistics need every class")
+    class_mean = sums / counts[:, None]
+    class_std = (squares / counts[:, None] - class_mean**2).clamp_min(0).sqrt()
+    total = counts.sum()
+    mean = sums.sum(0) / total
+    std = (squares.sum(0) / total - mean**2).clamp_min(0).sqrt()
+    return class_mean, class_std, counts, mean, std
+
+
+@register_regularizer("randreg")
+class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
+    """RandReg: lambda * mean_{b,d} (f_{b,d} - z_{b,d})^2 with z drawn afresh each step from a fixed prior.
+
+    Priors (methods.md §2.5, the AdaRand repository's re-implementation; the original PtR paper's details are
+    UNVERIFIED): ``"uniform"`` z ~ U(low, high)^D (0, 1), ``"normal"`` z ~ N(0, 1)^D, ``"pretrained"``
+    z ~ N(mu, diag sigma^2) with the marginal statistics of the pretrained features of the training subset,
+    ``"class"`` (RandReg-CP) z ~ N(mu_y, diag sigma_y^2) with per-class statistics, never updated.
+
+    Pretrained statistics are measured in :meth:`setup` on the training subset with the deterministic evaluation
+    transform, the pretrained model in eval mode (AdaRand's script is not released: UNVERIFIED, methods.md §2.2);
+    sigma is clamped to >= ``sigma_min`` (torch's Normal rejects 0, and dead channels give 0).
+
+    Args:
+        weight: lambda (1.0 in every AdaRand config).
+        prior: ``"uniform"`` | ``"normal"`` | ``"pretrained"`` | ``"class"``.
+        reduction: ``"mean"`` over B*D (the code; lambda = 1 was tuned for it) or ``"sum_dim"`` (||f - z||^2 per
+            sample, averaged over the batch; methods.md §10 #5).
+        low: Lower end of the uniform prior.
+        high: Upper end of the uniform prior.
+        sigma_min: Smallest standard deviation of the pretrained priors.
+        stop_epoch: From this epoch on the term is 0 (``updater/rand_reg.py``'s ``stop_epoch``); ``None`` never.
+
+    Shape:
+        step.features (B, D), step.labels (B,) -> scalar.
+
+    Reduction:
+        See ``reduction``.
+    """
+
+    def __init__(
+            self,
+            weight: float = 1.0,
+            prior: str = "uniform",
+            reduction: str = "mean",
+            low: float = 0.0,
+            high: float = 1.0,
+            sigma_min: float = 1e-6,
+            stop_epoch: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive("weight", weight)
+        check_choice("prior", prior, RANDREG_PRIORS)
+        check_choice("reduction", reduction, ("mean", "sum_dim"))
+        if high <= low:
+            raise ValueError(f"uniform prior needs low < high, got {low}, {high}")
+        self.weight, self.prior, self.reduction = weight, prior, reduction
+        self.low, self.high, self.sigma_min, self.stop_epoch = low, high, sigma_min, stop_epoch
+        self.needs_setup_pass = prior in ("pretrained", "class")
+        # (C, D) for the class prior, (1, D) for the marginal one; empty until setup() or a checkpoint fills them.
+        self.mu = nn.Parameter(torch.empty(0, 0), requires_grad=False)
+        self.register_buffer("sigma", torch.empty(0, 0))
+        self._distance: torch.Tensor | None = None
+
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        """Measure the pretrained feature statistics of the prior (``"pretrained"`` and ``"class"`` priors)."""
+        if self.prior not in ("pretrained", "class"):
+            return
+        if loader is None:
+            raise ValueError(f"prior {self.prior!r} needs the training subset in setup()")
+        num_classes = model.get_classifier().weight.shape[0]
+        class_mean, class_std, _, mean, std = feature_statistics(model, loader, num_classes)
+        if self.prior == "class":
+            mu, sigma = class_mean, class_std
+        else:
+            mu, sigma = mean[None], std[None]
+        dtype = next(model.parameters()).dtype
+        self.mu.data = mu.to(dtype)
+        self.sigma = sigma.clamp_min(self.sigma_min).to(dtype)
+
+    def sample(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Draw the reference vectors z (B, D) for one batch (no gradient)."""
+        with torch.no_grad():
+            if self.prior == "uniform":
+                return torch.empty_like(features).uniform_(self.low, self.high)
+            if self.prior == "normal":
+                return torch.randn_like(features)
+            if self.mu.numel() == 0:
+                raise RuntimeError(f"prior {self.prior!r} needs setup() (pretrained statistics) before training")
+            rows = labels if self.prior == "class" else torch.zeros_like(labels)
+            mu, sigma = self.mu[rows].to(features.dtype), self.sigma[rows].to(features.dtype)
+            return mu + sigma * torch.randn_like(features)
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        if self.stop_epoch is not None and step.epoch >= self.stop_epoch:
+            return step.features.sum() * 0.0
+        reference = self.sample(step.features, step.labels)
+        distance = random_feature_loss(step.features, reference, reduction=self.reduction)
+        self._distance = distance.detach()
+        return self.weight * distance
+
+    def stats(self) -> dict[str, float]:
+        return {} if self._distance is None else {"distance": float(self._distance)}
+
+
+@register_regularizer("adarand")
+class AdaRand(RandomFeatureRegularizer):
+    """AdaRand: class-conditional random-feature regularization with adaptive prior means (methods.md §2.1).
+
+    z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * mean_{b,d} (f - z)^2. After the
+    term is computed, within the same :meth:`forward` (training mode only), the running class means move,
+    mbar_c <- alpha mbar_c + (1 - alpha) mean_{b: y_b = c} f_b for the classes present in the batch (absent classes
+    keep theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter, with
+    L_intra = mean_c (1 - cos(mu_c, mbar_c))^2 and L_inter = mean_{c != c'} cos(mu_c, mu_c')^2. Since L_prior does
+    not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma stays at
+    its initial per-class value, as in the code.
+
+    The Adam optimizer of mu lives inside the module (torch optimizers cannot mix SGD for the network with Adam for
+    mu in one optimizer); its state is saved with the module's ``state_dict`` (extra state), so a resumed run
+    continues it, and the trainer keeps mu out of its own optimizer (:meth:`param_group_options` returns ``None``).
+    The prior learning rate follows the code's schedule lr_t = prior_lr cos(7 pi t / (16 T)) when the total number of
+    steps T is known (``TrainStep.total_steps``), else stays constant.
+
+    Args:
+        weight: lambda (1.0).
+        alpha: EMA factor of the running class means (0.5).
+        prior_lr: Adam learning rate of mu (1e-2).
+        prior_schedule: ``"cosine"`` (the code) or ``"constant"``.
+        intra: ``"cosine_sq"`` (the code) or ``"l2"`` (methods.md §10 #6).
+        inter: ``"cosine_sq"`` (the code) or ``"cosine"`` (§10 #7).
+        reduction: As :class:`RandomFeatureRegularizer`.
+        sigma_min: As :class:`RandomFeatureRegularizer`.
+        update_prior: ``False`` gives RandReg-CP (the class prior without updates).
+
+    Shape:
+        step.features (B, D), step.labels (B,) -> scalar.
+    """
+
+    def __init__(
+            self,
+            weight: float = 1.0,
+            alpha: float = 0.5,
+            prior_lr: float = 1e-2,
+            prior_schedule: str = "cosine",
+            intra: str = "cosine_sq",
+            inter: str = "cosine_sq",
+            reduction: str = "mean",
+            sigma_min: float = 1e-6,
+            update_prior: bool = True,
+    ) -> None:
+        super().__init__(weight=weight, prior="class", reduction=reduction, sigma_min=sigma_min)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        check_positive("prior_lr", prior_lr)
+        check_choice("prior_schedule", prior_schedule, ("cosine", "constant"))
+        check_choice("intra", intra, ("cosine_sq", "l2"))
+        check_choice("inter", inter, ("cosine_sq", "cosine"))
+        self.alpha, self.prior_lr, self.prior_schedule = alpha, prior_lr, prior_schedule
+        self.intra, self.inter, self.update_prior = intra, inter, update_prior
+        self.mu.requires_grad_(update_prior)
+        self.register_buffer("running_mean", torch.empty(0, 0))
+        self._optimizer: torch.optim.Adam | None = None
+        self._pending_optimizer_state: dict[str, Any] | None = None
+        self._prior_losses: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def param_group_options(self) -> dict[str, Any] | None:
+        return None  # mu is updated by the module's own Adam step
+
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        super().setup(model, loader)
+        self.running_mean = self.mu.detach().clone()
+
+    def _prior_optimizer(self) -> torch.optim.Adam:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.Adam([self.mu], lr=self.prior_lr)
+            if self._pending_optimizer_state is not None:
+                self._optimizer.load_state_dict(self._pending_optimizer_state)
+                self._pending_optimizer_state = None
+        return self._optimizer
+
+    def get_extra_state(self) -> dict[str, Any]:
+        if self._optimizer is not None:
+            return {"prior_optimizer": self._optimizer.state_dict()}
+        return {"prior_optimizer": self._pending_optimizer_state}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer = None
+        self._pending_optimizer_state = state.get("prior_optimizer")
+
+    def _update_running_means(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        num_classes = self.running_mean.shape[0]
+        sums = torch.zeros_like(self.running_mean).index_add_(0, labels, features.to(self.running_mean.dtype))
+        counts = torch.bincount(labels, minlength=num_classes).to(self.running_mean.dtype)
+        present = counts > 0
+        batch_mean = sums / counts.clamp_min(1)[:, None]
+        updated = self.alpha * self.running_mean + (1 - self.alpha) * batch_mean
+        self.running_mean.copy_(torch.where(present[:, None], updated, self.running_mean))
+
+    def _prior_step(self, step: TrainStep) -> None:
+        optimizer = self._prior_optimizer()
+        if self.prior_schedule == "cosine" and step.total_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = self.prior_lr * math.cos(7 * math.pi * step.step / (16 * step.total_steps))
+        # Full precision and autograd on, whatever the trainer's autocast or no_grad context.
+        with torch.enable_grad(), torch.autocast(self.mu.device.type, enabled=False):
+            l_intra, l_inter = adarand_prior_losses(self.mu, self.running_mean, intra=self.intra, inter=self.inter)
+            optimizer.zero_grad(set_to_none=True)
+            (l_intra + l_inter).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._prior_losses = (l_intra.detach(), l_inter.detach())
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        loss = super().forward(step)
+        if self.training and self.update_prior:
+            with torch.no_grad():
+                self._update_running_means(step.features.detach(), step.labels)
+            self._prior_step(step)
+        return loss
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        if self._prior_losses is not None:
+            out["l_intra"], out["l_inter"] = (float(v) for v in self._prior_losses)
+        if self.mu.numel():
+            out["mu_norm"] = float(self.mu.detach().norm(dim=1).mean())
+        return out

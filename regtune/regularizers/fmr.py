@@ -1,0 +1,207 @@
+"""FMR: Feature Magnitude Regularization (Chapman, Xu, Liu; DICTA 2024; arXiv 2409.01672; methods.md §1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from regtune.regularizers._utils import check_choice, check_positive, model_device, penultimate
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers.functional import channel_entropy
+
+__all__ = ["FeatureMagnitudeRegularization", "FMR_MODES"]
+
+FMR_MODES = ("meta", "provided", "dynamic", "static")
+
+
+@register_regularizer("fmr")
+class FeatureMagnitudeRegularization(Regularizer):
+    """Maximise the entropy of the softmax over feature channels, with a weight that adapts to it.
+
+    Per sample, p_i = softmax(f / tau)_i over the D channels of the penultimate feature f, H = -sum_i p_i log p_i,
+    and the term is L_FMR = -lambda_t * mean_b H(x_b). The weight (no gradient through it) depends on ``mode``:
+
+    - ``"meta"`` (META_CALCULATED, every published config): lambda_t = beta (H_max - H_t) / (H_max - H_init), with
+      H_max = log D, H_t the running mean of the last ``window`` batch-mean entropies (at tau = 1, detached, the
+      current batch included) and H_init that running mean at the end of a statistics pass over the training loader
+      before any update (see :meth:`setup`). No clamp, as in the code (``lambda_max`` adds one).
+    - ``"provided"``: a fixed lambda (the paper suggests a sweep over 10, 100, 1000).
+    - ``"dynamic"`` (DYNAMICALLY_CALCULATED): lambda_t = max_coef (H_max - H_t) / H_max.
+    - ``"static"`` (STATICALLY_CALCULATED, which crashes in the official code; its intended formula):
+      lambda = 10^(a N_train + b), N_train the size of the training subset.
+
+    lambda_t is recomputed at every step of the first epoch and afterwards every ``update_every`` steps (at global
+    steps 0, 5, 10, ...: the code's 1-based ``iteration % 5 == 1``).
+
+    Ambiguities (methods.md §1.7, §10): the weight's entropy uses tau = 1 whatever the loss temperature
+    (``weight_uses_tau=False``, the code); H_init is measured in train mode, so BatchNorm statistics move during the
+    statistics pass (``init_mode="train"``, the code; ``"eval"`` freezes them), on augmented training images
+    (``setup_transform="train"``); the running window continues from the statistics pass into training.
+
+    Args:
+        mode: ``"meta"`` | ``"provided"`` | ``"dynamic"`` | ``"static"``.
+        beta: Initial weight of ``meta`` (lambda at the first step ~= beta).
+        lambda_: Fixed weight of ``provided``.
+        max_coef: Maximal weight of ``dynamic`` (MaxFMRCoef).
+        static_a: Slope ``a`` of ``static``.
+        static_b: Intercept ``b`` of ``static``.
+        tau: Softmax temperature of the loss.
+        weight_uses_tau: Compute H_t / H_init / H_max at ``tau`` instead of 1.
+        window: Batches in the running mean of H_t.
+        update_every: Steps between weight updates after the first epoch.
+        lambda_max: Optional upper clamp of lambda_t.
+        target: ``"features"`` (penultimate, the paper) or ``"logits"`` (H_max = log C; with ``provided`` this is
+            MaxEnt).
+        init_mode: ``"train"`` or ``"eval"``: the model's mode during the statistics pass.
+        init_batches: Batches of the statistics pass; ``None`` for one epoch.
+
+    Shape:
+        step.features (B, D) or step.logits (B, C) -> scalar.
+
+    Reduction:
+        Entropy summed over channels, averaged over the batch.
+
+    Raises:
+        ValueError: unknown mode / target, or H_init == H_max (features already uniform: the weight is undefined).
+
+    Example:
+        >>> fmr = FeatureMagnitudeRegularization(mode="provided", lambda_=10.0)
+        >>> step = TrainStep(features=torch.zeros(2, 4), logits=torch.zeros(2, 3), labels=torch.zeros(2).long(),
+        ...                  model=nn.Identity())
+        >>> round(float(fmr(step)), 4)  # -10 * log 4
+        -13.8629
+    """
+
+    needs_setup_pass = True
+    setup_transform = "train"
+
+    def __init__(
+            self,
+            mode: str = "meta",
+            beta: float = 50.0,
+            lambda_: float = 100.0,
+            max_coef: float = 200.0,
+            static_a: float = -6.6515e-05,
+            static_b: float = 0.67514,
+            tau: float = 1.0,
+            weight_uses_tau: bool = False,
+            window: int = 50,
+            update_every: int = 5,
+            lambda_max: float | None = None,
+            target: str = "features",
+            init_mode: str = "train",
+            init_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("mode", mode, FMR_MODES)
+        check_choice("target", target, ("features", "logits"))
+        check_choice("init_mode", init_mode, ("train", "eval"))
+        check_positive("tau", tau, allow_zero=False)
+        if window < 1 or update_every < 1:
+            raise ValueError(f"window and update_every must be >= 1, got {window}, {update_every}")
+        self.mode, self.beta, self.lambda_, self.max_coef = mode, beta, lambda_, max_coef
+        self.static_a, self.static_b = static_a, static_b
+        self.tau, self.weight_uses_tau, self.window_size, self.update_every = tau, weight_uses_tau, window, update_every
+        self.lambda_max, self.target, self.init_mode, self.init_batches = lambda_max, target, init_mode, init_batches
+        self.needs_setup_pass = mode in ("meta", "static")
+        self.register_buffer("window", torch.zeros(window, dtype=torch.float64))
+        self.register_buffer("window_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("h_init", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("h_max", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("lambda_t", torch.tensor(lambda_ if mode == "provided" else 0.0, dtype=torch.float64))
+        self._entropy: torch.Tensor | None = None
+
+    # -- statistics ---------------------------------------------------------------------------------------------------
+
+    def _target(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return features if self.target == "features" else logits
+
+    def _weight_entropy(self, target: torch.Tensor, loss_entropy: torch.Tensor) -> torch.Tensor:
+        """Batch-mean entropy that drives the weight (tau = 1 unless ``weight_uses_tau``), detached."""
+        if self.weight_uses_tau or self.tau == 1.0:
+            return loss_entropy.detach().mean().double()
+        return channel_entropy(target.detach(), 1.0).mean().double()
+
+    def _push(self, value: torch.Tensor) -> torch.Tensor:
+        """Add one batch entropy to the window; return the running mean H_t (current batch included)."""
+        position = self.window_count % self.window_size
+        self.window[position] = value
+        self.window_count += 1
+        filled = torch.arange(self.window_size, device=self.window.device) < self.window_count
+        return (self.window * filled).sum() / filled.sum()  # no host sync
+
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        """Measure H_init (``meta``) or N_train (``static``) over ``loader`` before the first update.
+
+        The statistics pass runs forward passes without gradient in ``init_mode`` (train mode by default, so
+        BatchNorm running statistics move, as in the official code) and never steps an optimizer.
+        """
+        if self.mode not in ("meta", "static"):
+            return
+        if loader is None:
+            raise ValueError(f"FMR mode {self.mode!r} needs the training loader in setup()")
+        if self.mode == "static":
+            n_train = len(loader.dataset)  # type: ignore[attr-defined]
+            self.lambda_t.fill_(10.0 ** (self.static_a * n_train + self.static_b))
+            return
+        device, was_training = model_device(model), model.training
+        model.train(self.init_mode == "train")
+        batches = 0
+        try:
+            with torch.no_grad():
+                for images, _labels in loader:
+                    features, logits = penultimate(model, images.to(device))
+                    target = self._target(features, logits)
+                    self.h_max.fill_(math.log(target.shape[1]))
+                    entropy = channel_entropy(target, self.tau if self.weight_uses_tau else 1.0)
+                    h_t = self._push(entropy.mean().double())
+                    batches += 1
+                    if self.init_batches is not None and batches >= self.init_batches:
+                        break
+        finally:
+            model.train(was_training)
+        if batches == 0:
+            raise ValueError("FMR statistics pass saw no batch: the training loader is empty")
+        self.h_init.copy_(h_t)
+        if float(self.h_max - self.h_init) <= 0.0:
+            raise ValueError(
+                f"FMR: H_init = {float(self.h_init):.6g} equals H_max = log D = {float(self.h_max):.6g}: the features "
+                "are already uniform over channels, so the meta weight beta (H_max - H_t) / (H_max - H_init) is "
+                "undefined. Use mode='provided' with a fixed lambda_."
+            )
+
+    # -- training -----------------------------------------------------------------------------------------------------
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        target = self._target(step.features, step.logits)
+        entropy = channel_entropy(target, self.tau)
+        self._entropy = entropy.detach().mean()
+        if self.training:
+            if torch.isnan(self.h_max):
+                self.h_max.fill_(math.log(target.shape[1]))
+            h_t = self._push(self._weight_entropy(target, entropy))
+            if self.mode in ("meta", "dynamic") and (step.epoch == 0 or step.step % self.update_every == 0):
+                if self.mode == "meta":
+                    if torch.isnan(self.h_init):
+                        raise RuntimeError("FMR mode 'meta' needs setup() (the statistics pass) before training")
+                    weight = self.beta * (self.h_max - h_t) / (self.h_max - self.h_init)
+                else:
+                    weight = self.max_coef * (self.h_max - h_t) / self.h_max
+                if self.lambda_max is not None:
+                    weight = torch.clamp(weight, max=self.lambda_max)
+                self.lambda_t.copy_(weight)
+        return -self.lambda_t.to(entropy.dtype) * entropy.mean()
+
+    def stats(self) -> dict[str, float]:
+        out = {"lambda": float(self.lambda_t)}
+        if self._entropy is not None:
+            out["entropy"] = float(self._entropy)
+        if self.window_count > 0:
+            filled = min(int(self.window_count), self.window_size)
+            out["h_t"] = float(self.window[:filled].mean())
+        if not torch.isnan(self.h_init):
+            out["h_init"] = float(self.h_init)
+        return out
