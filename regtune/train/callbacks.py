@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["EpochSeed", "EpochLog", "epoch_seed", "read_epoch_log"]
+__all__ = ["EpochSeed", "EpochLog", "StepLog", "epoch_seed", "read_epoch_log"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EpochLog(pl.Callback):
         rows = read_epoch_log(self.path)
         kept = [r for r in rows if int(r["epoch"]) < trainer.current_epoch]
         if len(kept) != len(rows):
-            self._write(kept)
+            _write_csv(self.path, kept)
         self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -87,7 +87,7 @@ class EpochLog(pl.Callback):
                 continue
             row[key.removesuffix("_epoch")] = float(value)
         rows = read_epoch_log(self.path) + [row]
-        self._write(rows)
+        _write_csv(self.path, rows)
         _log.info(self._line(row, trainer.max_epochs))
 
     @staticmethod
@@ -100,16 +100,58 @@ class EpochLog(pl.Callback):
         return (f"epoch {row['epoch'] + 1:>3}/{epochs}  train loss {get('train/loss')} acc {get('train/acc')}  "
                 f"val loss {get('val/loss')} acc {get('val/acc')}  lr {lr:.2e}  {row['time_s']:.1f}s")
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        keys: list[str] = []
-        for row in rows:
-            keys.extend(k for k in row if k not in keys)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+class StepLog(pl.Callback):
+    """Per-step values of every logged term (``train/<name>_step``) in a CSV, written once per epoch.
+
+    Rows are kept in memory during an epoch and appended at its end (no file I/O in the step loop). On resume, rows
+    after the restored step are dropped first.
+
+    Args:
+        path: The CSV file.
+        every_n_steps: Keep one row every this many steps.
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int = 1) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self._rows: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = read_epoch_log(self.path)
+        kept = [r for r in rows if int(r["step"]) <= trainer.global_step]
+        if len(kept) != len(rows):
+            _write_csv(self.path, kept)
+        self._rows = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if key.endswith("_step"):
+                row[key.removesuffix("_step")] = float(value)
+        self._rows.append(row)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._rows:
+            _write_csv(self.path, read_epoch_log(self.path) + self._rows)
+            self._rows = []
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (union of their keys as the header) atomically: temporary file, then rename."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def read_epoch_log(path: str | Path) -> list[dict[str, Any]]:

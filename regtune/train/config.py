@@ -148,6 +148,7 @@ class TrainerConfig:
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``).
         progress_bar: Show the progress bar.
         channels_last: Channels-last memory format for model and batches (faster convolutions).
+        log_every_n_steps: Period of the per-step log (``steps.csv``).
     """
 
     epochs: int = 15
@@ -159,6 +160,7 @@ class TrainerConfig:
     precision: str = "32-true"
     progress_bar: bool = True
     channels_last: bool = True
+    log_every_n_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ def validate(config: FitConfig) -> None:
          f"optim.scheduler must be 'cosine', 'step' or 'constant', got {o.scheduler!r}"),
         (o.lr > 0 and o.head_lr_mult > 0, "optim.lr and optim.head_lr_mult must be > 0"),
         (t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}"),
+        (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}"),
         (t.select in SELECT_MODES, f"trainer.select must be one of {', '.join(SELECT_MODES)}, got {t.select!r}"),
         (not (t.select in ("val_acc", "val_loss") and d.val_fraction == 0.0),
          f"trainer.select={t.select!r} needs a validation split: set data.val_fraction > 0"),

@@ -5,6 +5,7 @@ Every run writes one directory::
     config.yaml      resolved config (``regtune fit --config config.yaml`` reproduces the run)
     split.json       item ids of the training subset and the validation carve-out
     epochs.csv       one row per epoch: losses, accuracies, every logged term, learning rates, time
+    steps.csv        one row per step (or every n steps): the loss, every term and every regularizer statistic
     checkpoints/     last.ckpt (every epoch) and best.ckpt (selected checkpoint)
     metrics.json     final numbers (written last: its presence marks a finished run)
     curves.png       learning curves
@@ -37,7 +38,7 @@ from regtune.data.subset import split_from_manifest, stratified_split, write_man
 from regtune.data.transforms import build_transforms
 from regtune.models import check_backbone_name, create_backbone, data_config
 from regtune.regularizers import create_criterion, create_regularizer
-from regtune.train.callbacks import EpochLog, EpochSeed, read_epoch_log
+from regtune.train.callbacks import EpochLog, EpochSeed, StepLog, read_epoch_log
 from regtune.train.config import FitConfig, load_config, save_config
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import FineTuner, NonFiniteLossError
@@ -199,7 +200,8 @@ def fit(
         precision=t.precision,
         deterministic=t.deterministic,
         logger=False,
-        callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), *callbacks, last_ckpt, best_ckpt],
+        callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), StepLog(run_dir / "steps.csv", t.log_every_n_steps),
+                   *callbacks, last_ckpt, best_ckpt],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -147,7 +147,7 @@ class FineTuner(pl.LightningModule):
                 f"{batch_idx}): {bad}"
             )
         batch_size = labels.shape[0]
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), on_step=False, on_epoch=True,
                  batch_size=batch_size)
         if self.regularizers:

@@ -136,6 +136,11 @@ def test_resume_equals_uninterrupted(imagefolder: Path, tmp_path: Path, toy_term
     state = torch.load(resumed.run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert int(state["regularizers.toy_norm.seen"]) == 4 * 3 * 8  # epochs x steps x batch
     assert "train/toy_norm" in rows_resumed[0] and "train/toy_norm/norm2" in rows_resumed[0]
+    # the per-step log holds every step exactly once, also across the interruption
+    steps = read_epoch_log(resumed.run_dir / "steps.csv")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    whole_steps = read_epoch_log(whole.run_dir / "steps.csv")
+    assert [r["train/toy_norm"] for r in steps] == [r["train/toy_norm"] for r in whole_steps]
 
 
 def test_finished_run_is_not_overwritten(imagefolder: Path, tmp_path: Path) -> None:
