@@ -1,0 +1,44 @@
+"""Per-step overhead of every seed method against plain fine-tuning (regtune.bench.overhead).
+
+    python benchmarks/overhead.py --out benchmarks/results/overhead_cpu.md
+    python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 --out benchmarks/results/overhead_cuda.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from regtune.bench.overhead import SEED_METHODS, measure_overhead, overhead_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[overhead] %(message)s")
+    results = measure_overhead(SEED_METHODS, backbone=args.backbone, img_size=args.img_size,
+                               batch_size=args.batch_size, steps=args.steps, rounds=args.rounds, device=args.device)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    header = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
+              f"interleaved rounds; {device}; torch {torch.__version__}; {platform.node()}\n\n")
+    table = header + overhead_table(results)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
