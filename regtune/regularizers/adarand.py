@@ -237,6 +237,14 @@ class AdaRand(RandomFeatureRegularizer):
                 self._pending_optimizer_state = None
         return self._optimizer
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        # .to() / .double() / .cuda() convert mu; Adam's moments follow when the optimizer is rebuilt from its state
+        # (Optimizer.load_state_dict casts the state to each parameter's dtype and device).
+        if self._optimizer is not None:
+            self._pending_optimizer_state = self._optimizer.state_dict()
+            self._optimizer = None
+        return super()._apply(fn, recurse)
+
     def get_extra_state(self) -> dict[str, Any]:
         if self._optimizer is not None:
             return {"prior_optimizer": self._optimizer.state_dict()}

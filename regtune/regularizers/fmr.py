@@ -111,7 +111,9 @@ class FeatureMagnitudeRegularization(Regularizer):
         self.register_buffer("window_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("h_init", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("h_max", torch.tensor(float("nan"), dtype=torch.float64))
-        self.register_buffer("lambda_t", torch.tensor(lambda_ if mode == "provided" else 0.0, dtype=torch.float64))
+        # NaN until known: "meta" and "static" set it in setup() (meta again during training), "dynamic" at step 0.
+        self.register_buffer("lambda_t", torch.tensor(lambda_ if mode == "provided" else float("nan"),
+                                                      dtype=torch.float64))
         self._entropy: torch.Tensor | None = None
 
     # -- statistics ---------------------------------------------------------------------------------------------------
@@ -156,7 +158,8 @@ class FeatureMagnitudeRegularization(Regularizer):
                     features, logits = penultimate(model, images.to(device))
                     target = self._target(features, logits)
                     self.h_max.fill_(math.log(target.shape[1]))
-                    entropy = channel_entropy(target, self.tau if self.weight_uses_tau else 1.0)
+                    # float64: H_init is compared with H_max = log D, and their gap sets the weight's scale
+                    entropy = channel_entropy(target.double(), self.tau if self.weight_uses_tau else 1.0)
                     h_t = self._push(entropy.mean().double())
                     batches += 1
                     if self.init_batches is not None and batches >= self.init_batches:
@@ -166,7 +169,8 @@ class FeatureMagnitudeRegularization(Regularizer):
         if batches == 0:
             raise ValueError("FMR statistics pass saw no batch: the training loader is empty")
         self.h_init.copy_(h_t)
-        if float(self.h_max - self.h_init) <= 0.0:
+        # Uniform features give H_init = log D up to rounding; any gap below 1e-6 relative is "no gap".
+        if float(self.h_max - self.h_init) <= 1e-6 * float(self.h_max):
             raise ValueError(
                 f"FMR: H_init = {float(self.h_init):.6g} equals H_max = log D = {float(self.h_max):.6g}: the features "
                 "are already uniform over channels, so the meta weight beta (H_max - H_t) / (H_max - H_init) is "
@@ -183,7 +187,8 @@ class FeatureMagnitudeRegularization(Regularizer):
             if torch.isnan(self.h_max):
                 self.h_max.fill_(math.log(target.shape[1]))
             h_t = self._push(self._weight_entropy(target, entropy))
-            if self.mode in ("meta", "dynamic") and (step.epoch == 0 or step.step % self.update_every == 0):
+            if self.mode in ("meta", "dynamic") and (
+                    step.epoch == 0 or step.step % self.update_every == 0 or torch.isnan(self.lambda_t)):
                 if self.mode == "meta":
                     if torch.isnan(self.h_init):
                         raise RuntimeError("FMR mode 'meta' needs setup() (the statistics pass) before training")
@@ -193,6 +198,8 @@ class FeatureMagnitudeRegularization(Regularizer):
                 if self.lambda_max is not None:
                     weight = torch.clamp(weight, max=self.lambda_max)
                 self.lambda_t.copy_(weight)
+        if self.mode == "static" and torch.isnan(self.lambda_t):
+            raise RuntimeError("FMR mode 'static' needs setup() (the size of the training subset) before training")
         return -self.lambda_t.to(entropy.dtype) * entropy.mean()
 
     def stats(self) -> dict[str, float]:

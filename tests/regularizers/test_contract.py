@@ -1,0 +1,359 @@
+"""The regularizer / criterion contract, checked over every registered name (as timm does over ``list_models()``).
+
+A new method registered in ``regtune.regularizers`` is covered automatically; per-name constructor kwargs go in
+``OVERRIDES`` and extra variants (priors, weightings, modes) in ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from regtune.regularizers import (
+    CosineClassifier,
+    LMSoftmax,
+    TrainStep,
+    UnknownNameError,
+    create_criterion,
+    create_regularizer,
+    list_criteria,
+    list_regularizers,
+)
+from tests.conftest import TINY_BACKBONE
+
+NUM_CLASSES = 3
+IMG = 8
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
+
+# Constructor kwargs per registry name (names not listed are built with their defaults).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "fmr": {"window": 4},  # meta mode (default): needs the statistics pass
+}
+# Extra variants beyond the default construction (the lazy (C, D) / (1, D) shapes of the pretrained priors, ...).
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("randreg", {"prior": "pretrained"}),
+    ("randreg", {"prior": "class"}),
+    ("randreg", {"prior": "normal", "reduction": "sum_dim"}),
+    ("fnp", {"weighting": "sgm"}),
+    ("fmr", {"mode": "provided", "lambda_": 3.0}),
+    ("fmr", {"mode": "dynamic", "tau": 2.0}),
+    ("fmr", {"mode": "static"}),
+    ("fmr", {"target": "logits", "init_mode": "eval"}),
+    ("adarand", {"update_prior": False}),
+    ("adarand", {"intra": "l2", "inter": "cosine", "prior_schedule": "constant"}),
+    ("zero_centroid", {"reduce": "sum", "squared": False}),
+]
+# Terms whose value depends on the classifier weight only (their gradient goes to the head, not to the features).
+USES_HEAD_ONLY = {"head_l1", "head_l2", "head_neg", "zero_centroid"}
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny tensors: intra-op threads only add overhead (and contention on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _case_id(name: str, kwargs: dict[str, Any]) -> str:
+    return name if not kwargs else name + "[" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + "]"
+
+
+def _cases(test: str) -> list[Any]:
+    cases = [(name, dict(OVERRIDES.get(name, {}))) for name in list_regularizers()]
+    cases += [(name, {**OVERRIDES.get(name, {}), **kw}) for name, kw in VARIANTS if name in list_regularizers()]
+    return [pytest.param(name, kwargs, id=_case_id(name, kwargs)) for name, kwargs in cases]
+
+
+def cases(test: str) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(("name", "kwargs"), _cases(test))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: a tiny model with the timm contract, a loader with every class present, one training step
+
+
+class TinyBackbone(nn.Module):
+    """conv-BN-ReLU-GAP-linear with timm's contract (get_classifier, forward_features, forward_head(pre_logits),
+    pretrained_cfg['classifier']); much faster than timm's test model in float64 on CPU."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.num_features = width
+        self.pretrained_cfg = {"classifier": "classifier"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return TinyBackbone().to(dtype)
+
+
+def make_loader(dtype: torch.dtype = torch.float32, batches: int = 2, batch_size: int = 6) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    n = batches * batch_size
+    images = torch.randn(n, 3, IMG, IMG, generator=generator, dtype=dtype)
+    labels = torch.arange(n) % NUM_CLASSES  # every batch holds every class
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+def make_step(model: torch.nn.Module, dtype: torch.dtype, batch: int = 6, step: int = 0, epoch: int = 0,
+              seed: int = 2) -> TrainStep:
+    """Penultimate features of random images (a leaf that requires grad) and logits from the model's head."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, IMG, IMG, generator=generator, dtype=dtype)
+    mode = model.training
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    model.train(mode)
+    features = features.detach().clone().requires_grad_(True)
+    logits = model.get_classifier()(features)
+    labels = torch.arange(batch) % NUM_CLASSES
+    return TrainStep(features=features, logits=logits, labels=labels, model=model, step=step, epoch=epoch,
+                     total_steps=20, feature_maps={})
+
+
+def build(name: str, kwargs: dict[str, Any], model: torch.nn.Module, dtype: torch.dtype,
+          setup: bool = True) -> torch.nn.Module:
+    term = create_regularizer(name, **kwargs)
+    if dtype != torch.float32:
+        term.to(dtype)  # as the trainer does when the LightningModule is moved to the model's dtype
+    if setup:
+        loader = make_loader(next(model.parameters()).dtype) if term.needs_setup_pass else None
+        term.setup(model, loader)
+    return term
+
+
+def assert_scalar(value: torch.Tensor, dtype: torch.dtype) -> None:
+    assert isinstance(value, torch.Tensor)
+    assert value.dim() == 0, value.shape
+    assert value.dtype == dtype
+    assert torch.isfinite(value), value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regularizers
+
+
+def test_every_registered_name_is_covered() -> None:
+    names = list_regularizers()
+    assert names == sorted(names) and len(names) == len(set(names)) and names
+    assert {p.values[0] for p in _cases("any")} == set(names)
+    assert set(OVERRIDES) <= set(names) and {n for n, _ in VARIANTS} <= set(names)
+
+
+@cases("test_forward_is_finite_scalar_in_input_dtype")
+@DTYPES
+def test_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    model = make_model(dtype)
+    term = build(name, kwargs, model, dtype)
+    for i in range(3):
+        assert_scalar(term(make_step(model, dtype, step=i, seed=10 + i)), dtype)
+
+
+@cases("test_gradient_reaches_what_the_term_uses")
+def test_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) -> None:
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    step = make_step(model, torch.float32)
+    head = model.get_classifier()
+    head.weight.grad = None
+    term(step).backward()
+    target = head.weight.grad if name in USES_HEAD_ONLY else step.features.grad
+    assert target is not None, f"{name}: no gradient reached {'the head' if name in USES_HEAD_ONLY else 'features'}"
+    assert torch.isfinite(target).all()
+    assert target.abs().sum() > 0
+
+
+def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@cases("test_state_dict_round_trips_into_fresh_instance")
+@DTYPES
+def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    model = make_model(dtype)
+    term = build(name, kwargs, model, dtype)
+    for i in range(2):  # build some running state (FMR window, AdaRand running means and Adam moments, ...)
+        term(make_step(model, dtype, step=i, seed=20 + i))
+    saved = copy.deepcopy(term.state_dict())
+
+    fresh = build(name, kwargs, model, dtype, setup=False)  # not set up: lazy shapes must come from the checkpoint
+    fresh.load_state_dict(copy.deepcopy(saved))
+    for key, value in _tensors(saved).items():
+        loaded = fresh.state_dict()[key]
+        assert loaded.shape == value.shape and loaded.dtype == value.dtype, key
+        torch.testing.assert_close(loaded, value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+    step = make_step(model, dtype, step=2, seed=30)
+    torch.manual_seed(1234)
+    expected = term(step)
+    torch.manual_seed(1234)
+    actual = fresh(make_step(model, dtype, step=2, seed=30))
+    torch.testing.assert_close(actual, expected, **TOL[dtype])
+    # ...and both end in the same state (e.g. the same AdaRand Adam step on mu).
+    after_term, after_fresh = _tensors(term.state_dict()), _tensors(fresh.state_dict())
+    assert after_term.keys() == after_fresh.keys()
+    for key in after_term:
+        torch.testing.assert_close(after_fresh[key], after_term[key], **TOL[dtype], equal_nan=True, msg=key)
+    assert fresh.stats().keys() == term.stats().keys()
+
+
+@cases("test_to_float64_moves_floating_buffers")
+def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) -> None:
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    term(make_step(model, torch.float32))
+    before = {k: v.dtype for k, v in _tensors(term.state_dict()).items()}
+    assert term.to(torch.float64) is term
+    for key, tensor in _tensors(term.state_dict()).items():
+        if before[key].is_floating_point:
+            assert tensor.dtype == torch.float64, key
+        else:
+            assert tensor.dtype == before[key], key
+
+
+@cases("test_forward_after_to_float64")
+def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    term(make_step(model, torch.float32))  # running state created in float32
+    term.to(torch.float64)
+    model.to(torch.float64)
+    for i in range(2):
+        assert_scalar(term(make_step(model, torch.float64, step=1 + i, seed=40 + i)), torch.float64)
+
+
+@cases("test_stats_are_str_to_float")
+def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    assert isinstance(term.stats(), dict)  # before any forward as well
+    term(make_step(model, torch.float32))
+    stats = term.stats()
+    assert isinstance(stats, dict)
+    for key, value in stats.items():
+        assert isinstance(key, str) and type(value) is float, (key, value)
+        assert np.isfinite(value), (key, value)
+
+
+@cases("test_batch_size_one_works_or_raises_clearly")
+def test_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    step = make_step(model, torch.float32, batch=1)
+    try:
+        value = term(step)
+    except (ValueError, RuntimeError) as err:  # a clear error names the batch
+        assert "batch" in str(err).lower(), str(err)
+        return
+    assert_scalar(value, torch.float32)
+    value.backward()
+
+
+@cases("test_unknown_argument_lists_valid_ones")
+def test_unknown_argument_lists_valid_ones(name: str, kwargs: dict[str, Any]) -> None:
+    cls = type(create_regularizer(name, **kwargs))
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    with pytest.raises(UnknownNameError) as info:
+        create_regularizer(name, **kwargs, no_such_argument=1)
+    message = str(info.value)
+    assert "no_such_argument" in message and "valid" in message
+    for param in valid:
+        assert param in message, (param, message)
+
+
+def test_param_group_options_contract() -> None:
+    for name in list_regularizers():
+        options = create_regularizer(name, **OVERRIDES.get(name, {})).param_group_options()
+        assert options is None or isinstance(options, dict), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Criteria
+
+
+@pytest.mark.parametrize("name", list_criteria())
+@DTYPES
+def test_criterion_is_finite_scalar(name: str, dtype: torch.dtype) -> None:
+    model = make_model(dtype)
+    criterion = create_criterion(name)
+    criterion.adapt_model(model)
+    step = make_step(model, dtype)
+    value = criterion(step)
+    assert_scalar(value, dtype)
+    value.backward()
+    assert step.features.grad is not None and torch.isfinite(step.features.grad).all()
+
+
+def test_criterion_unknown_argument() -> None:
+    for name in list_criteria():
+        with pytest.raises(UnknownNameError, match="no_such_argument"):
+            create_criterion(name, no_such_argument=1)
+
+
+def test_lm_softmax_adapt_model_installs_cosine_head_with_same_prototypes() -> None:
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=NUM_CLASSES).eval()
+    old_head = model.get_classifier()
+    prototypes = old_head.weight.detach().clone()
+    criterion = LMSoftmax(s=4.0)
+    criterion.adapt_model(model)
+
+    head = model.get_classifier()
+    assert isinstance(head, CosineClassifier) and head is not old_head
+    assert getattr(model, model.pretrained_cfg["classifier"]) is head
+    assert torch.equal(head.weight.detach(), prototypes)
+    assert any(p is head.weight for p in model.parameters())
+
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True).double().numpy()
+        logits = model(images).numpy()
+    w = prototypes.double().numpy()
+    expected = 4.0 * (features / np.linalg.norm(features, axis=1, keepdims=True)) @ (
+        w / np.linalg.norm(w, axis=1, keepdims=True)).T  # s * cos, no bias
+    np.testing.assert_allclose(logits, expected, **TOL[torch.float32])
+
+    # Adapting again only updates the scale.
+    LMSoftmax(s=2.0).adapt_model(model)
+    assert model.get_classifier() is head and head.s == 2.0
+
+
+def test_lm_softmax_value_matches_numpy() -> None:
+    model = make_model(torch.float64)
+    criterion = LMSoftmax(s=3.0)
+    criterion.adapt_model(model)
+    step = make_step(model, torch.float64)
+    f = step.features.detach().numpy()
+    w = model.get_classifier().weight.detach().numpy()
+    y = step.labels.numpy()
+    cos = (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    per_sample = [np.log(sum(np.exp(3.0 * (cos[b, j] - cos[b, y[b]])) for j in range(NUM_CLASSES) if j != y[b]))
+                  for b in range(len(y))]
+    expected = np.mean(per_sample) / 3.0
+    np.testing.assert_allclose(float(criterion(step).detach()), expected, rtol=1e-10)
