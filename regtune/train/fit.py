@@ -98,6 +98,8 @@ def _quiet_lightning() -> Iterator[None]:
     # Lightning 2.6 with torch 2.14 warns about its own use of a deprecated torch pytree API on every fit/test.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        # Resuming writes into the run's own checkpoint directory on purpose.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         yield
 
 
