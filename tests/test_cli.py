@@ -33,6 +33,18 @@ def test_fit_end_to_end_then_refuses_to_overwrite(imagefolder: Path, tmp_path: P
     assert (run_dir / "metrics.json").read_text() == metrics
 
 
+def test_default_run_dir_is_relative_to_the_working_directory(imagefolder: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "fit", *TINY, "--data-root", str(imagefolder))
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("imagefolder-test_efficientnet-ft-s0-") and (run_dir / "metrics.json").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["selected_checkpoint"] == "checkpoints/best.ckpt"
+    assert f"run directory: {run_dir}" in out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--reg", "nosuch"], "unknown regularizer 'nosuch'"),
     (["--criterion", "nosuch"], "unknown criterion 'nosuch'; known: ce"),

@@ -144,7 +144,7 @@ def fit(
     if resume:
         if run_dir is None:
             raise RunDirError("--resume needs the run directory to continue")
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).absolute()
         _prepare_run_dir(run_dir, resume=True, overwrite=False)
         config = load_config(run_dir / "config.yaml")
     else:
@@ -156,7 +156,8 @@ def fit(
     criterion = create_criterion(config.criterion.name, **config.criterion.args)
     regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
     if not resume:
-        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        # Absolute, because Lightning reports checkpoint paths absolute.
+        run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
         _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
         save_config(config, run_dir / "config.yaml")
     d, t = config.data, config.trainer
