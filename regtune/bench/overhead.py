@@ -2,7 +2,8 @@
 
 Every method trains its own copy of the same pretrained backbone on the same fixed batches with the same optimizer.
 Methods are timed in interleaved rounds (round r runs every method for ``steps`` steps), so that drifts of the
-machine's speed fall on all methods alike; the reported time is the median over rounds of the mean step time. On
+machine's speed fall on all methods alike; the reported time is the median over rounds of the mean step time, and
+the ratio is the median over rounds of (method's time / plain fine-tuning's time in the same round). On
 CUDA the peak memory of each method's steps is measured too (on CPU PyTorch exposes no per-allocation peak).
 """
 
@@ -142,20 +143,23 @@ def measure_overhead(
             if dev.type == "cuda":
                 peaks[method.label] = max(peaks.get(method.label, 0.0), torch.cuda.max_memory_allocated(dev) / 2**20)
         _log.info("overhead round %d/%d done", r + 1, rounds)
-    base_ms = statistics.median(times[methods[0].label])
+    base_times = times[methods[0].label]
     base_mem = peaks.get(methods[0].label)
     results = []
     for method in methods:
         ms = statistics.median(times[method.label])
+        # Paired by round: each round's time over the baseline's time in the same round, then the median, so that
+        # slow phases of the machine cancel out.
+        ratio = statistics.median(t / b for t, b in zip(times[method.label], base_times))
         peak = peaks.get(method.label)
-        results.append(OverheadResult(method.label, ms, ms / base_ms, times[method.label], peak,
+        results.append(OverheadResult(method.label, ms, ratio, times[method.label], peak,
                                       peak / base_mem if peak is not None and base_mem else None))
     return results
 
 
 def overhead_table(results: Sequence[OverheadResult]) -> str:
     """Markdown table of :func:`measure_overhead`'s results."""
-    lines = ["| method | ms / step (median) | x plain FT | rounds (ms) | peak MiB | x plain FT |",
+    lines = ["| method | ms / step (median) | x plain FT (paired median) | rounds (ms) | peak MiB | x plain FT |",
              "|---|---:|---:|---|---:|---:|"]
     for r in results:
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a (CPU)"
