@@ -13,40 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import AdaRand, RandomFeatureRegularizer, TrainStep, create_regularizer
 from regtune.regularizers.adarand import feature_statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-class FeatureNet(nn.Module):
-    """timm contract; the "images" are the penultimate features (B, D), optionally through a BatchNorm1d."""
-
-    def __init__(self, dim: int, num_classes: int, bn: bool = False) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim) if bn else nn.Identity()
-        self.classifier = nn.Linear(dim, num_classes)
-        self.num_features = dim
-        self.pretrained_cfg = {"classifier": "classifier"}
-        self.double()
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def loader_of(features: np.ndarray, labels: np.ndarray, batch_size: int = 5) -> DataLoader:

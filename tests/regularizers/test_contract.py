@@ -55,13 +55,6 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 # Terms whose value depends on the classifier weight only (their gradient goes to the head, not to the features).
 USES_HEAD_ONLY = {"head_l1", "head_l2", "head_neg", "zero_centroid"}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny tensors: intra-op threads only add overhead (and contention on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _case_id(name: str, kwargs: dict[str, Any]) -> str:

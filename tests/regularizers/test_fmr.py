@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import FeatureMagnitudeRegularization, TrainStep, create_regularizer
 
 LOG2 = math.log(2.0)
@@ -23,36 +24,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-class FeatureNet(nn.Module):
-    """timm contract; the "images" are the penultimate features (B, D), optionally through a BatchNorm1d."""
-
-    def __init__(self, dim: int, num_classes: int = 2, bn: bool = False, dtype: torch.dtype = torch.float64) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim) if bn else nn.Identity()
-        self.classifier = nn.Linear(dim, num_classes)
-        self.num_features = dim
-        self.pretrained_cfg = {"classifier": "classifier"}
-        self.to(dtype)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
