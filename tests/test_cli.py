@@ -66,12 +66,14 @@ def test_missing_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -
     code, _, err = run(capsys, "fit", *TINY, "--data-root", str(tmp_path / "nowhere"), "--run-dir",
                        str(tmp_path / "run"))
     assert code == 2 and str(tmp_path / "nowhere") in err and "train" in err
+    assert not (tmp_path / "run").exists()  # fixing --data-root and running the same command again just works
 
 
 def test_fraction_leaving_a_class_empty(imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(capsys, "fit", *TINY[:-2], "--fraction", "0.01", "--data-root", str(imagefolder),
                        "--run-dir", str(tmp_path / "run"))
     assert code == 2 and "keeps no image of class 0" in err and "fraction >=" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_image_is_named(imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -155,26 +155,24 @@ def fit(
     check_backbone_name(config.model.backbone)
     criterion = create_criterion(config.criterion.name, **config.criterion.args)
     regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
-    if not resume:
-        # Absolute, because Lightning reports checkpoint paths absolute.
-        run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
-        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-        save_config(config, run_dir / "config.yaml")
     d, t = config.data, config.trainer
-
+    # Data and split come before the run directory too: a missing folder or an empty class leaves nothing behind.
     train_set = build_dataset(d.dataset, d.root, "train", download=d.download)
     test_set = build_dataset(d.dataset, d.root, "test", download=d.download)
     if list(train_set.classes) != list(test_set.classes):
         raise ValueError(f"{d.dataset}: train and test splits have different classes")
-    manifest = run_dir / "split.json"
     if resume or d.split_manifest:
-        split = split_from_manifest(manifest if resume else d.split_manifest, train_set.ids, d.dataset)
+        split = split_from_manifest(run_dir / "split.json" if resume else d.split_manifest, train_set.ids, d.dataset)
     else:
         split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction,
                                  per_class=d.per_class, val_fraction=d.val_fraction, seed=t.seed,
                                  class_names=train_set.classes)
     if not resume:
-        write_manifest(manifest, split, train_set.ids, d.dataset)
+        # Absolute, because Lightning reports checkpoint paths absolute.
+        run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
+        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        save_config(config, run_dir / "config.yaml")
+        write_manifest(run_dir / "split.json", split, train_set.ids, d.dataset)
 
     backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
                                head_init=config.model.head_init, drop_rate=config.model.drop_rate)
