@@ -184,8 +184,7 @@ class FeatureMagnitudeRegularization(Regularizer):
         entropy = channel_entropy(target, self.tau)
         self._entropy = entropy.detach().mean()
         if self.training:
-            if torch.isnan(self.h_max):
-                self.h_max.fill_(math.log(target.shape[1]))
+            self.h_max.fill_(math.log(target.shape[1]))  # log D from the shape: no host sync
             h_t = self._push(self._weight_entropy(target, entropy))
             if self.mode in ("meta", "dynamic") and (
                     step.epoch == 0 or step.step % self.update_every == 0 or torch.isnan(self.lambda_t)):

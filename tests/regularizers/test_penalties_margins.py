@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import (
     FeatureNormPenalty,
     HeadL1,
@@ -31,28 +32,15 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-1
 
 
 
-class HeadNet(nn.Module):
+class HeadNet(FeatureNet):
     """timm contract around a Linear head with a given weight (and a bias the head penalties must ignore)."""
 
     def __init__(self, weight: np.ndarray, dtype: torch.dtype = torch.float64) -> None:
-        super().__init__()
         classes, dim = weight.shape
-        self.classifier = nn.Linear(dim, classes).to(dtype)  # before the copy: no float32 rounding of the weight
-        with torch.no_grad():
+        super().__init__(dim, classes, dtype=dtype)
+        with torch.no_grad():  # the parameters already have ``dtype``: no float32 rounding of the weight
             self.classifier.weight.copy_(torch.tensor(weight))
             self.classifier.bias.fill_(100.0)
-        self.num_features = dim
-        self.pretrained_cfg = {"classifier": "classifier"}
-        self.to(dtype)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.classifier(x)
 
 
 def make_step(features: np.ndarray, labels: list[int], model: nn.Module, dtype: torch.dtype = torch.float64,
