@@ -61,16 +61,19 @@ class TransformedSubset(Dataset):
         dataset: Yields ``(PIL image, target)``.
         indices: Items to expose, in order.
         transform: Applied to each image.
+        with_index: Also yield ``i``, the item's position in this subset: ``(image, target, i)``.
     """
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable,
+                 with_index: bool = False) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
         image, target = self.dataset[self.indices[i]]
-        return self.transform(image), target
+        return (self.transform(image), target, i) if self.with_index else (self.transform(image), target)

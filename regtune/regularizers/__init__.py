@@ -19,8 +19,15 @@ from regtune.regularizers.base import (
 )
 
 # Importing the method modules registers them.
-from regtune.regularizers import adarand, fmr, margins, penalties  # noqa: E402,F401
+from regtune.regularizers import adarand, bss, cotuning, delta, fmr, l2sp, lwf, margins, penalties, stochnorm  # noqa
 from regtune.regularizers.adarand import AdaRand, RandomFeatureRegularizer  # noqa: E402
+from regtune.regularizers.bss import BatchSpectralShrinkage  # noqa: E402
+from regtune.regularizers.cotuning import CoTuning  # noqa: E402
+from regtune.regularizers.delta import DELTA  # noqa: E402
+from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers  # noqa: E402
+from regtune.regularizers.l2sp import L2SP  # noqa: E402
+from regtune.regularizers.lwf import LearningWithoutForgetting  # noqa: E402
+from regtune.regularizers.stochnorm import StochNorm, convert_stochnorm  # noqa: E402
 from regtune.regularizers.fmr import FeatureMagnitudeRegularization  # noqa: E402
 from regtune.regularizers.margins import (  # noqa: E402
     CosineClassifier,
@@ -32,6 +39,16 @@ from regtune.regularizers.penalties import FeatureNormPenalty, HeadL1, HeadL2, H
 
 __all__ = [
     "AdaRand",
+    "BatchSpectralShrinkage",
+    "CoTuning",
+    "DELTA",
+    "L2SP",
+    "LearningWithoutForgetting",
+    "StochNorm",
+    "as_channel_maps",
+    "capture_outputs",
+    "convert_stochnorm",
+    "feature_layers",
     "CosineClassifier",
     "FeatureMagnitudeRegularization",
     "FeatureNormPenalty",

@@ -39,11 +39,15 @@ class TrainStep:
         step: Global optimisation step (0-based) this batch will produce.
         epoch: Current epoch (0-based).
         total_steps: Planned number of optimisation steps of the run, when known (for schedules inside a term).
-        feature_maps: Last feature map ``forward_features(x)`` and, only for terms that set ``needs_feature_maps``,
-            whatever intermediate maps the trainer was asked for, by name.
+        feature_maps: Last feature map ``forward_features(x)`` under ``"last"`` and, for the module names that terms
+            list in ``needs_feature_maps``, those modules' outputs of this forward pass (see
+            :func:`regtune.regularizers.capture_outputs`).
+        images: The input batch, for terms that run another network on it (DELTA's frozen source network).
+        indices: Position of each sample in the training subset (``0..N-1``, the order of the set-up loader), for
+            terms with per-sample state (LwF's cached teacher outputs); ``None`` unless a term sets ``needs_indices``.
 
     Shape:
-        features: (B, D). logits: (B, C). labels: (B,).
+        features: (B, D). logits: (B, C). labels: (B,). images: (B, ...). indices: (B,).
     """
 
     features: torch.Tensor
@@ -54,6 +58,8 @@ class TrainStep:
     epoch: int = 0
     total_steps: int | None = None
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
 
 
 class Regularizer(nn.Module):
@@ -63,8 +69,18 @@ class Regularizer(nn.Module):
     goes in ``register_buffer`` (saved in checkpoints, moved by ``.to()``); learnable state in ``nn.Parameter``s,
     which the trainer puts in their own optimizer group with :meth:`param_group_options`.
 
+    The life of a term in a run: built from its arguments; :meth:`adapt_model` once, before the optimizer exists
+    (snapshots of the starting weights, copies of the pretrained source head, layer swaps); :meth:`setup` once,
+    before the first update (passes over the training data); then :meth:`forward` every step. A resumed run calls
+    :meth:`adapt_model` again on the freshly built (pretrained) model and then loads the checkpoint into the term,
+    without :meth:`setup`.
+
     Attributes:
-        needs_feature_maps: Names of intermediate feature maps the term reads from ``TrainStep.feature_maps``.
+        needs_feature_maps: Module names (``model.get_submodule`` paths) whose outputs the term reads from
+            ``TrainStep.feature_maps``; may be set by :meth:`adapt_model` once the model is known.
+        needs_indices: Whether the term reads ``TrainStep.indices`` (the trainer then yields them).
+        needs_source_head: Whether the term needs the backbone's pretrained source classifier (e.g. ImageNet's
+            1000-way head); the trainer hands it over with :meth:`attach_source_head` before :meth:`adapt_model`.
         needs_setup_pass: Whether :meth:`setup` iterates the training loader (the trainer then runs it before the
             first update).
         setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
@@ -72,8 +88,19 @@ class Regularizer(nn.Module):
     """
 
     needs_feature_maps: tuple[str, ...] = ()
+    needs_indices: bool = False
+    needs_source_head: bool = False
     needs_setup_pass: bool = False
     setup_transform: str = "eval"
+
+    def adapt_model(self, model: nn.Module) -> None:
+        """Called once when the trainer is built, before the optimizer sees the model (see the class docstring).
+
+        A user of another training loop calls it before building the optimizer.
+        """
+
+    def attach_source_head(self, head: nn.Module | None) -> None:
+        """Receive the backbone's pretrained source classifier (only for terms with ``needs_source_head``)."""
 
     def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
         """Called once before the first optimisation step (pretrained statistics, snapshots, ...)."""
@@ -84,6 +111,10 @@ class Regularizer(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Return what the term wants logged after the last :meth:`forward` (weights, entropies, ...)."""
+        return {}
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """What :meth:`setup` computed that a person may want to inspect or reuse (written to the run directory)."""
         return {}
 
     def param_group_options(self) -> dict[str, Any] | None:

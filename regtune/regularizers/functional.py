@@ -9,6 +9,7 @@ one. Imports nothing but ``torch`` and the standard library.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,15 @@ __all__ = [
     "sample_margin_loss",
     "zero_centroid_loss",
     "class_margin",
+    "l2_sp_penalty",
+    "l2_penalty",
+    "delta_penalty",
+    "channel_attention",
+    "batch_spectral_shrinkage",
+    "class_relationship",
+    "co_tuning_loss",
+    "distillation_loss",
+    "stochastic_batch_norm",
 ]
 
 _RANDOM_FEATURE_REDUCTIONS = ("mean", "sum_dim")
@@ -815,3 +825,300 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     unit = _normalize_rows(weight, eps)
     largest_cos = _off_diagonal(unit @ unit.T).amax()  # arccos is decreasing: the smallest angle
     return torch.arccos(largest_cos.clamp(-1.0, 1.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# §6 Transfer regularizers of TLlib: L2-SP, DELTA, BSS, Co-Tuning, LwF, StochNorm
+
+_DELTA_BATCH_REDUCTIONS = ("sum", "mean")
+
+
+def _check_pairs(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> None:
+    if len(params) != len(anchors):
+        raise ValueError(f"got {len(params)} parameters but {len(anchors)} anchors")
+    for i, (p, a) in enumerate(zip(params, anchors)):
+        if p.shape != a.shape:
+            raise ValueError(f"parameter {i} has shape {tuple(p.shape)} but its anchor {tuple(a.shape)}")
+
+
+def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""Squared distance to the starting point, 1/2 sum_i ||w_i - w0_i||^2 (L2-SP, methods.md §6.1).
+
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018,
+    arXiv 1802.01483.
+
+    .. math::
+
+        \Omega_{SP}(w) = \tfrac12 \sum_i \lVert w_i - w^0_i \rVert_2^2
+
+    Args:
+        params: Current parameters w_i (any shapes).
+        anchors: Their pretrained values w0_i (same shapes; no gradient flows into them).
+
+    Reduction:
+        Summed over every entry of every parameter.
+
+    Returns:
+        The 0-dim penalty; its gradient with respect to w_i is w_i - w0_i.
+
+    Example:
+        >>> l2_sp_penalty([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 0.0])]).item()
+        2.0
+    """
+    _check_pairs(params, anchors)
+    if not params:
+        raise ValueError("l2_sp_penalty needs at least one parameter")
+    return 0.5 * sum((p - a.detach()).pow(2).sum() for p, a in zip(params, anchors))
+
+
+def l2_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""1/2 sum_i ||w_i||^2: the head term of L2-SP and DELTA (methods.md §6.1, Omega_head).
+
+    Reduction:
+        Summed over every entry of every parameter.
+
+    Example:
+        >>> l2_penalty([torch.tensor([1.0, 2.0]), torch.tensor([2.0])]).item()
+        4.5
+    """
+    if not params:
+        raise ValueError("l2_penalty needs at least one parameter")
+    return 0.5 * sum(p.pow(2).sum() for p in params)
+
+
+def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torch.Tensor | None = None,
+                  normalize: bool = True, batch_reduction: str = "sum") -> torch.Tensor:
+    r"""Behavioural distance of one layer's feature maps to the frozen source network's (DELTA, methods.md §6.2).
+
+    Li, Xiong, Wang, Huan, Chen, Dou, "DELTA: Deep Learning Transfer using Feature Map with Attention for
+    Convolutional Networks", ICLR 2019, arXiv 1901.09229.
+
+    .. math::
+
+        \Omega_j = \tfrac12 \sum_b \sum_{c=1}^{C} C\,a_c\,\frac{\lVert FM(x_b)_c - FM^0(x_b)_c \rVert_2^2}{S}
+
+    with S = H W spatial positions (or tokens) and a the channel attention (uniform a_c = 1/C when ``None``, which
+    makes the term the per-position mean squared distance summed over channels). ``normalize=False`` is TLlib's
+    unweighted ``feature_map`` variant, 1/2 sum_b ||FM(x_b) - FM0(x_b)||^2 (no attention, no division by S).
+
+    Args:
+        maps: Feature maps of the network being trained, as ``(B, C, S)`` (see
+            :func:`regtune.regularizers.hooks.as_channel_maps`).
+        source_maps: The frozen source network's maps of the same images (detached here).
+        attention: Channel attention a (non-negative, summing to 1), or ``None``.
+        normalize: Weight by C a_c and divide by S (DELTA); ``False`` gives the plain squared distance.
+        batch_reduction: ``"sum"`` over the batch (TLlib: the term grows with the batch size) or ``"mean"``.
+
+    Shape:
+        maps, source_maps: (B, C, S). attention: (C,). Output: scalar.
+
+    Returns:
+        The 0-dim penalty of this layer.
+
+    Example:
+        >>> fm, fm0 = torch.ones(1, 2, 4), torch.zeros(1, 2, 4)  # every position differs by 1 in both channels
+        >>> delta_penalty(fm, fm0).item()  # 1/2 * (1 + 1)
+        1.0
+    """
+    _check_choice("batch_reduction", batch_reduction, _DELTA_BATCH_REDUCTIONS)
+    _check_float_tensor("maps", maps)
+    if maps.dim() != 3 or maps.shape != source_maps.shape:
+        raise ValueError(f"maps and source_maps must both be (B, C, S), got {tuple(maps.shape)} and "
+                         f"{tuple(source_maps.shape)}")
+    squared = (maps - source_maps.detach()).pow(2).sum(-1)  # (B, C)
+    if normalize:
+        channels, positions = maps.shape[1], maps.shape[2]
+        if attention is None:
+            weights = squared.new_full((channels,), 1.0 / channels)
+        else:
+            if attention.shape != (channels,):
+                raise ValueError(f"attention must have shape ({channels},), got {tuple(attention.shape)}")
+            weights = attention.to(squared.dtype)
+        squared = squared * (channels * weights) / positions
+    elif attention is not None:
+        raise ValueError("attention needs normalize=True (TLlib's unweighted feature_map variant has none)")
+    per_sample = 0.5 * squared.sum(-1)
+    return per_sample.sum() if batch_reduction == "sum" else per_sample.mean()
+
+
+def channel_attention(loss_increase: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    r"""DELTA's channel attention from the loss increase when each channel is zeroed (methods.md §6.2).
+
+    .. math::
+
+        a = \mathrm{softmax}\!\left(\frac{z}{T}\right), \qquad z_c = \frac{\Delta_c - \mathrm{mean}(\Delta)}
+        {\mathrm{std}(\Delta)}
+
+    with the population standard deviation (numpy's ``std``, as TLlib). A layer whose channels all give the same
+    increase (std 0) gets uniform attention.
+
+    Args:
+        loss_increase: Delta_c, mean increase of the loss when channel c is zeroed.
+        temperature: T (5 in TLlib).
+
+    Shape:
+        loss_increase: (C,). Output: (C,), summing to 1.
+    """
+    _check_float_tensor("loss_increase", loss_increase)
+    if loss_increase.dim() != 1 or loss_increase.numel() == 0:
+        raise ValueError(f"loss_increase must be a non-empty vector, got shape {tuple(loss_increase.shape)}")
+    std = loss_increase.std(unbiased=False)
+    if not std > 0:
+        return torch.full_like(loss_increase, 1.0 / loss_increase.numel())
+    z = (loss_increase - loss_increase.mean()) / std
+    return torch.softmax(z / temperature, dim=0)
+
+
+def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    r"""Sum of the k smallest squared singular values of the batch feature matrix (BSS, methods.md §6.3).
+
+    Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
+    Transfer Learning", NeurIPS 2019.
+
+    .. math::
+
+        L_{BSS} = \sum_{i=1}^{k} \sigma_{m+1-i}^2, \qquad \sigma_1 \ge \dots \ge \sigma_m \text{ the singular values
+        of } F,\ m = \min(B, D)
+
+    Computed as the smallest eigenvalues of the m x m Gram matrix (F F^T, or F^T F when D < B) in float64: the
+    eigenvalue gradient V diag(g) V^T needs no eigen-gaps, unlike the SVD's, and float64 keeps the small end of the
+    spectrum accurate. The result is cast back to the features' dtype.
+
+    Args:
+        features: Batch feature matrix F.
+        k: How many of the smallest singular values (1 <= k <= min(B, D)).
+
+    Shape:
+        features: (B, D). Output: scalar.
+
+    Example:
+        >>> batch_spectral_shrinkage(torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item()  # F = diag(3, 1)
+        1.0
+    """
+    _check_float_matrix("features", features, "(B, D)")
+    batch, dim = features.shape
+    if not 1 <= k <= min(batch, dim):
+        raise ValueError(f"k must be in [1, min(batch, D)] = [1, {min(batch, dim)}] for a batch of {batch} features "
+                         f"of dimension {dim}, got k = {k}")
+    f = features.double()
+    gram = f @ f.T if batch <= dim else f.T @ f
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return eigenvalues[:k].sum().to(features.dtype)
+
+
+def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    r"""Co-Tuning's target-to-source relationship: the mean source-class distribution per target class (§6.4).
+
+    You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020.
+
+    .. math::
+
+        R[t] = \frac{1}{|\{b : y_b = t\}|} \sum_{b : y_b = t} \mathrm{softmax}(g(f_b))
+
+    ("direct approach"; every row sums to 1).
+
+    Args:
+        source_probs: Source-head probabilities of the training images (rows sum to 1).
+        labels: Their target classes.
+        num_classes: C_t.
+
+    Shape:
+        source_probs: (N, C_s). labels: (N,). Output: (C_t, C_s).
+
+    Raises:
+        ValueError: a target class has no image (its row would be undefined).
+    """
+    _check_float_matrix("source_probs", source_probs, "(N, C_s)")
+    _check_labels(labels, source_probs.shape[0], num_classes, "source_probs rows / num_classes")
+    sums = source_probs.new_zeros(num_classes, source_probs.shape[1]).index_add_(0, labels, source_probs)
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"target classes {missing} have no image; the relationship needs every class")
+    return sums / counts.unsqueeze(1).to(sums.dtype)
+
+
+def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor, relationship: torch.Tensor) -> torch.Tensor:
+    r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning, §6.4).
+
+    .. math::
+
+        L = \frac{1}{B} \sum_b \Big[ -\sum_{s} R[y_b, s] \log \mathrm{softmax}(g(f_b))_s \Big]
+
+    Shape:
+        source_logits: (B, C_s). labels: (B,). relationship: (C_t, C_s). Output: scalar.
+
+    Reduction:
+        Mean over the batch.
+
+    Example:
+        >>> round(co_tuning_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([[0.5, 0.5]])).item(), 6)  # log 2
+        0.693147
+    """
+    _check_float_matrix("source_logits", source_logits, "(B, C_s)")
+    _check_float_matrix("relationship", relationship, "(C_t, C_s)")
+    if relationship.shape[1] != source_logits.shape[1]:
+        raise ValueError(f"relationship has {relationship.shape[1]} source classes, the logits "
+                         f"{source_logits.shape[1]}")
+    _check_labels(labels, source_logits.shape[0], relationship.shape[0], "source_logits / relationship rows")
+    targets = relationship.detach()[labels].to(source_logits.dtype)
+    return -(targets * F.log_softmax(source_logits, dim=1)).sum(1).mean()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 3.0) -> torch.Tensor:
+    r"""KL divergence of the student's tempered distribution from the teacher's (LwF, methods.md §6.7).
+
+    Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282.
+
+    .. math::
+
+        L = \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(t_b / T) \,\Vert\, \mathrm{softmax}(s_b / T)\big)
+
+    (KLDivLoss 'batchmean', no T^2 factor, as TLlib).
+
+    Shape:
+        student_logits, teacher_logits: (B, C). Output: scalar.
+
+    Example:
+        >>> distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2)).item()
+        0.0
+    """
+    _check_float_matrix("student_logits", student_logits, "(B, C)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
+                         f"{tuple(student_logits.shape)} differ in shape")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits.detach().to(student_logits.dtype) / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean")
+
+
+def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None, mask: torch.Tensor,
+                          momentum: float, eps: float) -> torch.Tensor:
+    r"""StochNorm's training-mode normalisation (Kou, You, Long, Wang, NeurIPS 2020; methods.md §6.5).
+
+    .. math::
+
+        z_0 = \frac{x - \mu_{run}}{\sqrt{\sigma^2_{run} + \epsilon}},\quad
+        z_1 = \frac{x - \mu_{batch}}{\sqrt{\sigma^2_{batch} + \epsilon}},\quad
+        y = \gamma \big((1 - s) z_0 + s z_1\big) + \beta
+
+    with s the per-channel 0/1 ``mask`` (drawn ~ Bernoulli(p) by the caller). z0 uses the running statistics from
+    before this batch; computing z1 then updates them in place exactly as BatchNorm does (``momentum``).
+
+    Shape:
+        x: (B, C, ...). running_mean, running_var, weight, bias, mask: (C,). Output: like x.
+    """
+    z0 = F.batch_norm(x, running_mean, running_var, None, None, False, 0.0, eps)
+    z1 = F.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    s = mask.to(x.dtype).reshape(shape)
+    y = z0 * (1 - s) + z1 * s
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["EpochSeed", "EpochLog", "StepLog", "epoch_seed", "read_epoch_log"]
+__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "epoch_seed", "read_epoch_log"]
 
 _log = logging.getLogger(__name__)
 
@@ -139,6 +139,31 @@ class StepLog(pl.Callback):
         if self._rows:
             _write_csv(self.path, read_epoch_log(self.path) + self._rows)
             self._rows = []
+
+
+class SetupArtifacts(pl.Callback):
+    """Write what the regularizers' set-up computed to ``<run_dir>/setup/<term>.pt`` once training starts.
+
+    Co-Tuning's relationship, DELTA's channel attention: a person can inspect them, and pass the file to a later run
+    (``relationship_file=`` / ``attention_file=``) to skip the computation.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for name, term in getattr(pl_module, "regularizers", {}).items():
+            artifacts = term.artifacts()
+            if not artifacts:
+                continue
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{name}.pt"
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({k: v.detach().cpu() for k, v in artifacts.items()}, tmp)
+            os.replace(tmp, path)
+            _log.info("set-up of %s written to %s", name, path)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -64,6 +64,8 @@ class FineTuneData(pl.LightningDataModule):
         validate_on_test: Use the test split as the validation loader (the papers' test-set selection; only with
             ``select="test_acc"``).
         seed: Seed of the training order (see :class:`EpochShuffle`).
+        with_index: Training batches also carry each sample's position in the training subset (the order of
+            :meth:`setup_dataloader`), for regularizers with per-sample state.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class FineTuneData(pl.LightningDataModule):
             num_workers: int = 0,
             validate_on_test: bool = False,
             seed: int = 0,
+            with_index: bool = False,
     ) -> None:
         super().__init__()
         self.train_set = train_set
@@ -90,6 +93,7 @@ class FineTuneData(pl.LightningDataModule):
         self.num_workers = num_workers
         self.validate_on_test = validate_on_test
         self.seed = seed
+        self.with_index = with_index
 
     def _loader(self, dataset: TransformedSubset, train: bool) -> DataLoader:
         # drop_last keeps every training batch full (BatchNorm and batch-statistics terms such as BSS need B > 1),
@@ -107,7 +111,8 @@ class FineTuneData(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(TransformedSubset(self.train_set, self.split.train, self.train_transform), train=True)
+        return self._loader(TransformedSubset(self.train_set, self.split.train, self.train_transform,
+                                              with_index=self.with_index), train=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.validate_on_test:

@@ -7,6 +7,7 @@ Every run writes one directory::
     epochs.csv       one row per epoch: losses, accuracies, every logged term, learning rates, time
     steps.csv        one row per step (or every n steps): the loss, every term and every regularizer statistic
     checkpoints/     last.ckpt (every epoch) and best.ckpt (selected checkpoint)
+    setup/           what regularizers computed before training (Co-Tuning's relationship, DELTA's attention)
     metrics.json     final numbers (written last: its presence marks a finished run)
     curves.png       learning curves
 """
@@ -38,7 +39,7 @@ from regtune.data.subset import split_from_manifest, stratified_split, write_man
 from regtune.data.transforms import build_transforms
 from regtune.models import check_backbone_name, create_backbone, data_config
 from regtune.regularizers import create_criterion, create_regularizer
-from regtune.train.callbacks import EpochLog, EpochSeed, StepLog, read_epoch_log
+from regtune.train.callbacks import EpochLog, EpochSeed, SetupArtifacts, StepLog, read_epoch_log
 from regtune.train.config import FitConfig, load_config, save_config
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import FineTuner, NonFiniteLossError
@@ -98,6 +99,8 @@ def _quiet_lightning() -> Iterator[None]:
     # Lightning 2.6 with torch 2.14 warns about its own use of a deprecated torch pytree API on every fit/test.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        # Frozen reference networks (DELTA's source copy, LwF's online teacher) stay in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         # Resuming writes into the run's own checkpoint directory on purpose.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         yield
@@ -167,15 +170,11 @@ def fit(
         split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction,
                                  per_class=d.per_class, val_fraction=d.val_fraction, seed=t.seed,
                                  class_names=train_set.classes)
-    if not resume:
-        # Absolute, because Lightning reports checkpoint paths absolute.
-        run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
-        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-        save_config(config, run_dir / "config.yaml")
-        write_manifest(run_dir / "split.json", split, train_set.ids, d.dataset)
-
     backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
                                head_init=config.model.head_init, drop_rate=config.model.drop_rate)
+    for term in regularizers:
+        if term.needs_source_head:
+            term.attach_source_head(backbone.source_head)
     preprocessing = data_config(backbone.model, d.img_size)
     if d.crop_pct is not None:
         preprocessing["crop_pct"] = d.crop_pct
@@ -184,9 +183,19 @@ def fit(
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed)
+    # Terms adapt the model here (snapshots, copies, layer swaps): a missing source head fails before any run
+    # directory exists.
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
                        channels_last=t.channels_last)
+    datamodule.with_index = module.needs_indices
+
+    if not resume:
+        # Absolute, because Lightning reports checkpoint paths absolute.
+        run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
+        _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+        save_config(config, run_dir / "config.yaml")
+        write_manifest(run_dir / "split.json", split, train_set.ids, d.dataset)
 
     monitor, mode, selection = _SELECT[t.select]
     ckpt_dir = run_dir / "checkpoints"
@@ -202,7 +211,7 @@ def fit(
         deterministic=t.deterministic,
         logger=False,
         callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), StepLog(run_dir / "steps.csv", t.log_every_n_steps),
-                   *callbacks, last_ckpt, best_ckpt],
+                   SetupArtifacts(run_dir / "setup"), *callbacks, last_ckpt, best_ckpt],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,

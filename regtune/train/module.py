@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from regtune.models import forward_parts
-from regtune.regularizers import Criterion, Regularizer, TrainStep
+from regtune.regularizers import Criterion, Regularizer, TrainStep, capture_outputs
 from regtune.train.config import OptimConfig
 
 __all__ = ["FineTuner", "NonFiniteLossError", "lr_factor"]
@@ -79,7 +79,13 @@ class FineTuner(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        criterion.adapt_model(model)  # e.g. LM-Softmax installs its cosine head before the optimizer sees the model
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Before the optimizer sees the model: LM-Softmax installs its cosine head, L2-SP snapshots the starting
+        # weights, DELTA copies the pretrained network, StochNorm swaps the BatchNorms.
+        criterion.adapt_model(model)
+        for term in regularizers:
+            term.adapt_model(model)
         self.criterion = criterion
         self.regularizers = nn.ModuleDict(dict(zip(_unique_names(regularizers), regularizers)))
         self.optim = optim
@@ -90,8 +96,6 @@ class FineTuner(pl.LightningModule):
         self.regularizers_ready = False
         self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self._test_hits = torch.zeros(num_classes, dtype=torch.long)
         self._test_counts = torch.zeros(num_classes, dtype=torch.long)
 
@@ -131,24 +135,35 @@ class FineTuner(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return forward_parts(self.model, images)[2]
 
+    @property
+    def needs_indices(self) -> bool:
+        """Whether some term reads the samples' positions in the training subset (the data module yields them)."""
+        return any(term.needs_indices for term in self.regularizers.values())
+
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
-                      total_steps: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                      total_steps: int | None = None,
+                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One forward pass and every term of the loss, without logging (the benchmarks time exactly this).
 
         Returns:
             ``({name: term}, logits)``; the criterion's term first.
         """
-        feature_map, features, logits = forward_parts(self.model, self._layout(images))
+        images = self._layout(images)
+        wanted = list(dict.fromkeys(n for term in self.regularizers.values() for n in term.needs_feature_maps))
+        with capture_outputs(self.model, wanted) as maps:
+            feature_map, features, logits = forward_parts(self.model, images)
         record = TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=step, epoch=epoch,
-                           total_steps=total_steps, feature_maps={"last": feature_map})
+                           total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
+                           indices=indices)
         terms = {self.criterion_name: self.criterion(record)}
         for name, term in self.regularizers.items():
             terms[name] = term(record)
         return terms, logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        terms, logits = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps())
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels, *rest = batch
+        terms, logits = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps(),
+                                           indices=rest[0] if rest else None)
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         if not torch.isfinite(loss):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
@@ -171,8 +186,8 @@ class FineTuner(pl.LightningModule):
     def _total_steps(self) -> int | None:
         return self._steps_total
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
-        images, labels = batch
+    def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
         logits = self(self._layout(images))
         loss = nn.functional.cross_entropy(logits.float(), labels)
         predicted = logits.argmax(-1)

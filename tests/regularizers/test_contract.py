@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from regtune.regularizers import (
     CosineClassifier,
+    capture_outputs,
     LMSoftmax,
     TrainStep,
     UnknownNameError,
@@ -37,6 +38,7 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-1
 # Constructor kwargs per registry name (names not listed are built with their defaults).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "fmr": {"window": 4},  # meta mode (default): needs the statistics pass
+    "delta": {"layers": ["bn"], "attention_samples": 6, "attention_chunk": 3},  # TinyBackbone has no feature_info
 }
 # Extra variants beyond the default construction (the lazy (C, D) / (1, D) shapes of the pretrained priors, ...).
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
@@ -51,9 +53,18 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("adarand", {"update_prior": False}),
     ("adarand", {"intra": "l2", "inter": "cosine", "prior_schedule": "constant"}),
     ("zero_centroid", {"reduce": "sum", "squared": False}),
+    ("l2_sp", {"exclude_norm": True, "exclude_bias": True, "beta": 0.0}),
+    ("delta", {"layers": ["conv", "bn"], "attention": "uniform", "batch_reduction": "mean"}),
+    ("delta", {"layers": ["bn"], "attention": "none"}),
+    ("bss", {"k": 2}),
+    ("lwf", {"teacher": "online"}),
 ]
-# Terms whose value depends on the classifier weight only (their gradient goes to the head, not to the features).
+# Where each term's gradient goes when it is not the penultimate features: the classifier weight only, the model's
+# parameters (terms on weights or intermediate maps), or nowhere (StochNorm changes the model and adds no loss).
 USES_HEAD_ONLY = {"head_l1", "head_l2", "head_neg", "zero_centroid"}
+USES_MODEL_PARAMS = {"l2_sp", "delta"}
+ADDS_NO_LOSS = {"stochnorm"}
+SOURCE_CLASSES = 5
 
 
 
@@ -115,25 +126,40 @@ def make_loader(dtype: torch.dtype = torch.float32, batches: int = 2, batch_size
 
 
 def make_step(model: torch.nn.Module, dtype: torch.dtype, batch: int = 6, step: int = 0, epoch: int = 0,
-              seed: int = 2) -> TrainStep:
-    """Penultimate features of random images (a leaf that requires grad) and logits from the model's head."""
+              seed: int = 2, maps: tuple[str, ...] = ()) -> TrainStep:
+    """Penultimate features of random images (a leaf that requires grad) and logits from the model's head.
+
+    The images, their positions ``0..B-1`` in the loader of :func:`make_loader`, and the outputs of the modules named
+    in ``maps`` (attached to the model's parameters) come with it.
+    """
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, IMG, IMG, generator=generator, dtype=dtype)
     mode = model.training
     model.eval()
     with torch.no_grad():
         features = model.forward_head(model.forward_features(images), pre_logits=True)
+    with capture_outputs(model, maps) as feature_maps:
+        model.forward_features(images)
     model.train(mode)
     features = features.detach().clone().requires_grad_(True)
     logits = model.get_classifier()(features)
     labels = torch.arange(batch) % NUM_CLASSES
     return TrainStep(features=features, logits=logits, labels=labels, model=model, step=step, epoch=epoch,
-                     total_steps=20, feature_maps={})
+                     total_steps=20, feature_maps=dict(feature_maps), images=images, indices=torch.arange(batch))
+
+
+def step_for(term: torch.nn.Module, model: torch.nn.Module, dtype: torch.dtype, **kwargs: Any) -> TrainStep:
+    """:func:`make_step` with the feature maps that ``term`` asks for."""
+    return make_step(model, dtype, maps=term.needs_feature_maps, **kwargs)
 
 
 def build(name: str, kwargs: dict[str, Any], model: torch.nn.Module, dtype: torch.dtype,
           setup: bool = True) -> torch.nn.Module:
     term = create_regularizer(name, **kwargs)
+    if term.needs_source_head:
+        torch.manual_seed(3)
+        term.attach_source_head(nn.Linear(model.num_features, SOURCE_CLASSES))
+    term.adapt_model(model)  # as the trainer does when it is built
     if dtype != torch.float32:
         term.to(dtype)  # as the trainer does when the LightningModule is moved to the model's dtype
     if setup:
@@ -166,19 +192,27 @@ def test_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, An
     model = make_model(dtype)
     term = build(name, kwargs, model, dtype)
     for i in range(3):
-        assert_scalar(term(make_step(model, dtype, step=i, seed=10 + i)), dtype)
+        assert_scalar(term(step_for(term, model, dtype, step=i, seed=10 + i)), dtype)
 
 
 @cases("test_gradient_reaches_what_the_term_uses")
 def test_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
-    step = make_step(model, torch.float32)
+    if name in ADDS_NO_LOSS:
+        value = term(step_for(term, model, torch.float32))
+        assert value.item() == 0.0 and not value.requires_grad
+        return
+    with torch.no_grad():  # move away from the starting point that L2-SP / DELTA measure against
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    step = step_for(term, model, torch.float32)
     head = model.get_classifier()
-    head.weight.grad = None
+    head.weight.grad = model.conv.weight.grad = None
     term(step).backward()
-    target = head.weight.grad if name in USES_HEAD_ONLY else step.features.grad
-    assert target is not None, f"{name}: no gradient reached {'the head' if name in USES_HEAD_ONLY else 'features'}"
+    where = "head" if name in USES_HEAD_ONLY else "model" if name in USES_MODEL_PARAMS else "features"
+    target = {"head": head.weight.grad, "model": model.conv.weight.grad, "features": step.features.grad}[where]
+    assert target is not None, f"{name}: no gradient reached the {where}"
     assert torch.isfinite(target).all()
     assert target.abs().sum() > 0
 
@@ -193,7 +227,7 @@ def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str,
     model = make_model(dtype)
     term = build(name, kwargs, model, dtype)
     for i in range(2):  # build some running state (FMR window, AdaRand running means and Adam moments, ...)
-        term(make_step(model, dtype, step=i, seed=20 + i))
+        term(step_for(term, model, dtype, step=i, seed=20 + i))
     saved = copy.deepcopy(term.state_dict())
 
     fresh = build(name, kwargs, model, dtype, setup=False)  # not set up: lazy shapes must come from the checkpoint
@@ -203,11 +237,11 @@ def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str,
         assert loaded.shape == value.shape and loaded.dtype == value.dtype, key
         torch.testing.assert_close(loaded, value, rtol=0, atol=0, equal_nan=True, msg=key)
 
-    step = make_step(model, dtype, step=2, seed=30)
+    step = step_for(term, model, dtype, step=2, seed=30)
     torch.manual_seed(1234)
     expected = term(step)
     torch.manual_seed(1234)
-    actual = fresh(make_step(model, dtype, step=2, seed=30))
+    actual = fresh(step_for(term, model, dtype, step=2, seed=30))
     torch.testing.assert_close(actual, expected, **TOL[dtype])
     # ...and both end in the same state (e.g. the same AdaRand Adam step on mu).
     after_term, after_fresh = _tensors(term.state_dict()), _tensors(fresh.state_dict())
@@ -221,7 +255,7 @@ def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str,
 def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
-    term(make_step(model, torch.float32))
+    term(step_for(term, model, torch.float32))
     before = {k: v.dtype for k, v in _tensors(term.state_dict()).items()}
     assert term.to(torch.float64) is term
     for key, tensor in _tensors(term.state_dict()).items():
@@ -235,11 +269,11 @@ def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) ->
 def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
-    term(make_step(model, torch.float32))  # running state created in float32
+    term(step_for(term, model, torch.float32))  # running state created in float32
     term.to(torch.float64)
     model.to(torch.float64)
     for i in range(2):
-        assert_scalar(term(make_step(model, torch.float64, step=1 + i, seed=40 + i)), torch.float64)
+        assert_scalar(term(step_for(term, model, torch.float64, step=1 + i, seed=40 + i)), torch.float64)
 
 
 @cases("test_stats_are_str_to_float")
@@ -247,7 +281,7 @@ def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     assert isinstance(term.stats(), dict)  # before any forward as well
-    term(make_step(model, torch.float32))
+    term(step_for(term, model, torch.float32))
     stats = term.stats()
     assert isinstance(stats, dict)
     for key, value in stats.items():
@@ -259,14 +293,15 @@ def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
 def test_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
-    step = make_step(model, torch.float32, batch=1)
+    step = step_for(term, model, torch.float32, batch=1)
     try:
         value = term(step)
     except (ValueError, RuntimeError) as err:  # a clear error names the batch
         assert "batch" in str(err).lower(), str(err)
         return
     assert_scalar(value, torch.float32)
-    value.backward()
+    if name not in ADDS_NO_LOSS:
+        value.backward()
 
 
 @cases("test_unknown_argument_lists_valid_ones")

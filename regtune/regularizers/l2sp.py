@@ -1,0 +1,109 @@
+"""L2-SP: keep the backbone near its pretrained weights (Li, Grandvalet, Davoine, ICML 2018; methods.md §6.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from regtune.regularizers._utils import check_positive, classifier_of
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers.functional import l2_penalty, l2_sp_penalty
+
+__all__ = ["L2SP", "split_backbone_head"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
+                        exclude_bias: bool = False) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Parameter]]:
+    """``([(name, param)] of the backbone, [params] of the classifier)``, trainable ones only.
+
+    Args:
+        model: A timm-style model (``get_classifier()`` is the head; everything else is the backbone).
+        exclude_norm: Leave out the affine parameters of normalisation layers (BatchNorm, GroupNorm, LayerNorm).
+        exclude_bias: Leave out one-dimensional parameters named ``*bias``.
+    """
+    head_ids = {id(p) for p in classifier_of(model).parameters()}
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
+    backbone = []
+    for name, param in model.named_parameters():
+        if id(param) in head_ids or not param.requires_grad:
+            continue
+        if exclude_norm and id(param) in norm_ids:
+            continue
+        if exclude_bias and name.endswith("bias") and param.dim() == 1:
+            continue
+        backbone.append((name, param))
+    head = [p for p in classifier_of(model).parameters() if p.requires_grad]
+    return backbone, head
+
+
+@register_regularizer("l2_sp")
+class L2SP(Regularizer):
+    r"""L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head (methods.md §6.1).
+
+    .. math::
+
+        L = \alpha \cdot \tfrac12 \sum_{backbone} \lVert w - w^0 \rVert_2^2 + \beta \cdot \tfrac12
+        \sum_{head} \lVert w \rVert_2^2
+
+    The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update) into
+    buffers, so it is saved in checkpoints and follows ``.to()`` (TLlib keeps it in a plain dict: lost on resume,
+    left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included
+    (TLlib); BatchNorm running statistics are buffers and never count.
+
+    AMBIGUITY (methods.md §10 #14): the L2-SP paper is usually quoted with alpha = 0.1, beta = 0.01 (UNVERIFIED);
+    the defaults are TLlib's 0.01 / 0.01. TLlib trains L2-SP with weight decay 0: the optimizer's weight decay pulls
+    toward zero, against the starting point, so pass ``--weight-decay 0`` to reproduce it.
+
+    Args:
+        alpha: Weight of the starting-point term.
+        beta: Weight of the head's L2 term (0 leaves the head to the optimizer's weight decay).
+        exclude_norm: Leave normalisation layers' affine parameters out of the starting-point term.
+        exclude_bias: Leave biases out of the starting-point term.
+
+    Reduction:
+        Sums over all entries (the term does not depend on the batch).
+    """
+
+    def __init__(self, alpha: float = 0.01, beta: float = 0.01, exclude_norm: bool = False,
+                 exclude_bias: bool = False) -> None:
+        super().__init__()
+        check_positive("alpha", alpha)
+        check_positive("beta", beta)
+        self.alpha = alpha
+        self.beta = beta
+        self.exclude_norm = exclude_norm
+        self.exclude_bias = exclude_bias
+        self._names: list[str] = []
+        self._params: list[nn.Parameter] = []  # plain list: the model owns them, they are not this term's parameters
+        self._head: list[nn.Parameter] = []
+        self._last: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _buffer_name(name: str) -> str:
+        return "anchor__" + name.replace(".", "__")
+
+    def adapt_model(self, model: nn.Module) -> None:
+        backbone, self._head = split_backbone_head(model, self.exclude_norm, self.exclude_bias)
+        if not backbone:
+            raise ValueError("L2-SP found no trainable backbone parameter")
+        self._names = [name for name, _ in backbone]
+        self._params = [param for _, param in backbone]
+        for name, param in backbone:
+            self.register_buffer(self._buffer_name(name), param.detach().clone())
+
+    def anchors(self) -> list[torch.Tensor]:
+        """The starting values w0, in the order of the backbone parameters."""
+        return [getattr(self, self._buffer_name(name)) for name in self._names]
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        if not self._params:
+            raise RuntimeError("L2SP.adapt_model(model) must run before the first forward (the trainer does it)")
+        sp = l2_sp_penalty(self._params, self.anchors())
+        head = l2_penalty(self._head) if self.beta > 0 and self._head else sp.new_zeros(())
+        self._last = {"sp": sp.detach(), "head": head.detach()}
+        return (self.alpha * sp + self.beta * head).to(step.features.dtype)
+
+    def stats(self) -> dict[str, float]:
+        return {key: float(value) for key, value in self._last.items()}

@@ -1,0 +1,128 @@
+"""LwF: distil the pretrained source head's predictions into the fine-tuned network (methods.md §6.7)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from regtune.regularizers._utils import LazyShapeMixin, check_choice, check_positive, model_device, penultimate
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers.cotuning import trainable_source_head
+from regtune.regularizers.functional import distillation_loss
+
+__all__ = ["LearningWithoutForgetting"]
+
+
+@register_regularizer("lwf")
+class LearningWithoutForgetting(LazyShapeMixin, Regularizer):
+    r"""Learning without Forgetting: keep the source head's tempered predictions close to the pretrained model's.
+
+    .. math::
+
+        L = \lambda \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(g_0(f^0(x_b)) / T) \,\Vert\,
+        \mathrm{softmax}(g(f(x_b)) / T)\big)
+
+    Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4,
+    T = 3. g is a trainable copy of the pretrained source head on the fine-tuned features (backbone learning rate);
+    the teacher g0(f0(x)) is the pretrained model's source output.
+
+    Teacher (``teacher``):
+
+    - ``"cached"`` (default; TLlib's protocol, cost-free per step): computed once by :meth:`setup` for every
+      training image and looked up by its index. TLlib records them under ONE random training augmentation (methods.md
+      §6.9); regtune uses the deterministic evaluation view, so the stored target does not depend on a random draw.
+    - ``"online"``: a frozen copy of the pretrained network runs on each augmented batch, so teacher and student see
+      the same view (exact; one extra forward pass per step).
+
+    Args:
+        weight: lambda (TLlib 4).
+        temperature: T (TLlib 3).
+        teacher: ``"cached"`` or ``"online"``.
+        source_head: The source classifier; ``None`` takes the backbone's pretrained one (the trainer attaches it).
+
+    Shape:
+        step.features (B, D), step.indices (B,) (cached) or step.images (online) -> scalar.
+    """
+
+    needs_source_head = True
+
+    def __init__(self, weight: float = 4.0, temperature: float = 3.0, teacher: str = "cached",
+                 source_head: nn.Module | None = None) -> None:
+        super().__init__()
+        check_positive("weight", weight)
+        check_positive("temperature", temperature, allow_zero=False)
+        check_choice("teacher", teacher, ("cached", "online"))
+        self.weight = weight
+        self.temperature = temperature
+        self.teacher = teacher
+        self.needs_indices = teacher == "cached"
+        self.needs_setup_pass = teacher == "cached"
+        self._given_head = source_head
+        self.source_head: nn.Module | None = None
+        self.frozen: nn.Module | None = None  # online teacher: pretrained model, its head swapped for the source head
+        self.register_buffer("teacher_logits", torch.zeros(0, 0))
+        self._value: torch.Tensor | None = None
+
+    def attach_source_head(self, head: nn.Module | None) -> None:
+        if self._given_head is None:
+            self._given_head = head
+
+    def adapt_model(self, model: nn.Module) -> None:
+        self.source_head = trainable_source_head(self._given_head, "lwf")
+        if self.teacher == "online":
+            frozen = nn.ModuleDict({"model": copy.deepcopy(model), "head": copy.deepcopy(self.source_head)})
+            self.frozen = frozen.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "LearningWithoutForgetting":
+        super().train(mode)
+        if self.frozen is not None:
+            self.frozen.eval()
+        return self
+
+    def _teacher(self, model: nn.Module, head: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features, _ = penultimate(model, images)
+            return head(features)
+
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        if self.source_head is None:
+            raise RuntimeError("LwF.adapt_model(model) must run before setup (the trainer does it)")
+        if self.teacher != "cached":
+            return
+        if loader is None:
+            raise ValueError("LwF's cached teacher needs the training loader")
+        device = model_device(model)
+        mode = model.training
+        model.eval()
+        try:
+            logits = [self._teacher(model, self.source_head, images.to(device)) for images, *_ in loader]
+        finally:
+            model.train(mode)
+        self.teacher_logits = torch.cat(logits).to(self.teacher_logits.device, self.teacher_logits.dtype)
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        if self.source_head is None:
+            raise RuntimeError("LwF.adapt_model(model) must run before the first forward (the trainer does it)")
+        if self.teacher == "cached":
+            if self.teacher_logits.numel() == 0:
+                raise RuntimeError("LwF's teacher outputs are not computed: call setup(model, loader) first")
+            if step.indices is None:
+                raise ValueError("LwF (teacher='cached') needs step.indices, the position of each sample in the "
+                                 "training subset")
+            teacher = self.teacher_logits[step.indices.to(self.teacher_logits.device)]
+        else:
+            if step.images is None:
+                raise ValueError("LwF (teacher='online') needs step.images")
+            assert self.frozen is not None
+            teacher = self._teacher(self.frozen["model"], self.frozen["head"], step.images)
+        value = distillation_loss(self.source_head(step.features), teacher.to(step.features.device),
+                                  self.temperature)
+        self._value = value.detach()
+        return self.weight * value
+
+    def stats(self) -> dict[str, float]:
+        return {} if self._value is None else {"kl": float(self._value)}
+

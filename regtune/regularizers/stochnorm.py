@@ -1,0 +1,100 @@
+"""StochNorm: BatchNorm that mixes moving and batch statistics per channel at random (methods.md §6.5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
+from regtune.regularizers.functional import stochastic_batch_norm
+
+__all__ = ["StochNorm", "convert_stochnorm", "StochNormMixin"]
+
+
+class StochNormMixin:
+    """Training-mode forward of a BatchNorm with StochNorm's per-channel branch choice (eval mode: plain BN).
+
+    Mixed into the class of an existing BatchNorm instance by :func:`convert_stochnorm`, so parameter and buffer
+    names, the state dict and the module tree stay those of the original model (a StochNorm checkpoint loads into
+    the plain model). timm's ``BatchNormAct2d`` keeps its dropout and activation after the normalisation.
+    """
+
+    stochnorm_p: float = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats or self.running_mean is None:
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        mask = torch.bernoulli(torch.full((x.shape[1],), self.stochnorm_p, device=x.device))
+        y = stochastic_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, mask, momentum,
+                                  self.eps)
+        if hasattr(self, "act"):  # timm's BatchNormAct2d: norm -> drop -> act
+            y = self.act(self.drop(y))
+        return y
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _stoch_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Stoch{cls.__name__}", (StochNormMixin, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def convert_stochnorm(model: nn.Module, p: float = 0.5) -> int:
+    """Turn every BatchNorm of ``model`` into StochNorm with branch probability ``p``, in place.
+
+    Returns:
+        The number of converted layers (already converted ones get the new ``p`` and count too).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not isinstance(module, StochNormMixin):
+                module.__class__ = _stoch_class(type(module))
+            module.stochnorm_p = p
+            count += 1
+    return count
+
+
+@register_regularizer("stochnorm")
+class StochNorm(Regularizer):
+    r"""StochNorm (Kou, You, Long, Wang, NeurIPS 2020): every BatchNorm of the model becomes stochastic.
+
+    In training mode each channel picks, independently per forward pass with probability ``p``, the batch statistics
+    (which also update the moving averages) or the moving statistics of the pretrained model:
+
+    .. math::
+
+        y = \gamma \big((1 - s) \hat x_{moving} + s\,\hat x_{batch}\big) + \beta, \qquad s_c \sim
+        \mathrm{Bernoulli}(p)
+
+    Eval mode is ordinary BatchNorm. The mask is drawn with torch's seeded generator on the layer's device (TLlib
+    draws it with numpy, unseeded, and moves it with ``.cuda()``). It changes the model and adds no loss: the term's
+    value is 0.
+
+    Args:
+        p: Probability of the batch-statistics branch (TLlib ``--prob`` 0.5).
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+        self._converted = 0
+
+    def adapt_model(self, model: nn.Module) -> None:
+        self._converted = convert_stochnorm(model, self.p)
+        if self._converted == 0:
+            raise ValueError(f"StochNorm found no BatchNorm layer in {type(model).__name__}")
+
+    def forward(self, step: TrainStep) -> torch.Tensor:
+        return step.features.new_zeros(())
+
+    def stats(self) -> dict[str, float]:
+        return {"layers": float(self._converted), "p": float(self.p)}
