@@ -1,6 +1,7 @@
-"""Per-step overhead of every seed method against plain fine-tuning (regtune.bench.overhead).
+"""Per-step overhead and peak memory of each method against plain fine-tuning (regtune.bench.overhead).
 
     python benchmarks/overhead.py --out benchmarks/results/overhead_cpu.md
+    python benchmarks/overhead.py --methods transfer --memory --out benchmarks/results/overhead_transfer_cpu.md
     python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 --out benchmarks/results/overhead_cuda.md
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from regtune.bench.overhead import SEED_METHODS, measure_overhead, overhead_table
+from regtune.bench.overhead import METHOD_SETS, measure_overhead, measure_peak_rss, overhead_table
 
 
 def main() -> None:
@@ -25,15 +26,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", choices=sorted(METHOD_SETS), default="seed",
+                        help="seed: FMR, AdaRand, RandReg, FNP, MaxEnt, head penalties, margins; transfer: L2-SP, "
+                             "DELTA, BSS, Co-Tuning, LwF, StochNorm")
+    parser.add_argument("--memory", action="store_true",
+                        help="on CPU, also the peak resident memory of each method in its own process")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[overhead] %(message)s")
-    results = measure_overhead(SEED_METHODS, backbone=args.backbone, img_size=args.img_size,
+    methods = METHOD_SETS[args.methods]
+    results = measure_overhead(methods, backbone=args.backbone, img_size=args.img_size,
                                batch_size=args.batch_size, steps=args.steps, rounds=args.rounds, device=args.device)
+    rss = None
+    if args.memory and args.device == "cpu":
+        rss = measure_peak_rss(methods, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     header = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
               f"interleaved rounds; {device}; torch {torch.__version__}; {platform.node()}\n\n")
-    table = header + overhead_table(results)
+    table = header + overhead_table(results, rss)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,13 @@ CUDA the peak memory of each method's steps is measured too (on CPU PyTorch expo
 
 from __future__ import annotations
 
-import copy
+import ctypes
 import logging
+import multiprocessing
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -23,7 +24,8 @@ from regtune.regularizers import create_criterion, create_regularizer
 from regtune.train.config import OptimConfig, TermSpec
 from regtune.train.module import FineTuner
 
-__all__ = ["Method", "OverheadResult", "measure_overhead", "overhead_table", "SEED_METHODS"]
+__all__ = ["Method", "OverheadResult", "measure_overhead", "measure_peak_rss", "overhead_table", "SEED_METHODS",
+           "TRANSFER_METHODS", "METHOD_SETS"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +52,20 @@ SEED_METHODS: tuple[Method, ...] = (
     Method("lm_softmax", (), TermSpec("lm_softmax")),
     Method("sample_margin", (TermSpec("sample_margin"),)),
 )
+
+TRANSFER_METHODS: tuple[Method, ...] = (
+    Method("ft"),
+    Method("l2_sp", (TermSpec("l2_sp"),)),
+    Method("delta", (TermSpec("delta"),)),
+    Method("delta-uniform", (TermSpec("delta", {"attention": "uniform"}),)),
+    Method("bss", (TermSpec("bss"),)),
+    Method("co_tuning", (TermSpec("co_tuning"),)),
+    Method("lwf", (TermSpec("lwf"),)),
+    Method("lwf-online", (TermSpec("lwf", {"teacher": "online"}),)),
+    Method("stochnorm", (TermSpec("stochnorm"),)),
+)
+
+METHOD_SETS = {"seed": SEED_METHODS, "transfer": TRANSFER_METHODS}
 
 
 @dataclass
@@ -102,42 +118,20 @@ def measure_overhead(
     """
     torch.manual_seed(seed)
     dev = torch.device(device)
-    base = create_backbone(backbone, num_classes, pretrained=pretrained).model
-    images = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-    labels = torch.arange(batch_size) % num_classes
-    setup_images = torch.randn(2 * num_classes, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-    batches = [(setup_images, torch.arange(2 * num_classes) % num_classes)]  # setup passes see every class
-    runners = []
-    for method in methods:
-        module = FineTuner(copy.deepcopy(base), create_criterion(method.criterion.name, **method.criterion.args),
-                           [create_regularizer(r.name, **r.args) for r in method.regularizers], OptimConfig(),
-                           num_classes, setup_loader=lambda: batches, train_loader=lambda: batches).to(dev)
-        module.train()
-        module.on_fit_start()
-        optimizer = torch.optim.SGD(module._param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
-        runners.append((method, module, optimizer))
-    x, y = images.to(dev), labels.to(dev)
-
-    def run(module: FineTuner, optimizer: torch.optim.Optimizer, count: int) -> None:
-        for i in range(count):
-            terms, _ = module.compute_terms(x, y, step=i, epoch=1, total_steps=10_000)
-            loss = torch.stack([t.float() for t in terms.values()]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    for _, module, optimizer in runners:
-        run(module, optimizer, warmup)
+    runners = [_build_runner(method, backbone, pretrained, num_classes, img_size, batch_size, dev, seed)
+               for method in methods]
+    for _, module, optimizer, data in runners:
+        _steps(module, optimizer, *data, warmup)
     _sync(dev)
     times: dict[str, list[float]] = {m.label: [] for m in methods}
     peaks: dict[str, float] = {}
     for r in range(rounds):
-        for method, module, optimizer in runners:
+        for method, module, optimizer, data in runners:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             _sync(dev)
             start = time.perf_counter()
-            run(module, optimizer, steps)
+            _steps(module, optimizer, *data, steps)
             _sync(dev)
             times[method.label].append(1000 * (time.perf_counter() - start) / steps)
             if dev.type == "cuda":
@@ -157,13 +151,114 @@ def measure_overhead(
     return results
 
 
-def overhead_table(results: Sequence[OverheadResult]) -> str:
-    """Markdown table of :func:`measure_overhead`'s results."""
-    lines = ["| method | ms / step (median) | x plain FT (paired median) | rounds (ms) | peak MiB | x plain FT |",
-             "|---|---:|---:|---|---:|---:|"]
+def _build_runner(method: Method, backbone: str, pretrained: str, num_classes: int, img_size: int, batch_size: int,
+                  device: torch.device, seed: int) -> tuple:
+    """A FineTuner for ``method`` on a fresh copy of the backbone, set up, with its optimizer and the fixed batch."""
+    torch.manual_seed(seed)
+    built = create_backbone(backbone, num_classes, pretrained=pretrained)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(batch_size) % num_classes
+    count = max(2 * num_classes, batch_size)  # set-up passes see every class; LwF caches one output per image
+    setup_images = torch.randn(count, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed + 1))
+    batches = [(setup_images, torch.arange(count) % num_classes)]
+    terms = [create_regularizer(r.name, **r.args) for r in method.regularizers]
+    for term in terms:
+        if term.needs_source_head:
+            term.attach_source_head(built.source_head)
+    module = FineTuner(built.model, create_criterion(method.criterion.name, **method.criterion.args), terms,
+                       OptimConfig(), num_classes, setup_loader=lambda: batches, train_loader=lambda: batches).to(device)
+    module.train()
+    module.on_fit_start()
+    optimizer = torch.optim.SGD(module._param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
+    indices = torch.arange(batch_size).to(device) if module.needs_indices else None
+    return method, module, optimizer, (images.to(device), labels.to(device), indices)
+
+
+def _steps(module: FineTuner, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+           indices: torch.Tensor | None, count: int) -> None:
+    for i in range(count):
+        terms, _ = module.compute_terms(x, y, step=i, epoch=1, total_steps=10_000, indices=indices)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_rss_child(queue: Any, method: Method, kwargs: dict[str, Any], steps: int) -> None:
+    try:
+        _, module, optimizer, (x, y, indices) = _build_runner(method, device=torch.device("cpu"), **kwargs)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by the set-up back, so training must re-grow it
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
+        before = _status_kib("VmRSS")
+        _steps(module, optimizer, x, y, indices, steps)
+        queue.put((before / 1024, _status_kib("VmHWM") / 1024))
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        queue.put(err)
+
+
+def measure_peak_rss(
+        methods: Sequence[Method] = SEED_METHODS,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: str = "auto",
+        num_classes: int = 10,
+        img_size: int = 128,
+        batch_size: int = 32,
+        steps: int = 3,
+        seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Memory that ``steps`` training steps of each method add on top of the built, set-up model (MiB), on CPU.
+
+    The CPU counterpart of CUDA's peak-allocation counter (PyTorch keeps none on the CPU): each method runs alone in
+    a spawned child process, which builds the model and runs the regularizers' set-up, then resets the kernel's
+    peak-RSS mark (``/proc/self/clear_refs``) after returning freed heap to the system (``malloc_trim``), trains, and reports ``VmHWM - VmRSS_before``: the peak of gradients,
+    optimizer state, activations and whatever the terms add (DELTA's source forward, LwF's teacher), without the
+    interpreter, torch and the model itself. Linux with glibc only.
+
+    Returns:
+        ``{label: (rss_before_mib, peak_increase_mib)}``.
+    """
+    context = multiprocessing.get_context("spawn")
+    kwargs = dict(backbone=backbone, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                  batch_size=batch_size, seed=seed)
+    peaks = {}
+    for method in methods:
+        queue = context.Queue()
+        child = context.Process(target=_peak_rss_child, args=(queue, method, kwargs, steps))
+        child.start()
+        result = queue.get()
+        child.join()
+        if isinstance(result, Exception):
+            raise RuntimeError(f"peak-memory run of {method.label} failed: {result}") from result
+        before, peak = result
+        peaks[method.label] = (before, peak - before)
+        _log.info("%s: %.0f MiB resident before training, peak +%.0f MiB while training", method.label, before,
+                  peak - before)
+    return peaks
+
+
+def overhead_table(results: Sequence[OverheadResult], peak_rss: dict[str, tuple[float, float]] | None = None) -> str:
+    """Markdown table of :func:`measure_overhead`'s results (and :func:`measure_peak_rss`'s, when given)."""
+    rss_head = " RSS before (MiB) | training peak + MiB | x plain FT |" if peak_rss else ""
+    lines = ["| method | ms / step (median) | x plain FT (paired median) | rounds (ms) | CUDA peak MiB | x plain FT |"
+             + rss_head,
+             "|---|---:|---:|---|---:|---:|" + ("---:|---:|---:|" if peak_rss else "")]
+    base_rss = peak_rss.get(results[0].label) if peak_rss else None
     for r in results:
-        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a (CPU)"
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
         mem = f"{r.mem_ratio:.3f}" if r.mem_ratio is not None else "n/a"
         rounds = " ".join(f"{t:.0f}" for t in r.rounds_ms)
-        lines.append(f"| {r.label} | {r.ms_per_step:.1f} | {r.ratio:.3f} | {rounds} | {peak} | {mem} |")
+        line = f"| {r.label} | {r.ms_per_step:.1f} | {r.ratio:.3f} | {rounds} | {peak} | {mem} |"
+        if peak_rss and r.label in peak_rss and base_rss:
+            before, increase = peak_rss[r.label]
+            line += f" {before:.0f} | {increase:.0f} | {increase / base_rss[1]:.3f} |"
+        lines.append(line)
     return "\n".join(lines)

@@ -32,7 +32,8 @@ def feature_layers(model: nn.Module, layers: Sequence[int | str] | None = None, 
         model: A timm model (its ``feature_info`` lists the stage outputs: ``layer1..4`` of a ResNet, ``blocks.i``
             of an EfficientNet or a ViT) or any module when ``layers`` holds names.
         layers: Indices into ``feature_info`` (negative from the end) or module names (``model.get_submodule``
-            paths, e.g. ``"layer4.2.conv3"``); ``None`` takes the ``last`` entries of ``feature_info``.
+            paths, e.g. ``"layer4.2.conv3"``; one name alone may be a plain string); ``None`` takes the ``last``
+            entries of ``feature_info``.
         last: How many of the deepest ``feature_info`` entries ``layers=None`` takes.
 
     Returns:
@@ -46,9 +47,16 @@ def feature_layers(model: nn.Module, layers: Sequence[int | str] | None = None, 
         if not info:
             raise ValueError(f"{type(model).__name__} has no feature_info to choose layers from; pass layers=[module "
                              "names] (e.g. the outputs of its stages)")
+        if isinstance(last, bool) or not 1 <= last <= len(info):
+            raise ValueError(f"last must be between 1 and the {len(info)} feature_info entries "
+                             f"{[e['module'] for e in info]}, got {last}")
         return [entry["module"] for entry in info[-last:]]
+    if isinstance(layers, str):
+        layers = [layers]
     names: list[str] = []
     for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, str)) or layer == "":
+            raise ValueError(f"a layer is a feature_info index or a non-empty module name, got {layer!r}")
         if isinstance(layer, int):
             if not info:
                 raise ValueError(f"{type(model).__name__} has no feature_info; layers must be module names, got "
