@@ -47,11 +47,26 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"a=1,b=[x,y]"`` -> ``["a=1", "b=[x,y]"]``."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item for item in items if item]
+
+
 def parse_term(text: str) -> dict[str, Any]:
-    """``"name:key=value,key2=value2"`` -> ``{"name": ..., "args": {...}}`` (values parsed as YAML scalars)."""
+    """``"name:key=value,key2=[a,b]"`` -> ``{"name": ..., "args": {...}}`` (values parsed as YAML: numbers, lists)."""
     name, _, rest = text.partition(":")
     args: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in _split_top_level(rest):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected key=value in {text!r}, got {item!r}")

@@ -98,3 +98,6 @@ def test_parse_term() -> None:
     assert parse_term("fmr:beta=50,mode=provided,lambda_max=null") == {
         "name": "fmr", "args": {"beta": 50, "mode": "provided", "lambda_max": None}}
     assert parse_term("ce") == {"name": "ce", "args": {}}
+    # lists keep their commas: DELTA's layers
+    assert parse_term("delta:layers=[layer1.2.conv3,layer4.2.conv3],alpha=0.1,layers2=[-1]") == {
+        "name": "delta", "args": {"layers": ["layer1.2.conv3", "layer4.2.conv3"], "alpha": 0.1, "layers2": [-1]}}
