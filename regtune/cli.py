@@ -94,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (key, kind, text) in _FLAGS.items():
         fit.add_argument(flag, type=str if key == "criterion" else kind, default=None, help=f"{text} [{key}]")
 
+    bench = sub.add_parser("bench", help="run a grid of methods x datasets x fractions x seeds and report it",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("grid", type=Path, help="grid YAML (see benchmarks/*.yaml)")
+    bench.add_argument("--out", type=Path, help="output folder (default: the grid's 'out' or runs/bench/<name>)")
+    bench.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    bench.add_argument("--report-only", action="store_true", help="aggregate the finished runs, run nothing")
+    bench.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
+    bench.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
+
+    report = sub.add_parser("report", help="aggregate finished run directories into tables and plots",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    report.add_argument("run_dirs", type=Path, nargs="+", help="run directories (or folders holding them)")
+    report.add_argument("--out", type=Path, required=True, help="where summary.md, CSVs and plots go")
+    report.add_argument("--baseline", default="ft", help="method the paired differences are taken against")
+    report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
+    report.add_argument("--title", default="", help="heading of summary.md")
+
     lst = sub.add_parser("list", help="list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
     return parser
@@ -172,6 +189,40 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from regtune.bench.aggregate import collect_grid, write_report
+    from regtune.bench.grid import load_grid, run_grid
+
+    grid = load_grid(args.grid, out=args.out)
+    if not args.report_only:
+        counts = run_grid(grid, stop_on_error=args.stop_on_error, dry_run=args.dry_run)
+        print(f"{counts['total']} runs: {counts['done_before']} finished before, {counts['ran']} ran, "
+              f"{counts['resumed']} resumed, {counts['failed']} failed")
+        if args.dry_run:
+            return 0
+    paths = write_report(collect_grid(grid), grid.out / "report", baseline=grid.baseline, ci=args.ci,
+                         title=grid.name)
+    print((grid.out / "report" / "summary.md").read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 1 if not args.report_only and counts["failed"] else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from regtune.bench.aggregate import collect_runs, write_report
+
+    dirs = []
+    for path in args.run_dirs:
+        dirs += [p.parent for p in sorted(path.rglob("metrics.json"))] if not (path / "metrics.json").is_file() \
+            else [path]
+    records = collect_runs(dirs)
+    if not records:
+        raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(map(str, args.run_dirs))}")
+    paths = write_report(records, args.out, baseline=args.baseline, ci=args.ci, title=args.title)
+    print(paths["summary_md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "datasets":
         from regtune.data.datasets import list_datasets
@@ -198,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fit":
             return _cmd_fit(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        if args.command == "report":
+            return _cmd_report(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -170,6 +170,12 @@ def fit(
         split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction,
                                  per_class=d.per_class, val_fraction=d.val_fraction, seed=t.seed,
                                  class_names=train_set.classes)
+    if t.select in ("val_acc", "val_loss") and not split.val:
+        raise ValueError(
+            f"selection by {t.select} needs a validation split, but val_fraction={d.val_fraction} holds out no image "
+            f"of the {len(split.train)} training images (at most floor(val_fraction x images of a class) per class). "
+            "Raise data.val_fraction, use more data, or --select last."
+        )
     backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
                                head_init=config.model.head_init, drop_rate=config.model.drop_rate)
     for term in regularizers:

@@ -12,10 +12,10 @@ import torch
 from regtune.regularizers import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers import base as reg_base
 from regtune.train.callbacks import read_epoch_log
-from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TermSpec, TrainerConfig
+from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TermSpec, TrainerConfig, apply_overrides
 from regtune.train.fit import RunDirError, fit
 from regtune.train.module import NonFiniteLossError
-from tests.conftest import TINY_BACKBONE
+from tests.conftest import TINY_BACKBONE, write_imagefolder
 
 COMPARED = ("test_acc", "test_loss", "selected_epoch", "best_val")
 
@@ -171,3 +171,13 @@ def test_paper_selection_is_labelled(imagefolder: Path, tmp_path: Path) -> None:
     metrics = fit(config, run_dir=tmp_path / "run").metrics
     assert metrics["selection"] == "test_acc" and "TEST" in metrics["selection_note"]
     assert metrics["best_val"] == pytest.approx(metrics["test_acc"])  # the test set chose the checkpoint
+
+
+def test_empty_validation_split_is_an_error_not_a_silent_fallback(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2)
+    config = apply_overrides(tiny_config(root, epochs=1), {"data.val_fraction": 0.2})  # floor(0.2 x 4) = 0 per class
+    with pytest.raises(ValueError, match="needs a validation split"):
+        fit(config, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert fit(apply_overrides(config, {"trainer.select": "last"}), run_dir=tmp_path / "run").metrics["selection"] \
+        == "last"

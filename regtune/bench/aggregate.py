@@ -1,0 +1,236 @@
+"""Benchmark results -> per-run CSV, per-cell summary (CSV, Markdown) with paired differences, and plots.
+
+A *cell* is one point of the grid without the seed (dataset, fraction, any other axis); a cell's runs of one method
+are its seeds. Paired differences compare a method with the baseline on the same split and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from regtune.bench.grid import Grid, expand
+from regtune.bench.stats import PairedDifference, mean_std, paired_difference
+
+__all__ = ["RunRecord", "CellSummary", "collect_grid", "collect_runs", "summarize", "markdown_report",
+           "write_report", "method_label"]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run: which method, which cell, which seed, its metrics."""
+
+    method: str
+    cell: tuple[tuple[str, Any], ...]
+    seed: int
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class CellSummary:
+    """A method in a cell over its seeds."""
+
+    method: str
+    cell: tuple[tuple[str, Any], ...]
+    values: dict[int, float]  # seed -> metric
+    mean: float
+    std: float
+    difference: PairedDifference | None  # against the baseline, on the seeds both have
+
+
+def cell_label(cell: Sequence[tuple[str, Any]]) -> str:
+    """``(("data.dataset", "cub200"), ("data.fraction", 0.15))`` -> ``"cub200 15%"``."""
+    parts = []
+    for key, value in cell:
+        if key == "data.dataset":
+            parts.insert(0, str(value))
+        elif key == "data.fraction":
+            parts.append(f"{100 * float(value):g}%")
+        elif key == "data.per_class":
+            parts.append(f"{value}/class")
+        else:
+            parts.append(f"{key.split('.')[-1]}={value}")
+    return " ".join(parts) or "all"
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect_grid(grid: Grid) -> list[RunRecord]:
+    """The finished runs of a grid (unfinished ones are left out, so a partial grid can be reported)."""
+    records = []
+    for run in expand(grid):
+        metrics = _read_metrics(run.run_dir)
+        if metrics is not None:
+            records.append(RunRecord(run.method, tuple(run.cell.items()), run.seed, metrics, run.run_dir))
+    return records
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """A method's name from a run's config: criterion (if not ``ce``) and regularizers with their arguments."""
+    parts = []
+    criterion = config.get("criterion") or {"name": "ce"}
+    if criterion.get("name", "ce") != "ce" or criterion.get("args"):
+        parts.append(_term_label(criterion))
+    parts += [_term_label(term) for term in config.get("regularizers") or []]
+    return "+".join(parts) or "ft"
+
+
+def _term_label(term: dict[str, Any]) -> str:
+    args = term.get("args") or {}
+    inner = ",".join(f"{k}={v}" for k, v in sorted(args.items()))
+    return f"{term['name']}({inner})" if inner else term["name"]
+
+
+def collect_runs(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
+    """Finished runs from any run directories; the method is named from each run's config.
+
+    The cell is the dataset with its fraction (or images per class); runs that differ in other settings but share
+    a method name are flagged by :func:`summarize` through duplicate seeds.
+    """
+    records = []
+    for run_dir in map(Path, run_dirs):
+        metrics = _read_metrics(run_dir)
+        if metrics is None or not (run_dir / "config.yaml").is_file():
+            continue
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        data = config["data"]
+        cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
+        cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None
+                    else ("data.per_class", data["per_class"]))
+        records.append(RunRecord(method_label(config), tuple(cell), int(config["trainer"]["seed"]), metrics, run_dir))
+    return records
+
+
+def summarize(records: Sequence[RunRecord], baseline: str = "ft", metric: str = "test_acc", ci: str = "t",
+              confidence: float = 0.95) -> list[CellSummary]:
+    """Mean ± std per (method, cell), and the paired difference to ``baseline`` over the seeds both have.
+
+    Raises:
+        ValueError: two runs of the same method, cell and seed (ambiguous pairing).
+    """
+    table: dict[tuple[str, tuple], dict[int, float]] = {}
+    for record in records:
+        values = table.setdefault((record.method, record.cell), {})
+        if record.seed in values:
+            raise ValueError(f"two runs of {record.method} in {cell_label(record.cell)} with seed {record.seed} "
+                             f"(one is {record.run_dir}); give each method one run per seed")
+        values[record.seed] = 100.0 * float(record.metrics[metric]) if metric.endswith("acc") else \
+            float(record.metrics[metric])
+    summaries = []
+    for (method, cell), values in table.items():
+        mean, std = mean_std(list(values.values()))
+        base = table.get((baseline, cell))
+        difference = None
+        if base is not None and method != baseline:
+            seeds = sorted(set(values) & set(base))
+            if seeds:
+                difference = paired_difference([values[s] for s in seeds], [base[s] for s in seeds],
+                                               confidence=confidence, ci=ci)
+        summaries.append(CellSummary(method, cell, values, mean, std, difference))
+    return summaries
+
+
+def _orders(summaries: Sequence[CellSummary], baseline: str) -> tuple[list[str], list[tuple]]:
+    methods: list[str] = []
+    cells: list[tuple] = []
+    for s in summaries:
+        if s.method not in methods:
+            methods.append(s.method)
+        if s.cell not in cells:
+            cells.append(s.cell)
+    if baseline in methods:
+        methods.remove(baseline)
+        methods.insert(0, baseline)
+    return methods, cells
+
+
+def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metric: str = "test_acc",
+                    confidence: float = 0.95) -> str:
+    """Two tables: mean ± std (best mean per column in bold) and paired differences with their interval."""
+    if not summaries:
+        return "(no finished runs)\n"
+    methods, cells = _orders(summaries, baseline)
+    index = {(s.method, s.cell): s for s in summaries}
+    unit = " (%)" if metric.endswith("acc") else ""
+    header = "| method | " + " | ".join(cell_label(c) for c in cells) + " |"
+    rule = "|---|" + "---:|" * len(cells)
+    lines = [f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold.", "", header, rule]
+    best = {c: max((s.mean for s in summaries if s.cell == c), default=math.nan) for c in cells}
+    for method in methods:
+        row = []
+        for c in cells:
+            s = index.get((method, c))
+            if s is None:
+                row.append("—")
+                continue
+            text = f"{s.mean:.2f} ± {s.std:.2f} ({len(s.values)})"
+            row.append(f"**{text}**" if s.mean == best[c] else text)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    kinds = {s.difference.method for s in summaries if s.difference is not None}
+    how = {"t": "paired t over seeds", "bootstrap": "percentile bootstrap over seeds"}
+    lines += ["", f"**Paired difference to {baseline}** (points; same split and seed), mean "
+                  f"[{100 * confidence:g} % CI, {', '.join(how[k] for k in sorted(kinds)) or '-'}]; "
+                  "▲ = interval above zero, ▼ = below zero.", "", header, rule]
+    for method in methods:
+        if method == baseline:
+            continue
+        row = []
+        for c in cells:
+            s = index.get((method, c))
+            d = s.difference if s is not None else None
+            if d is None:
+                row.append("—")
+            elif d.n < 2:
+                row.append(f"{d.mean:+.2f} (1 seed)")
+            else:
+                mark = " ▲" if d.above_zero else " ▼" if d.below_zero else ""
+                row.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{mark}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: str = "ft", metric: str = "test_acc",
+                 ci: str = "t", title: str = "") -> dict[str, Path]:
+    """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md`` and the plots into ``out_dir``."""
+    from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
+    with paths["results"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "cell", "seed", "test_acc", "test_mean_class_acc", "best_val", "selected_epoch",
+                         "wall_time_s", "run_dir"])
+        for r in sorted(records, key=lambda r: (cell_label(r.cell), r.method, r.seed)):
+            m = r.metrics
+            writer.writerow([r.method, cell_label(r.cell), r.seed, m.get("test_acc"), m.get("test_mean_class_acc"),
+                             m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), str(r.run_dir)])
+    summaries = summarize(records, baseline, metric, ci)
+    with paths["summary_csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "cell", "n", "mean", "std", "diff_mean", "diff_low", "diff_high", "diff_ci",
+                         "seeds"])
+        for s in summaries:
+            d = s.difference
+            writer.writerow([s.method, cell_label(s.cell), len(s.values), f"{s.mean:.4f}", f"{s.std:.4f}",
+                             f"{d.mean:.4f}" if d else "", f"{d.low:.4f}" if d else "", f"{d.high:.4f}" if d else "",
+                             d.method if d else "", " ".join(map(str, sorted(s.values)))])
+    text = (f"# {title}\n\n" if title else "") + markdown_report(summaries, baseline, metric)
+    paths["summary_md"].write_text(text)
+    accuracy = plot_accuracy_vs_fraction(summaries, out / "accuracy.png", baseline=baseline, metric=metric)
+    if accuracy is not None:
+        paths["accuracy_png"] = accuracy
+    forest = plot_paired_differences(summaries, out / "paired_differences.png", baseline=baseline)
+    if forest is not None:
+        paths["forest_png"] = forest
+    return paths

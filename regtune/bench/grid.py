@@ -1,0 +1,301 @@
+"""Benchmark grids: methods x datasets x fractions x seeds (x any config field), run, skipped when done, resumed.
+
+A grid file (YAML)::
+
+    name: fmnist-quick                  # output folder name (default: the file's stem)
+    out: runs/bench/fmnist-quick        # optional; default runs/bench/<name>
+    base:                               # partial fit config applied to every run (as ``regtune fit --config``)
+      data: {dataset: fashion_mnist, img_size: 128}
+      trainer: {epochs: 15, progress_bar: false}
+    datasets: [fashion_mnist]           # sugar for the axis data.dataset
+    fractions: [0.01, 0.05]             # sugar for data.fraction (or per_class: [5, 10])
+    seeds: [0, 1, 2]                    # sugar for trainer.seed
+    axes:                               # any other field of the fit config, by dotted key
+      optim.lr: [0.01, 0.02]
+    baseline: ft                        # paired differences are taken against it (default: ft, else the first)
+    methods:                            # label -> what differs from base
+      ft: {}
+      fmr: {regularizers: [fmr]}
+      fmr-l100: {regularizers: [{name: fmr, args: {mode: provided, lambda_: 100}}]}
+      lm_softmax: {criterion: lm_softmax}
+      adarand-lr01: {regularizers: [adarand], set: {optim.lr: 0.01}}
+
+Layout of the output folder::
+
+    grid.yaml                       the grid as run (a rerun with a different grid in the same folder is refused)
+    splits/<dataset>-<fraction>-s<seed>.json   one split manifest per (dataset, fraction, seed): every method of
+                                               a cell trains on the very same images
+    runs/<cell>/<method>/s<seed>/   one regtune run directory each
+    failures.json                   runs that raised, with the error (the others go on)
+
+A run with ``metrics.json`` is finished and skipped; one with ``checkpoints/last.ckpt`` but no metrics was
+interrupted and is resumed from its last epoch; one with neither is started again. So an interrupted grid finishes
+by running the same command again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from regtune.train.config import FitConfig, apply_overrides, config_from_dict
+
+__all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand"]
+
+_log = logging.getLogger(__name__)
+
+_SUGAR = {"datasets": "data.dataset", "fractions": "data.fraction", "per_class": "data.per_class",
+          "seeds": "trainer.seed"}
+_GRID_KEYS = {"name", "out", "base", "axes", "methods", "baseline", *_SUGAR}
+
+
+class GridError(ValueError):
+    """The grid file is malformed, or the output folder holds another grid."""
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of a grid: its method, its coordinates on every axis, its config and its directory."""
+
+    method: str
+    coords: dict[str, Any]
+    config: FitConfig
+    run_dir: Path
+    split_path: Path
+
+    @property
+    def seed(self) -> int:
+        return self.config.trainer.seed
+
+    @property
+    def cell(self) -> dict[str, Any]:
+        """Coordinates without the seed: the runs of one cell are the seeds of one method."""
+        return {k: v for k, v in self.coords.items() if k != "trainer.seed"}
+
+
+@dataclass
+class Grid:
+    """A parsed grid file (see the module docstring)."""
+
+    name: str
+    out: Path
+    base: dict[str, Any]
+    axes: dict[str, list[Any]]
+    methods: dict[str, dict[str, Any]]
+    baseline: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def _label(value: Any) -> str:
+    text = str(value).replace("/", "_").replace(" ", "")
+    return text if text else "none"
+
+
+def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
+    """Read and check a grid file.
+
+    Raises:
+        GridError: unknown keys, no methods, an axis without values, a baseline that is not a method, or a method
+            or base config that is not a valid fit config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    return grid_from_dict(data, default_name=path.stem, out=out)
+
+
+def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | Path | None = None) -> Grid:
+    """:func:`load_grid` from an already parsed mapping."""
+    unknown = sorted(set(data) - _GRID_KEYS)
+    if unknown:
+        raise GridError(f"unknown grid key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_GRID_KEYS))}")
+    methods = data.get("methods") or {}
+    if not isinstance(methods, dict) or not methods:
+        raise GridError("a grid needs 'methods': a mapping of label -> config changes (e.g. ft: {})")
+    axes: dict[str, list[Any]] = {}
+    for key, dotted in _SUGAR.items():
+        if key in data:
+            axes[dotted] = list(data[key]) if isinstance(data[key], (list, tuple)) else [data[key]]
+    if "data.fraction" in axes and "data.per_class" in axes:
+        raise GridError("give 'fractions' or 'per_class', not both")
+    for key, values in (data.get("axes") or {}).items():
+        if key in axes:
+            raise GridError(f"axis {key!r} is given twice")
+        axes[key] = list(values) if isinstance(values, (list, tuple)) else [values]
+    for key, values in axes.items():
+        if not values:
+            raise GridError(f"axis {key!r} has no values")
+    axes.setdefault("trainer.seed", [0])
+    baseline = data.get("baseline", "ft" if "ft" in methods else next(iter(methods)))
+    if baseline not in methods:
+        raise GridError(f"baseline {baseline!r} is not one of the methods {list(methods)}")
+    name = str(data.get("name") or default_name)
+    grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name), base=data.get("base") or {},
+                axes=axes, methods={str(k): dict(v or {}) for k, v in methods.items()}, baseline=str(baseline),
+                source=data)
+    list(expand(grid))  # every config is built (and validated) before anything runs
+    return grid
+
+
+def _method_config(base: dict[str, Any], changes: dict[str, Any], label: str) -> dict[str, Any]:
+    changes = dict(changes)
+    overrides = changes.pop("set", {}) or {}
+    merged = json.loads(json.dumps(base))  # deep copy of plain data
+    for section, value in changes.items():
+        if section in ("regularizers", "criterion"):
+            merged[section] = value
+        elif isinstance(value, dict):
+            merged.setdefault(section, {}).update(value)
+        else:
+            raise GridError(f"method {label!r}: {section!r} must be a mapping, 'regularizers', 'criterion' or 'set'")
+    return {"config": merged, "set": overrides}
+
+
+def expand(grid: Grid) -> Iterator[GridRun]:
+    """Every run of the grid, seeds innermost (a cell's seeds run one after another), methods inside cells."""
+    keys = list(grid.axes)
+    cell_keys = [k for k in keys if k != "trainer.seed"]
+    for cell_values in itertools.product(*(grid.axes[k] for k in cell_keys)):
+        cell = dict(zip(cell_keys, cell_values))
+        for seed in grid.axes["trainer.seed"]:
+            for label, changes in grid.methods.items():
+                spec = _method_config(grid.base, changes, label)
+                try:
+                    config = config_from_dict(spec["config"])
+                    config = apply_overrides(config, {**cell, "trainer.seed": seed, **spec["set"]})
+                    if "data.fraction" in cell:
+                        config = apply_overrides(config, {"data.per_class": None})
+                    if "data.per_class" in cell:
+                        config = apply_overrides(config, {"data.fraction": None})
+                except ValueError as err:
+                    raise GridError(f"method {label!r} at {cell} seed {seed}: {err}") from err
+                d = config.data
+                amount = f"f{d.fraction}" if d.fraction is not None else f"n{d.per_class}"
+                cell_dir = "-".join([_label(d.dataset), amount] + [f"{k.split('.')[-1]}{_label(v)}"
+                                                                    for k, v in cell.items()
+                                                                    if k not in ("data.dataset", "data.fraction",
+                                                                                 "data.per_class")])
+                split = grid.out / "splits" / f"{_label(d.dataset)}-{amount}-vf{d.val_fraction}-s{seed}.json"
+                coords = {"data.dataset": d.dataset, **cell, "trainer.seed": seed}  # the dataset names every cell
+                yield GridRun(method=label, coords=coords, config=config,
+                              run_dir=grid.out / "runs" / cell_dir / _label(label) / f"s{seed}", split_path=split)
+
+
+def _status(run: GridRun) -> str:
+    if (run.run_dir / "metrics.json").is_file():
+        return "done"
+    if (run.run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "interrupted"
+    return "todo"
+
+
+def _write_split(run: GridRun) -> None:
+    """The split manifest of the run's (dataset, amount, seed), made once and shared by every method."""
+    if run.split_path.is_file():
+        return
+    from regtune.data.datasets import build_dataset
+    from regtune.data.subset import stratified_split, write_manifest
+
+    d = run.config.data
+    train_set = build_dataset(d.dataset, d.root, "train", download=d.download)
+    split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction, per_class=d.per_class,
+                             val_fraction=d.val_fraction, seed=run.seed, class_names=train_set.classes)
+    run.split_path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(run.split_path, split, train_set.ids, d.dataset)
+
+
+def _check_out_dir(grid: Grid) -> None:
+    record = grid.out / "grid.yaml"
+    as_run = yaml.safe_dump(grid.source, sort_keys=True)
+    if record.is_file():
+        if yaml.safe_dump(yaml.safe_load(record.read_text()), sort_keys=True) != as_run:
+            raise GridError(f"{grid.out} holds the results of a different grid ({record}); give another --out or "
+                            "delete the folder")
+        return
+    grid.out.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(as_run)
+    os.replace(tmp, record)
+
+
+def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error: bool = False,
+             dry_run: bool = False) -> dict[str, int]:
+    """Run every unfinished run of ``grid`` in order (finished ones are skipped, interrupted ones resumed).
+
+    Args:
+        grid: The parsed grid.
+        fit_fn: :func:`regtune.train.fit.fit` (replaceable in tests).
+        stop_on_error: Raise on the first failing run instead of recording it in ``failures.json`` and going on.
+        dry_run: Only report what would run.
+
+    Returns:
+        Counts: ``{"total", "done_before", "ran", "resumed", "failed"}``.
+
+    Raises:
+        KeyboardInterrupt: passed on after the interrupted run's checkpoint is in place (rerun to continue).
+    """
+    if fit_fn is None:
+        from regtune.train.fit import fit as fit_fn
+    runs = list(expand(grid))
+    counts = {"total": len(runs), "done_before": 0, "ran": 0, "resumed": 0, "failed": 0}
+    if not dry_run:
+        _check_out_dir(grid)
+    failures_path = grid.out / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
+    for i, run in enumerate(runs, 1):
+        status = _status(run)
+        where = f"[{i}/{len(runs)}] {run.method} {run.run_dir.parent.parent.name} seed {run.seed}"
+        if status == "done":
+            counts["done_before"] += 1
+            continue
+        if dry_run:
+            _log.info("%s: would %s", where, "resume" if status == "interrupted" else "run")
+            continue
+        _log.info("%s: %s", where, "resuming" if status == "interrupted" else "starting")
+        started = time.perf_counter()
+        try:
+            _write_split(run)
+            config = apply_overrides(run.config, {"data.split_manifest": str(run.split_path.absolute())})
+            if status == "interrupted":
+                result = fit_fn(run_dir=run.run_dir, resume=True)
+            else:
+                result = fit_fn(config, run_dir=run.run_dir, overwrite=True)
+        except KeyboardInterrupt:
+            _log.warning("grid interrupted during %s; run the same command again to continue", where)
+            raise
+        except Exception as err:  # noqa: BLE001 - recorded; the grid goes on unless asked to stop
+            if stop_on_error:
+                raise
+            counts["failed"] += 1
+            failures[str(run.run_dir.relative_to(grid.out))] = {"error": f"{type(err).__name__}: {err}",
+                                                               "traceback": traceback.format_exc(limit=5)}
+            _write_json(failures_path, failures)
+            _log.error("%s failed (%s: %s); recorded in %s, going on", where, type(err).__name__, err, failures_path)
+            continue
+        if getattr(result, "interrupted", False):
+            _log.warning("grid interrupted during %s; run the same command again to continue", where)
+            raise KeyboardInterrupt
+        failures.pop(str(run.run_dir.relative_to(grid.out)), None)
+        if failures_path.is_file():
+            _write_json(failures_path, failures)
+        counts["resumed" if status == "interrupted" else "ran"] += 1
+        acc = getattr(result, "metrics", {}).get("test_acc")
+        _log.info("%s: test accuracy %s (%.0f s)", where, f"{acc:.4f}" if acc is not None else "?",
+                  time.perf_counter() - started)
+    return counts
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,138 @@
+"""Benchmark plots: accuracy against the data fraction per method, and a forest plot of paired differences."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_accuracy_vs_fraction", "plot_paired_differences"]
+
+
+def _split_cell(cell: Sequence[tuple[str, Any]]) -> tuple[tuple, Any, str]:
+    """(panel key: everything but the amount, x value: fraction or per-class count, x axis name)."""
+    rest, x, axis = [], None, ""
+    for key, value in cell:
+        if key == "data.fraction":
+            x, axis = 100 * float(value), "training data per class (%)"
+        elif key == "data.per_class":
+            x, axis = float(value), "training images per class"
+        else:
+            rest.append((key, value))
+    return tuple(rest), x, axis
+
+
+def _panel_title(panel: tuple) -> str:
+    from regtune.bench.aggregate import cell_label
+
+    return cell_label(panel)
+
+
+def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseline: str = "ft",
+                              metric: str = "test_acc") -> Path | None:
+    """One panel per dataset (and other axes): mean ± std against the fraction, a line per method.
+
+    With a single fraction the panel is a horizontal bar chart of the methods instead. Returns ``None`` when there
+    is nothing to plot.
+    """
+    if not summaries:
+        return None
+    panels: dict[tuple, list] = {}
+    for s in summaries:
+        panel, x, axis = _split_cell(s.cell)
+        panels.setdefault(panel, []).append((s, x, axis))
+    methods = []
+    for s in summaries:
+        if s.method not in methods:
+            methods.append(s.method)
+    if baseline in methods:
+        methods.remove(baseline)
+        methods.insert(0, baseline)
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
+    unit = " (%)" if metric.endswith("acc") else ""
+    for ax, (panel, items) in zip(axes[0], panels.items()):
+        xs = sorted({x for _, x, _ in items if x is not None})
+        if len(xs) >= 2:
+            for method in methods:
+                points = sorted((x, s.mean, s.std) for s, x, _ in items if s.method == method and x is not None)
+                if not points:
+                    continue
+                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                            marker="o", capsize=3, label=method, color=colours[method],
+                            linewidth=2.2 if method == baseline else 1.3,
+                            linestyle="--" if method == baseline else "-")
+            ax.set_xscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs])
+            ax.set_xlabel(items[0][2])
+            ax.set_ylabel(f"{metric}{unit}, mean ± std over seeds")
+        else:
+            # Points with error bars, not bars: a bar's length would start at an arbitrary axis limit.
+            rows = sorted(((s.mean, s.std, s.method) for s, _, _ in items), key=lambda r: methods.index(r[2]))
+            y = list(range(len(rows)))[::-1]
+            for yi, (mean, std, method) in zip(y, rows):
+                ax.errorbar([mean], [yi], xerr=[std], fmt="o", capsize=4, color=colours[method], markersize=7)
+                ax.annotate(f"{mean:.2f}", (mean, yi), textcoords="offset points", xytext=(0, 7), ha="center",
+                            fontsize=8)
+            base = next((r[0] for r in rows if r[2] == baseline), None)
+            if base is not None:
+                ax.axvline(base, color="gray", linestyle="--", linewidth=0.8)
+            ax.set_yticks(y)
+            ax.set_yticklabels([r[2] for r in rows])
+            ax.set_ylim(-0.7, len(rows) - 0.3)
+            ax.set_xlabel(f"{metric}{unit}, mean ± std over seeds (dashed: {baseline})")
+        title = _panel_title(panel)
+        if len(xs) == 1:
+            title += f" ({items[0][2].split(' (')[0]}: {xs[0]:g}{'%' if '%' in items[0][2] else ''})"
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline: str = "ft") -> Path | None:
+    """Forest plot: per cell, each method's mean paired difference to the baseline with its confidence interval."""
+    from regtune.bench.aggregate import cell_label
+
+    with_diff = [s for s in summaries if s.difference is not None]
+    if not with_diff:
+        return None
+    cells: list = []
+    for s in with_diff:
+        if s.cell not in cells:
+            cells.append(s.cell)
+    rows_per_cell = max(sum(1 for s in with_diff if s.cell == c) for c in cells)
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 0.45 * rows_per_cell + 1.6), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        items = [s for s in with_diff if s.cell == cell]
+        y = list(range(len(items)))[::-1]
+        for yi, s in zip(y, items):
+            d = s.difference
+            colour = "tab:green" if d.above_zero else "tab:red" if d.below_zero else "tab:gray"
+            if math.isfinite(d.low) and math.isfinite(d.high):
+                ax.plot([d.low, d.high], [yi, yi], color=colour, linewidth=2)
+            ax.plot([d.mean], [yi], marker="o", color=colour)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"{s.method} (n={s.difference.n})" for s in items])
+        kind = items[0].difference.method
+        ax.set_xlabel(f"difference to {baseline} (points), 95 % CI ({'paired t' if kind == 't' else 'bootstrap'})")
+        ax.set_title(cell_label(cell))
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

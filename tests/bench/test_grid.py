@@ -1,0 +1,163 @@
+"""`regtune bench` grids: parsing, expansion, shared splits, skipping finished runs, resuming a killed grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from regtune.bench.aggregate import collect_grid, write_report
+from regtune.bench.grid import GridError, expand, grid_from_dict, load_grid, run_grid
+from regtune.cli import main
+from regtune.train.fit import fit
+from tests.conftest import TINY_BACKBONE, write_imagefolder
+from tests.train.test_fit import _StopAt
+
+
+def tiny_grid(root: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "out": str(out),
+        "base": {"data": {"dataset": "imagefolder", "root": str(root), "img_size": 32, "val_fraction": 0.2,
+                          "batch_size": 8, "num_workers": 0},
+                 "model": {"backbone": TINY_BACKBONE, "pretrained": "none"},
+                 "trainer": {"epochs": 2, "progress_bar": False, "channels_last": False}},
+        "fractions": [0.5, 1.0],
+        "seeds": [0, 1],
+        "methods": {"ft": {}, "fnp": {"regularizers": [{"name": "fnp", "args": {"weight": 0.01}}]}},
+        **extra,
+    }
+
+
+def test_expand_order_paths_and_overrides(tmp_path: Path) -> None:
+    spec = tiny_grid(tmp_path / "data", tmp_path / "out", axes={"optim.lr": [0.01, 0.1]})
+    spec["methods"]["ls"] = {"criterion": {"name": "ce", "args": {"label_smoothing": 0.1}}, "set": {"optim.lr": 0.5}}
+    grid = grid_from_dict(spec)
+    runs = list(expand(grid))
+    assert len(runs) == 2 * 2 * 2 * 3  # fractions x lr x seeds x methods
+    first = runs[:6]  # one cell: its seeds, each with every method
+    assert [(r.method, r.seed) for r in first] == [("ft", 0), ("fnp", 0), ("ls", 0), ("ft", 1), ("fnp", 1), ("ls", 1)]
+    assert {r.config.data.fraction for r in first} == {0.5} and {r.config.optim.lr for r in first if r.method != "ls"} \
+        == {0.01}
+    assert all(r.config.optim.lr == 0.5 for r in runs if r.method == "ls")  # a method's own 'set' wins
+    assert runs[1].config.regularizers[0].args == {"weight": 0.01}
+    assert runs[0].run_dir == tmp_path / "out" / "runs" / "imagefolder-f0.5-lr0.01" / "ft" / "s0"
+    # the methods of one (dataset, fraction, seed) share one split manifest; seeds do not
+    assert len({r.split_path for r in first if r.seed == 0}) == 1
+    assert len({r.split_path for r in first}) == 2
+    assert len({r.run_dir for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"methods": {}}, "needs 'methods'"),
+    ({"seedz": [0]}, "unknown grid key"),
+    ({"baseline": "nope"}, "baseline 'nope'"),
+    ({"per_class": [5]}, "not both"),
+    ({"axes": {"optim.lrr": [0.1]}}, "unknown config key"),
+    ({"methods": {"ft": {}, "bad": {"regularizers": [{"name": "fnp"}], "optim": {"lr": -1}}}}, "optim.lr"),
+])
+def test_bad_grids_are_refused_before_running(tmp_path: Path, change: dict, message: str) -> None:
+    spec = {**tiny_grid(tmp_path, tmp_path / "out"), **change}
+    with pytest.raises(GridError, match=message):
+        grid_from_dict(spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_grid_reruns_only_the_missing_runs(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=10, test_per_class=2)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid(root, tmp_path / "out")))
+    grid = load_grid(grid_file)
+    runs = list(expand(grid))
+    assert len(runs) == 8
+    calls: list[tuple[str, bool]] = []
+
+    def killed(kill_at: int, inside: bool):
+        def fit_fn(config=None, run_dir=None, resume=False, overwrite=False):
+            calls.append((str(Path(run_dir).relative_to(grid.out)), resume))
+            if len(calls) == kill_at:
+                if not inside:
+                    raise KeyboardInterrupt  # killed between two runs
+                return fit(config, run_dir=run_dir, overwrite=overwrite, callbacks=[_StopAt(1)])  # during epoch 2
+            return fit(config, run_dir=run_dir, resume=resume, overwrite=overwrite)
+        return fit_fn
+
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, fit_fn=killed(3, inside=False))
+    assert len(calls) == 3 and [(runs[i].run_dir / "metrics.json").is_file() for i in range(3)] == [True, True, False]
+    finished = {r.run_dir: (r.run_dir / "metrics.json").stat().st_mtime_ns for r in runs[:2]}
+
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, fit_fn=killed(2, inside=True))  # third run completes, the fourth is stopped inside
+    assert [c[0] for c in calls] == [str(r.run_dir.relative_to(grid.out)) for r in runs[2:4]]
+    assert (runs[3].run_dir / "checkpoints" / "last.ckpt").is_file() and not (runs[3].run_dir / "metrics.json").exists()
+
+    calls.clear()
+    counts = run_grid(grid, fit_fn=killed(0, inside=False))
+    assert counts == {"total": 8, "done_before": 3, "ran": 4, "resumed": 1, "failed": 0}
+    assert calls[0] == (str(runs[3].run_dir.relative_to(grid.out)), True)  # the interrupted run is resumed
+    assert [c[0] for c in calls[1:]] == [str(r.run_dir.relative_to(grid.out)) for r in runs[4:]]
+    for run_dir, mtime in finished.items():  # finished runs were not touched
+        assert (run_dir / "metrics.json").stat().st_mtime_ns == mtime
+
+    # every method of a cell trained on the same images: the shared manifest
+    for run in runs:
+        config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+        assert Path(config["data"]["split_manifest"]) == run.split_path.absolute()
+    assert len(list((grid.out / "splits").glob("*.json"))) == 4  # 2 fractions x 2 seeds
+
+    # a third call has nothing left to do
+    calls.clear()
+    assert run_grid(grid, fit_fn=killed(0, inside=False))["done_before"] == 8 and calls == []
+
+    records = collect_grid(grid)
+    assert len(records) == 8
+    paths = write_report(records, tmp_path / "report", baseline="ft")
+    text = paths["summary_md"].read_text()
+    assert "imagefolder 50%" in text and "imagefolder 100%" in text and "| fnp |" in text
+
+
+def test_other_grid_in_same_folder_is_refused(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
+    spec = tiny_grid(root, tmp_path / "out", seeds=[0], fractions=[1.0])
+    spec["methods"] = {"ft": {}}
+    counts = run_grid(grid_from_dict(spec))
+    assert counts["ran"] == 1
+    spec["seeds"] = [0, 1]
+    with pytest.raises(GridError, match="different grid"):
+        run_grid(grid_from_dict(spec))
+
+
+def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
+    spec = tiny_grid(root, tmp_path / "out", seeds=[0], fractions=[1.0])
+    grid = grid_from_dict(spec)
+
+    def fit_fn(config=None, run_dir=None, resume=False, overwrite=False):
+        if "fnp" in str(run_dir):
+            raise FloatingPointError("non-finite training loss at step 1")
+        return fit(config, run_dir=run_dir, overwrite=overwrite)
+
+    counts = run_grid(grid, fit_fn=fit_fn)
+    assert counts["failed"] == 1 and counts["ran"] == 1
+    failures = json.loads((grid.out / "failures.json").read_text())
+    assert list(failures) == ["runs/imagefolder-f1.0/fnp/s0"]
+    assert "non-finite" in failures["runs/imagefolder-f1.0/fnp/s0"]["error"]
+
+
+def test_cli_bench_dry_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid(root, tmp_path / "out", seeds=[0], fractions=[1.0])))
+    assert main(["bench", str(grid_file), "--dry-run"]) == 0
+    assert "2 runs: 0 finished before, 0 ran" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "runs").exists()
+    assert main(["bench", str(grid_file)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 0 finished before, 2 ran" in out and "Paired difference to ft" in out
+    assert main(["report", str(tmp_path / "out" / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert "fnp(weight=0.01)" in (tmp_path / "rep" / "summary.md").read_text()
