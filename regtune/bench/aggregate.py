@@ -199,6 +199,14 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
     return "\n".join(lines) + "\n"
 
 
+def _relative(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (tables stay valid in a clone)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: str = "ft", metric: str = "test_acc",
                  ci: str = "t", title: str = "") -> dict[str, Path]:
     """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md`` and the plots into ``out_dir``."""
@@ -214,7 +222,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
         for r in sorted(records, key=lambda r: (cell_label(r.cell), r.method, r.seed)):
             m = r.metrics
             writer.writerow([r.method, cell_label(r.cell), r.seed, m.get("test_acc"), m.get("test_mean_class_acc"),
-                             m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), str(r.run_dir)])
+                             m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), _relative(r.run_dir)])
     summaries = summarize(records, baseline, metric, ci)
     with paths["summary_csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)

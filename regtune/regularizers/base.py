@@ -132,6 +132,10 @@ class Criterion(nn.Module):
     def adapt_model(self, model: nn.Module) -> None:
         """Called once before training; a criterion that needs another head (e.g. cosine) installs it here."""
 
+    def stats(self) -> dict[str, float]:
+        """What the criterion wants logged after the last forward (margins, ...)."""
+        return {}
+
     def forward(self, step: TrainStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

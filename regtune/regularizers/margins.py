@@ -74,6 +74,7 @@ class LMSoftmax(Criterion):
         super().__init__()
         check_positive("s", s, allow_zero=False)
         self.s = s
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def adapt_model(self, model: nn.Module) -> None:
         head = classifier_of(model)
@@ -83,8 +84,18 @@ class LMSoftmax(Criterion):
         replace_classifier(model, CosineClassifier(head.weight.shape[1], head.weight.shape[0], self.s, head.weight))
 
     def forward(self, step: TrainStep) -> torch.Tensor:
-        cos = cosine_logits(step.features, classifier_of(step.model).weight)
+        weight = classifier_of(step.model).weight
+        cos = cosine_logits(step.features, weight)
+        self._last = (sample_margins(cos.detach(), step.labels), class_margin(weight.detach()))
         return lm_softmax_loss(cos, step.labels, s=self.s)
+
+    def stats(self) -> dict[str, float]:
+        """Sample margins of the batch (mean, min) and the head's class margin in degrees."""
+        if self._last is None:
+            return {}
+        margins, cls = self._last
+        return {"margin_mean": float(margins.mean()), "margin_min": float(margins.min()),
+                "class_margin_deg": float(torch.rad2deg(cls))}
 
 
 @register_regularizer("sample_margin")

@@ -175,9 +175,13 @@ class FineTuner(pl.LightningModule):
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), on_step=False, on_epoch=True,
                  batch_size=batch_size)
-        if self.regularizers:
+        criterion_stats = self.criterion.stats()
+        if self.regularizers or criterion_stats:
             for name, value in terms.items():
                 self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+            for key, value in criterion_stats.items():
+                self.log(f"train/{self.criterion_name}/{key}", float(value), on_step=True, on_epoch=True,
+                         batch_size=batch_size)
             for name, term in self.regularizers.items():
                 for key, value in term.stats().items():
                     self.log(f"train/{name}/{key}", float(value), on_step=True, on_epoch=True, batch_size=batch_size)

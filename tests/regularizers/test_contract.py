@@ -385,3 +385,34 @@ def test_lm_softmax_value_matches_numpy() -> None:
                   for b in range(len(y))]
     expected = np.mean(per_sample) / 3.0
     np.testing.assert_allclose(float(criterion(step).detach()), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list_criteria())
+def test_criterion_stats_are_str_to_float(name: str) -> None:
+    model = make_model()
+    criterion = create_criterion(name)
+    criterion.adapt_model(model)
+    assert criterion.stats() == {}  # nothing before the first forward
+    step = make_step(model, torch.float32)
+    criterion(step)
+    for key, value in criterion.stats().items():
+        assert isinstance(key, str) and type(value) is float and np.isfinite(value), (key, value)
+
+
+def test_lm_softmax_logs_the_margins_it_trains() -> None:
+    model = make_model(torch.float64)
+    criterion = LMSoftmax(s=3.0)
+    criterion.adapt_model(model)
+    step = make_step(model, torch.float64)
+    criterion(step)
+    f = step.features.detach().numpy()
+    w = model.get_classifier().weight.detach().numpy()
+    cos = (f / np.linalg.norm(f, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    y = step.labels.numpy()
+    margins = [cos[b, y[b]] - max(cos[b, j] for j in range(NUM_CLASSES) if j != y[b]) for b in range(len(y))]
+    wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+    angle = min(np.degrees(np.arccos(np.clip(wn[i] @ wn[j], -1, 1))) for i in range(NUM_CLASSES)
+                for j in range(NUM_CLASSES) if i != j)
+    stats = criterion.stats()
+    np.testing.assert_allclose([stats["margin_mean"], stats["margin_min"], stats["class_margin_deg"]],
+                               [np.mean(margins), np.min(margins), angle], rtol=1e-9)
