@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from regtune.bench.overhead import METHOD_SETS, measure_overhead, measure_peak_rss, overhead_table
+from regtune.bench.overhead import METHOD_SETS, measure_overhead, measure_peak_rss, measure_term_cost, overhead_table
 
 
 def main() -> None:
@@ -29,21 +29,44 @@ def main() -> None:
     parser.add_argument("--methods", choices=sorted(METHOD_SETS), default="seed",
                         help="seed: FMR, AdaRand, RandReg, FNP, MaxEnt, head penalties, margins; transfer: L2-SP, "
                              "DELTA, BSS, Co-Tuning, LwF, StochNorm")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="only these rows of the set (ft is always first)")
+    parser.add_argument("--terms-only", action="store_true",
+                        help="only time each method's terms alone on one recorded step (fast, precise profile)")
     parser.add_argument("--memory", action="store_true",
                         help="on CPU, also the peak resident memory of each method in its own process")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[overhead] %(message)s")
     methods = METHOD_SETS[args.methods]
+    if args.only:
+        unknown = sorted(set(args.only) - {m.label for m in methods})
+        if unknown:
+            parser.error(f"--only: unknown label(s) {', '.join(unknown)}; known: {', '.join(m.label for m in methods)}")
+        methods = tuple(m for m in methods if m.label == methods[0].label or m.label in args.only)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if args.terms_only:
+        terms = measure_term_cost(methods, backbone=args.backbone, img_size=args.img_size,
+                                  batch_size=args.batch_size, device=args.device)
+        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}\n\n"
+                 "Milliseconds each method's own terms (criterion and regularizers, forward + backward, with whatever "
+                 "they run besides) add to one training step, timed alone on a recorded step (median of 30), minus "
+                 "plain cross-entropy's.\n\n| method | terms alone (ms / step) |\n|---|---:|\n"
+                 + "\n".join(f"| {k} | {v:.2f} |" for k, v in terms.items()))
+        print(table)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(table + "\n")
+        return
     results = measure_overhead(methods, backbone=args.backbone, img_size=args.img_size,
                                batch_size=args.batch_size, steps=args.steps, rounds=args.rounds, device=args.device)
+    terms = measure_term_cost(methods, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
+                              device=args.device)
     rss = None
     if args.memory and args.device == "cpu":
         rss = measure_peak_rss(methods, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     header = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
               f"interleaved rounds; {device}; torch {torch.__version__}; {platform.node()}\n\n")
-    table = header + overhead_table(results, rss)
+    table = header + overhead_table(results, rss, terms)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1107,18 +1107,26 @@ def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_v
         y = \gamma \big((1 - s) z_0 + s z_1\big) + \beta
 
     with s the per-channel 0/1 ``mask`` (drawn ~ Bernoulli(p) by the caller). z0 uses the running statistics from
-    before this batch; computing z1 then updates them in place exactly as BatchNorm does (``momentum``).
+    before this batch, which are then updated in place exactly as BatchNorm does (``momentum``, unbiased batch
+    variance). Computed as one per-channel affine map of x; gradients flow through the batch statistics of the
+    channels with s = 1.
 
     Shape:
         x: (B, C, ...). running_mean, running_var, weight, bias, mask: (C,). Output: like x.
     """
-    z0 = F.batch_norm(x, running_mean, running_var, None, None, False, 0.0, eps)
-    z1 = F.batch_norm(x, running_mean, running_var, None, None, True, momentum, eps)
+    # s is per channel: the channels with s = 1 go through the native (fast) batch-norm kernel, whose weight and bias
+    # are zeroed on the others, and the channels with s = 0 are a per-channel affine map of x with the moving
+    # statistics (taken before the kernel updates them). One kernel and one fused elementwise pass.
+    if x.numel() // x.shape[1] < 2:
+        raise ValueError(f"StochNorm in training mode needs more than one value per channel (batch of {x.shape[0]})")
+    s = mask.to(x.dtype)
+    gamma = weight if weight is not None else torch.ones_like(s)
+    beta = bias if bias is not None else torch.zeros_like(s)
+    with torch.no_grad():
+        moving_scale = torch.rsqrt(running_var.to(x.dtype) + eps)
+        moving_shift = -running_mean.to(x.dtype) * moving_scale
+    scale = (1 - s) * moving_scale * gamma
+    shift = (1 - s) * (moving_shift * gamma + beta)
+    batch_branch = F.batch_norm(x, running_mean, running_var, s * gamma, s * beta, True, momentum, eps)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    s = mask.to(x.dtype).reshape(shape)
-    y = z0 * (1 - s) + z1 * s
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    return torch.addcmul(batch_branch + shift.reshape(shape), x, scale.reshape(shape))

@@ -161,3 +161,16 @@ def test_cli_bench_dry_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "2 runs: 0 finished before, 2 ran" in out and "Paired difference to ft" in out
     assert main(["report", str(tmp_path / "out" / "runs"), "--out", str(tmp_path / "rep")]) == 0
     assert "fnp(weight=0.01)" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_shipped_grids_parse_and_cover_the_methods() -> None:
+    shipped = sorted((Path(__file__).parents[2] / "benchmarks").glob("*.yaml"))
+    assert shipped, "benchmarks/*.yaml missing"
+    for path in shipped:
+        grid = load_grid(path)
+        runs = list(expand(grid))
+        assert grid.baseline == "ft" and runs
+        names = {t.name for r in runs for t in r.config.regularizers} | {r.config.criterion.name for r in runs}
+        # every family of regtune is compared (the grids may leave out variants such as head_l2 or zero_centroid)
+        assert {"fmr", "adarand", "randreg", "fnp", "maxent", "l2_sp", "delta", "bss", "co_tuning", "lwf",
+                "stochnorm", "lm_softmax"} <= names, (path.name, names)

@@ -462,3 +462,25 @@ def test_stochnorm_on_timm_keeps_state_dict_and_activation() -> None:
     plain = copy.deepcopy(reference.get_submodule(name))
     y = torch.randn(3, bn_act.num_features, 4, 4)
     torch.testing.assert_close(bn_act.train()(y), plain.train()(y))  # p = 1: BatchNormAct2d's own train forward
+
+
+def test_stochastic_batch_norm_gradients() -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    gamma = torch.rand(3, dtype=torch.float64, generator=g).requires_grad_(True)
+    beta = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(True)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+
+    def fn(x, gamma, beta):
+        return Fn.stochastic_batch_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                                        gamma, beta, mask, 0.1, 1e-5)
+
+    assert gradcheck(fn, (x, gamma, beta))
+    # all channels on the batch branch: the gradient is BatchNorm's training-mode gradient
+    ones = torch.ones(3)
+    ours = torch.autograd.grad(Fn.stochastic_batch_norm(x, torch.zeros(3, dtype=torch.float64),
+                                                        torch.ones(3, dtype=torch.float64), gamma, beta, ones, 0.1,
+                                                        1e-5).pow(2).sum(), x)[0]
+    reference = torch.autograd.grad(nn.functional.batch_norm(x, None, None, gamma, beta, True, 0.1, 1e-5).pow(2).sum(),
+                                    x)[0]
+    torch.testing.assert_close(ours, reference)
