@@ -1,0 +1,205 @@
+"""Feature statistics that explain a regularizer (methods.md §9): norms, entropies, mutual information, overlap.
+
+Every function takes features already extracted (``(N, D)`` tensors, e.g. the pre-logits of a whole split with the
+evaluation transform) and returns plain Python numbers, computed in float64. Importable without Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from regtune.regularizers.functional import channel_entropy, class_margin, cosine_logits, sample_margins
+
+__all__ = [
+    "feature_norms",
+    "meannn_entropy",
+    "mutual_information",
+    "fmr_entropy",
+    "topk_overlap",
+    "head_weight_stats",
+    "margin_stats",
+]
+
+
+def _matrix(features: torch.Tensor) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError(f"features must be an (N, D) tensor, got {getattr(features, 'shape', type(features))}")
+    return features.detach().to(torch.float64)
+
+
+def feature_norms(features: torch.Tensor) -> dict[str, float]:
+    """The three feature-norm variants of the papers' code (methods.md §9.1), named.
+
+    Returns:
+        ``per_sample_l2``: mean_b ||f_b||_2 (the usual "feature norm"); ``batch_mean_l2``: ||mean_b f_b||_2
+        (AdaRand's code); ``mean_abs``: mean_{b,d} |f_bd| (FMR's code, "f_mag").
+    """
+    f = _matrix(features)
+    return {"per_sample_l2": float(f.norm(dim=1).mean()), "batch_mean_l2": float(f.mean(0).norm()),
+            "mean_abs": float(f.abs().mean())}
+
+
+def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024) -> float:
+    r"""MeanNN differential entropy without its constant (Faivishevsky & Goldberger, NIPS 2008; methods.md §9.2).
+
+    .. math::
+
+        \hat H(F) = \frac{D}{N(N-1)} \sum_{i \ne j} \log \lVert f_i - f_j + \epsilon \rVert_2
+
+    in float64, by chunks of rows (memory O(chunk x N)). ``eps`` is added to each difference (as
+    ``torch.nn.functional.pairwise_distance``, AdaRand's code) so duplicates do not give log 0. Values compare only
+    at the same N and D (the dropped constant depends on both).
+
+    Raises:
+        ValueError: fewer than 2 samples.
+    """
+    f = _matrix(features)
+    n, d = f.shape
+    if n < 2:
+        raise ValueError(f"MeanNN entropy needs at least 2 samples, got {n}")
+    total = 0.0
+    for start in range(0, n, chunk):
+        block = f[start:start + chunk]
+        diff = block[:, None, :] - f[None, :, :] + eps
+        logs = torch.log(diff.norm(dim=2))
+        rows = torch.arange(block.shape[0])
+        logs[rows, rows + start] = 0.0  # i == j
+        total += float(logs.sum())
+    return d * total / (n * (n - 1))
+
+
+def mutual_information(features: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6,
+                       chunk: int = 1024) -> dict[str, Any]:
+    r"""I(F; Y) = H(F) - sum_c (N_c / N) H(F_c) with the MeanNN estimator (methods.md §9.3).
+
+    Classes with fewer than 2 samples cannot have an entropy: they are left out of both terms (the marginal is taken
+    over the kept samples, so the two terms see the same data) and listed under ``skipped_classes``.
+
+    Returns:
+        ``{"marginal", "conditional", "mi", "n", "d", "classes", "skipped_classes"}``.
+    """
+    f = _matrix(features)
+    if labels.shape != (f.shape[0],):
+        raise ValueError(f"labels must have shape ({f.shape[0]},), got {tuple(labels.shape)}")
+    labels = labels.detach().cpu()
+    classes, counts = torch.unique(labels, return_counts=True)
+    skipped = [int(c) for c, k in zip(classes, counts) if k < 2]
+    kept = [int(c) for c, k in zip(classes, counts) if k >= 2]
+    keep = torch.isin(labels, torch.tensor(kept, dtype=labels.dtype))
+    f, labels = f[keep.to(f.device)], labels[keep]
+    marginal = meannn_entropy(f, eps, chunk)
+    n = f.shape[0]
+    conditional = sum((int((labels == c).sum()) / n) * meannn_entropy(f[(labels == c).to(f.device)], eps, chunk)
+                      for c in kept)
+    return {"marginal": marginal, "conditional": conditional, "mi": marginal - conditional, "n": n,
+            "d": int(f.shape[1]), "classes": len(kept), "skipped_classes": skipped}
+
+
+def fmr_entropy(features: torch.Tensor, tau: float = 1.0) -> dict[str, float]:
+    """FMR's channel-softmax entropy, mean over samples, and its value over H_max = log D (methods.md §9.4)."""
+    f = _matrix(features)
+    value = float(channel_entropy(f, tau).mean())
+    return {"entropy": value, "normalized": value / math.log(f.shape[1]), "h_max": math.log(f.shape[1])}
+
+
+def _channel_scores(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, per_class: bool,
+                    weighting: str) -> torch.Tensor:
+    """(C, D) scores s_c(k) = w-factor * mean_{y = c} f_k (per class) or mean over all samples (global)."""
+    classes = weight.shape[0]
+    if per_class:
+        means = torch.stack([features[labels == c].mean(0) if (labels == c).any()
+                             else torch.full((features.shape[1],), math.nan, dtype=features.dtype)
+                             for c in range(classes)])
+    else:
+        means = features.mean(0, keepdim=True).expand(classes, -1)
+    if weighting == "none":
+        return means.clone()
+    factor = weight.abs() if weighting == "abs_weight" else weight
+    return factor * means
+
+
+def topk_overlap(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, weight: torch.Tensor, k: int = 10, per_class: bool = True,
+                 weighting: str = "abs_weight") -> dict[str, float]:
+    r"""Top-k train/test feature overlap (FMR's analysis; methods.md §9.5 — the library's reading, UNVERIFIED).
+
+    For each class c, channel k is scored on a split S by s_{S,c}(k) = |w_{c,k}| * mean_{x in S, y = c} f_k(x);
+    T_{S,c} are the k best channels; overlap_c = |T_train,c ∩ T_test,c| / k. The weighted variant sums the
+    train scores of the shared channels, each divided by the sum of the k best train scores. Both are averaged
+    over the classes present in both splits.
+
+    Args:
+        weight: The head's (C, D) weight.
+        k: Channels per class.
+        per_class: Score with the class's own samples (``False``: the mean over all samples, one ranking shared by
+            the classes up to the weight factor).
+        weighting: ``"abs_weight"`` (|w|), ``"signed_weight"`` (w) or ``"none"`` (features only).
+
+    Returns:
+        ``{"overlap", "weighted_overlap", "k", "classes"}``.
+    """
+    if weighting not in ("abs_weight", "signed_weight", "none"):
+        raise ValueError(f"weighting must be 'abs_weight', 'signed_weight' or 'none', got {weighting!r}")
+    w = weight.detach().to(torch.float64).cpu()
+    if not 1 <= k <= w.shape[1]:
+        raise ValueError(f"k must be in [1, D = {w.shape[1]}], got {k}")
+    train = _channel_scores(_matrix(train_features).cpu(), train_labels.cpu(), w, per_class, weighting)
+    test = _channel_scores(_matrix(test_features).cpu(), test_labels.cpu(), w, per_class, weighting)
+    overlaps, weighted = [], []
+    for c in range(w.shape[0]):
+        if torch.isnan(train[c]).any() or torch.isnan(test[c]).any():
+            continue
+        top_train = torch.topk(train[c], k).indices
+        top_test = set(torch.topk(test[c], k).indices.tolist())
+        shared = [i for i in top_train.tolist() if i in top_test]
+        overlaps.append(len(shared) / k)
+        scores = train[c][top_train]
+        total = float(scores.sum())
+        weighted.append(float(train[c][shared].sum()) / total if shared and total != 0 else 0.0)
+    if not overlaps:
+        raise ValueError("no class has samples in both splits")
+    return {"overlap": sum(overlaps) / len(overlaps), "weighted_overlap": sum(weighted) / len(weighted), "k": k,
+            "classes": len(overlaps)}
+
+
+def head_weight_stats(weight: torch.Tensor, zero_threshold: float = 1e-3, bins: int = 50) -> dict[str, Any]:
+    """Head-weight statistics of the CAM study (methods.md §7.5).
+
+    Returns:
+        ``sparsity`` (share of |w| < ``zero_threshold``), ``negative_share`` (share of w < 0), ``positive_l1_share``
+        (mean over classes of ||w_c^+||_1 / ||w_c||_1), ``l1``, ``l2``, and ``histogram``: ``{"edges", "counts"}``.
+    """
+    w = weight.detach().to(torch.float64).cpu()
+    if w.dim() != 2:
+        raise ValueError(f"weight must be (C, D), got {tuple(w.shape)}")
+    l1_rows = w.abs().sum(1)
+    positive = w.clamp(min=0).sum(1)
+    share = torch.where(l1_rows > 0, positive / l1_rows, torch.zeros_like(l1_rows))
+    low, high = float(w.min()), float(w.max())
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    counts = torch.histc(w.flatten(), bins=bins, min=low, max=high)
+    edges = torch.linspace(low, high, bins + 1)
+    return {"sparsity": float((w.abs() < zero_threshold).double().mean()),
+            "negative_share": float((w < 0).double().mean()), "positive_l1_share": float(share.mean()),
+            "l1": float(w.abs().sum()), "l2": float(w.pow(2).sum()), "zero_threshold": zero_threshold,
+            "histogram": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}}
+
+
+def margin_stats(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> dict[str, Any]:
+    """Sample margins (cosine form) and the head's class margin (methods.md §9.6, §5.2).
+
+    Returns:
+        ``margin_mean``, ``margin_min``, ``margin_median``, ``class_margin_deg``, ``centroid_norm`` (norm of the mean
+        normalised prototype) and ``margins`` (per sample, for histograms).
+    """
+    f = _matrix(features)
+    w = weight.detach().to(torch.float64).to(f.device)
+    margins = sample_margins(cosine_logits(f, w), labels.to(f.device))
+    unit = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return {"margin_mean": float(margins.mean()), "margin_min": float(margins.min()),
+            "margin_median": float(margins.median()), "class_margin_deg": math.degrees(float(class_margin(w))),
+            "centroid_norm": float(unit.mean(0).norm()), "margins": margins.cpu().tolist()}
