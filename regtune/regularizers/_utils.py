@@ -52,6 +52,19 @@ def penultimate(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, t
     return features, classifier_of(model)(features)
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the processes of a running ``torch.distributed`` group, in place; as is otherwise.
+
+    Statistics that the papers define over the data (AdaRand's class means of a batch, FMR's batch entropy) are
+    reduced as sums and counts, never as means, so that a run on several processes computes what one process would
+    on the whole batch.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

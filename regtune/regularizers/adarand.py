@@ -15,7 +15,14 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import LazyShapeMixin, check_choice, check_positive, model_device, penultimate
+from regtune.regularizers._utils import (
+    LazyShapeMixin,
+    all_reduce_sum,
+    check_choice,
+    check_positive,
+    model_device,
+    penultimate,
+)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers.functional import adarand_prior_losses, random_feature_loss
 
@@ -258,6 +265,10 @@ class AdaRand(RandomFeatureRegularizer):
         num_classes = self.running_mean.shape[0]
         sums = torch.zeros_like(self.running_mean).index_add_(0, labels, features.to(self.running_mean.dtype))
         counts = torch.bincount(labels, minlength=num_classes).to(self.running_mean.dtype)
+        # Under DDP: class sums and counts of the global batch (one all-reduce), so every process holds the running
+        # means a single process would compute on the whole batch.
+        reduced = all_reduce_sum(torch.cat([sums, counts[:, None]], dim=1))
+        sums, counts = reduced[:, :-1], reduced[:, -1]
         present = counts > 0
         batch_mean = sums / counts.clamp_min(1)[:, None]
         updated = self.alpha * self.running_mean + (1 - self.alpha) * batch_mean

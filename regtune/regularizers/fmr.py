@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import check_choice, check_positive, model_device, penultimate
+from regtune.regularizers._utils import all_reduce_sum, check_choice, check_positive, model_device, penultimate
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers.functional import channel_entropy
 
@@ -122,10 +122,15 @@ class FeatureMagnitudeRegularization(Regularizer):
         return features if self.target == "features" else logits
 
     def _weight_entropy(self, target: torch.Tensor, loss_entropy: torch.Tensor) -> torch.Tensor:
-        """Batch-mean entropy that drives the weight (tau = 1 unless ``weight_uses_tau``), detached."""
-        if self.weight_uses_tau or self.tau == 1.0:
-            return loss_entropy.detach().mean().double()
-        return channel_entropy(target.detach(), 1.0).mean().double()
+        """Batch-mean entropy that drives the weight (tau = 1 unless ``weight_uses_tau``), detached.
+
+        Under DDP the mean is over the global batch (sum and count all-reduced), so H_t and lambda_t are the same on
+        every process and equal to a single process's on the whole batch.
+        """
+        per_sample = loss_entropy if self.weight_uses_tau or self.tau == 1.0 else channel_entropy(target, 1.0)
+        per_sample = per_sample.detach().double()
+        total = all_reduce_sum(torch.stack([per_sample.sum(), per_sample.new_tensor(float(per_sample.numel()))]))
+        return total[0] / total[1]
 
     def _push(self, value: torch.Tensor) -> torch.Tensor:
         """Add one batch entropy to the window; return the running mean H_t (current batch included)."""

@@ -1,0 +1,83 @@
+"""Per-step statistics under DDP: 2 CPU processes (gloo), each with half of a batch, end in the state that 1 process
+reaches on the whole batch (AdaRand's running class means and prior means, FMR's window, H_t and lambda_t)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from regtune.regularizers import TrainStep, create_regularizer
+from tests.regularizers.nets import FeatureNet
+
+DIM, CLASSES, BATCH, STEPS = 6, 3, 8, 3
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    # class 2 appears only in the second half of the first batch: one process sees none of it (skipped there, but
+    # present in the global batch)
+    labels = [torch.tensor([0, 1, 0, 1, 0, 2, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]),
+              torch.tensor([1, 0, 2, 1, 0, 2, 2, 0])]
+    return [(torch.rand(BATCH, DIM, generator=g, dtype=torch.float64), y) for y in labels]
+
+
+def _terms() -> dict[str, torch.nn.Module]:
+    model = FeatureNet(DIM, CLASSES)
+    setup = [(torch.rand(9, DIM, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+              torch.arange(9) % CLASSES)]
+    terms = {"adarand": create_regularizer("adarand"), "fmr": create_regularizer("fmr", window=4, update_every=1)}
+    for term in terms.values():
+        term.to(torch.float64)
+        term.adapt_model(model)
+        term.setup(model, setup)  # the set-up passes see the same data in every process (no reduction there)
+        term.train()
+    return {"model": model, **terms}
+
+
+def _run(rank: int, world: int, shard: bool) -> dict[str, torch.Tensor]:
+    parts = _terms()
+    model = parts.pop("model")
+    for features, labels in _batches():
+        if shard:
+            features, labels = features.chunk(world)[rank], labels.chunk(world)[rank]
+        step = TrainStep(features=features, logits=model.get_classifier()(features), labels=labels, model=model)
+        for term in parts.values():
+            term(step)
+    return {f"{name}.{key}": value.detach().clone() for name, term in parts.items()
+            for key, value in term.state_dict().items() if isinstance(value, torch.Tensor)}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_run(rank, world, shard=True), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_processes_reach_the_single_process_state(tmp_path: Path) -> None:
+    single = _run(0, 1, shard=False)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert set(ranks[0]) == set(single)
+    for key, expected in single.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank[key], expected, rtol=1e-10, atol=1e-12, equal_nan=True, msg=key)
+    # the statistics really moved (a test of an unchanged state would prove nothing)
+    fresh = _terms()
+    assert not torch.equal(single["adarand.running_mean"], fresh["adarand"].running_mean)
+    assert int(single["fmr.window_count"]) > int(fresh["fmr"].window_count)
+
+
+def test_without_a_process_group_nothing_is_reduced() -> None:
+    from regtune.regularizers._utils import all_reduce_sum
+
+    value = torch.tensor([1.0, 2.0])
+    assert all_reduce_sum(value) is value and value.tolist() == [1.0, 2.0]
