@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
     report.add_argument("--title", default="", help="heading of summary.md")
 
+    analyze = sub.add_parser("analyze", help="feature statistics, margins, overlap and head weights of finished runs",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    analyze.add_argument("run_dirs", type=Path, nargs="+", help="finished run directories")
+    analyze.add_argument("--mi-samples", type=int, default=2000, help="samples in the MeanNN / I(F;Y) estimate")
+    analyze.add_argument("--test-limit", type=int, default=None, help="only the first N test images (quick look)")
+
     lst = sub.add_parser("list", help="list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
     return parser
@@ -223,6 +229,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from regtune.train.analyze import analyze_run
+
+    for run_dir in args.run_dirs:
+        result = analyze_run(run_dir, mi_samples=args.mi_samples, test_limit=args.test_limit)
+        tr, te = result["train"], result["test"]
+        print(f"{run_dir}: feature norm {tr['feature_norm']['per_sample_l2']:.3f} / {te['feature_norm']['per_sample_l2']:.3f}"
+              f" (train / test), FMR entropy {tr['fmr_entropy']['normalized']:.4f} / "
+              f"{te['fmr_entropy']['normalized']:.4f} of log D, I(F;Y) {tr['entropy_mi']['mi']:.2f} / "
+              f"{te['entropy_mi']['mi']:.2f}, mean margin {tr['margins']['margin_mean']:.3f} / "
+              f"{te['margins']['margin_mean']:.3f}, top-10 overlap {result['topk_overlap']['10']['overlap']:.2f}; "
+              f"{result['seconds']:.0f} s -> {Path(run_dir) / 'analysis.json'}, analysis.png")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "datasets":
         from regtune.data.datasets import list_datasets
@@ -253,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

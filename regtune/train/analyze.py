@@ -1,0 +1,151 @@
+"""`regtune analyze`: the feature statistics of a finished run (methods.md §9) on its training subset and test set.
+
+Loads the run's selected checkpoint with the run's own config, split and evaluation transform, extracts the
+penultimate features and logits, and measures feature norms, FMR entropy, MeanNN entropy and I(F;Y), margins, top-k
+train/test overlap and head-weight statistics. Writes ``analysis.json`` and ``analysis.png`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from regtune.analysis.features import (
+    feature_norms,
+    fmr_entropy,
+    head_weight_stats,
+    margin_stats,
+    mutual_information,
+    topk_overlap,
+)
+from regtune.data.datasets import build_dataset
+from regtune.data.subset import split_from_manifest
+from regtune.data.transforms import TransformedSubset, build_transforms
+from regtune.models import create_backbone, data_config, forward_parts
+from regtune.regularizers import create_criterion
+from regtune.train.config import FitConfig, load_config
+
+__all__ = ["load_run_model", "extract", "analyze_run"]
+
+_log = logging.getLogger(__name__)
+
+
+def load_run_model(run_dir: str | Path, num_classes: int,
+                   checkpoint: str | None = None) -> tuple[torch.nn.Module, FitConfig, str]:
+    """The run's model with the weights of its selected checkpoint (or ``checkpoint``), in eval mode.
+
+    Returns:
+        ``(model, config, checkpoint path)``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    if checkpoint is None:
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"{run_dir} has no metrics.json: the run has not finished (analyze a checkpoint "
+                                    "explicitly, or finish it with regtune fit --resume)")
+        checkpoint = json.loads(metrics_path.read_text())["selected_checkpoint"]
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    model = create_backbone(config.model.backbone, num_classes, pretrained="none").model
+    create_criterion(config.criterion.name, **config.criterion.args).adapt_model(model)  # e.g. a cosine head
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), config, str(path)
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(features, logits, labels)`` of every item of ``loader`` (model in eval mode)."""
+    features, logits, labels = [], [], []
+    for images, targets, *_ in loader:
+        _, f, z = forward_parts(model, images)
+        features.append(f.float())
+        logits.append(z.float())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+def _subsample(features: torch.Tensor, labels: torch.Tensor, limit: int, seed: int = 0):
+    if features.shape[0] <= limit:
+        return features, labels
+    order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+    return features[order], labels[order]
+
+
+def _split_stats(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                 mi_samples: int) -> dict[str, Any]:
+    f_mi, y_mi = _subsample(features, labels, mi_samples)
+    margins = margin_stats(features, labels, weight)
+    return {
+        "n": int(features.shape[0]),
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "feature_norm": feature_norms(features),
+        "fmr_entropy": fmr_entropy(features),
+        "entropy_mi": mutual_information(f_mi, y_mi),
+        "margins": {k: v for k, v in margins.items() if k != "margins"},
+        "_margins": margins["margins"],
+    }
+
+
+def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] = (10, 50), batch_size: int = 128,
+                test_limit: int | None = None) -> dict[str, Any]:
+    """Measure a finished run and write ``analysis.json`` and ``analysis.png`` into it.
+
+    Args:
+        run_dir: The run directory.
+        mi_samples: At most this many samples (seeded subsample) enter MeanNN / I(F;Y) (quadratic cost); the
+            number used is reported.
+        ks: k values of the top-k overlap (capped at D).
+        batch_size: Extraction batch size.
+        test_limit: Use only the first ``test_limit`` test images (a quick look; reported).
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
+    d = load_config(run_dir / "config.yaml").data
+    train_set = build_dataset(d.dataset, d.root, "train", download=False)
+    test_set = build_dataset(d.dataset, d.root, "test", download=False)
+    model, config, checkpoint = load_run_model(run_dir, train_set.num_classes)
+    split = split_from_manifest(run_dir / "split.json", train_set.ids, d.dataset)
+    preprocessing = data_config(model, d.img_size)
+    if d.crop_pct is not None:
+        preprocessing["crop_pct"] = d.crop_pct
+    _, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip)
+    test_items = range(len(test_set)) if test_limit is None else range(min(test_limit, len(test_set)))
+    loaders = {"train": DataLoader(TransformedSubset(train_set, split.train, eval_tf), batch_size=batch_size),
+               "test": DataLoader(TransformedSubset(test_set, test_items, eval_tf), batch_size=batch_size)}
+    weight = model.get_classifier().weight.detach().float()
+    extracted = {name: extract(model, loader) for name, loader in loaders.items()}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": checkpoint, "methods": {
+        "criterion": config.criterion.name, "regularizers": [r.name for r in config.regularizers]},
+        "feature_dim": int(weight.shape[1]), "mi_samples_max": mi_samples, "test_limit": test_limit}
+    for name, (features, logits, labels) in extracted.items():
+        result[name] = _split_stats(features, logits, labels, weight, mi_samples)
+    (f_tr, _, y_tr), (f_te, _, y_te) = extracted["train"], extracted["test"]
+    result["topk_overlap"] = {str(k): topk_overlap(f_tr, y_tr, f_te, y_te, weight, k=min(k, weight.shape[1]))
+                              for k in ks}
+    result["head"] = head_weight_stats(weight)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    from regtune.analysis.plots import plot_run_analysis
+
+    plot_run_analysis(result, f_te, y_te, run_dir / "analysis.png", title=run_dir.name)
+    payload = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
+               for k, v in result.items()}
+    tmp = run_dir / "analysis.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, run_dir / "analysis.json")
+    _log.info("analysis of %s written (%.0f s)", run_dir, result["seconds"])
+    return result
