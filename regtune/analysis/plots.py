@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,6 +106,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     ax.set_xscale("log")
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("k (top channels per class)")
     ax.set_ylabel("train/test overlap")
     ax.set_title("top-k weighted feature overlap")
@@ -120,7 +122,10 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1 else "PC2")
     ax.set_title(f"test features, PCA ({f.shape[0]} points)")
-    fig.colorbar(scatter, ax=ax, label="class")
+    if len(torch.unique(y)) <= 20:
+        ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
+    else:
+        fig.colorbar(scatter, ax=ax, label="class")
     train, test = result["train"], result["test"]
     fig.suptitle(f"{title}  |  feature norm train {train['feature_norm']['per_sample_l2']:.2f} / test "
                  f"{test['feature_norm']['per_sample_l2']:.2f}; FMR entropy (normalised) "
