@@ -204,7 +204,8 @@ def measure_term_cost(
     teacher), without the noise of timing whole steps. Model-changing methods (StochNorm) cost inside the forward
     pass and show here as about 0.
     """
-    from regtune.regularizers import CrossEntropy, TrainStep
+    from regtune.models import forward_parts
+    from regtune.regularizers import CrossEntropy, TrainStep, capture_outputs
 
     dev = torch.device(device)
     costs: dict[str, float] = {}
@@ -213,9 +214,6 @@ def measure_term_cost(
                                                        dev, seed)
         images = module._layout(x)
         wanted = list(dict.fromkeys(n for t in module.regularizers.values() for n in t.needs_feature_maps))
-        from regtune.models import forward_parts
-        from regtune.regularizers import capture_outputs
-
         with torch.no_grad(), capture_outputs(module.model, wanted) as maps:
             feature_map, features, logits = forward_parts(module.model, images)
 

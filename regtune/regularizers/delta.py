@@ -183,6 +183,7 @@ class DELTA(LazyShapeMixin, Regularizer):
         self.register_buffer("attention_weights", torch.zeros(0))  # concatenated a_j; (sum_j C_j,) after setup
         self.register_buffer("attention_sizes", torch.zeros(0, dtype=torch.long))  # C_j
         self._head: list[nn.Parameter] = []
+        self._sizes: list[int] | None = None  # attention_sizes as Python ints, read once (no per-step host sync)
         self._fmt: dict[str, Any] = {"prefix_tokens": 0, "channels_last": False}
         self._last: dict[str, torch.Tensor] = {}
 
@@ -223,6 +224,11 @@ class DELTA(LazyShapeMixin, Regularizer):
         device = self.attention_weights.device
         self.attention_weights = weights.detach().to(device=device, dtype=self.attention_weights.dtype)
         self.attention_sizes = sizes.detach().to(device=device, dtype=torch.long)
+        self._sizes = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        self._sizes = None  # a checkpoint may bring other layer sizes
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _ablation_attention(self, loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.source is not None
@@ -285,7 +291,9 @@ class DELTA(LazyShapeMixin, Regularizer):
             return [None] * len(self.needs_feature_maps)
         if self.attention_weights.numel() == 0:
             raise RuntimeError("DELTA's attention is not computed: call setup(model, loader) before training")
-        return list(torch.split(self.attention_weights, self.attention_sizes.tolist()))
+        if self._sizes is None:
+            self._sizes = self.attention_sizes.tolist()
+        return list(torch.split(self.attention_weights, self._sizes))
 
     def forward(self, step: TrainStep) -> torch.Tensor:
         if self.source is None:
