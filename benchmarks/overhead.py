@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py --out benchmarks/results/overhead_cpu.md
     python benchmarks/overhead.py --methods transfer --memory --out benchmarks/results/overhead_transfer_cpu.md
+    python benchmarks/overhead.py --framework --out benchmarks/results/framework_cpu.md
     python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 --out benchmarks/results/overhead_cuda.md
 """
 
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from regtune.bench.overhead import METHOD_SETS, measure_overhead, measure_peak_rss, measure_term_cost, overhead_table
+from regtune.bench.overhead import (
+    METHOD_SETS,
+    framework_table,
+    measure_framework_overhead,
+    measure_overhead,
+    measure_peak_rss,
+    measure_term_cost,
+    overhead_table,
+)
 
 
 def main() -> None:
@@ -34,6 +43,8 @@ def main() -> None:
                         help="only time each method's terms alone on one recorded step (fast, precise profile)")
     parser.add_argument("--memory", action="store_true",
                         help="on CPU, also the peak resident memory of each method in its own process")
+    parser.add_argument("--framework", action="store_true",
+                        help="regtune fit's own overhead: its steps and epochs against a bare PyTorch loop")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[overhead] %(message)s")
@@ -44,6 +55,18 @@ def main() -> None:
             parser.error(f"--only: unknown label(s) {', '.join(unknown)}; known: {', '.join(m.label for m in methods)}")
         methods = tuple(m for m in methods if m.label == methods[0].label or m.label in args.only)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if args.framework:
+        if args.device != "cpu":
+            parser.error("--framework measures the CPU loop; run regtune fit on a GPU for GPU throughput")
+        result = measure_framework_overhead(backbone=args.backbone, img_size=args.img_size,
+                                            batch_size=args.batch_size, rounds=args.rounds)
+        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}; "
+                 f"{platform.node()}\n\n" + framework_table(result))
+        print(table)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(table + "\n")
+        return
     if args.terms_only:
         terms = measure_term_cost(methods, backbone=args.backbone, img_size=args.img_size,
                                   batch_size=args.batch_size, device=args.device)

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="set any config field, e.g. --set optim.warmup_epochs=1")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
+    fit.add_argument("--feature-stats", action="store_true",
+                     help="log per-epoch feature norm, FMR entropy and margins [trainer.feature_stats]")
     for flag, (key, kind, text) in _FLAGS.items():
         fit.add_argument(flag, type=str if key == "criterion" else kind, default=None, help=f"{text} [{key}]")
 
@@ -116,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("run_dirs", type=Path, nargs="+", help="finished run directories")
     analyze.add_argument("--mi-samples", type=int, default=2000, help="samples in the MeanNN / I(F;Y) estimate")
     analyze.add_argument("--test-limit", type=int, default=None, help="only the first N test images (quick look)")
+    analyze.add_argument("--compare", type=Path, default=None,
+                         help="folder for side-by-side figures and a table of the runs (default with several runs: "
+                              "their common parent folder)")
+    analyze.add_argument("--reuse", action="store_true", help="reuse a run's analysis.json if it exists")
+
+    cam = sub.add_parser("cam", help="CAM overlays (image, CAM, CAM+, CAM-, box) and localization on boxes",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cam.add_argument("run_dir", type=Path, help="finished run directory")
+    cam.add_argument("--images", type=Path, nargs="+", default=[], help="image files to draw CAMs for")
+    cam.add_argument("--indices", type=int, nargs="+", default=[],
+                     help="items of the run's dataset split to draw (with their ground-truth boxes)")
+    cam.add_argument("--split", default="test", help="dataset split of --indices and --localize")
+    cam.add_argument("--out", type=Path, help="folder of the overlays (default RUN_DIR/cams)")
+    cam.add_argument("--source", default="cam",
+                     help="cam | positive (CAM+ alone) | gradcam | gradcam++ | hirescam | xgradcam | eigencam | "
+                          "layercam")
+    cam.add_argument("--threshold", type=float, default=0.2, help="tau of the drawn box and of GT-known / Top-1 Loc")
+    cam.add_argument("--localize", action="store_true",
+                     help="also MaxBoxAcc, MaxBoxAccV2, GT-known and Top-1 Loc on the split's boxes (cub200)")
+    cam.add_argument("--limit", type=int, default=None, help="localize only the first N images of the split")
 
     lst = sub.add_parser("list", help="list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
@@ -163,6 +185,8 @@ def _fit_config(args: argparse.Namespace):
         overrides["data.download"] = True
     if args.no_progress:
         overrides["trainer.progress_bar"] = False
+    if args.feature_stats:
+        overrides["trainer.feature_stats"] = True
     if args.devices is not None:
         overrides["trainer.devices"] = yaml.safe_load(args.devices)
     for item in args.set:
@@ -233,6 +257,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from regtune.train.analyze import analyze_run
 
     for run_dir in args.run_dirs:
+        if args.reuse and (run_dir / "analysis.json").is_file():
+            print(f"{run_dir}: reusing analysis.json")
+            continue
         result = analyze_run(run_dir, mi_samples=args.mi_samples, test_limit=args.test_limit)
         tr, te = result["train"], result["test"]
         print(f"{run_dir}: feature norm {tr['feature_norm']['per_sample_l2']:.3f} / {te['feature_norm']['per_sample_l2']:.3f}"
@@ -241,6 +268,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               f"{te['entropy_mi']['mi']:.2f}, mean margin {tr['margins']['margin_mean']:.3f} / "
               f"{te['margins']['margin_mean']:.3f}, top-10 overlap {result['topk_overlap']['10']['overlap']:.2f}; "
               f"{result['seconds']:.0f} s -> {Path(run_dir) / 'analysis.json'}, analysis.png")
+    if len(args.run_dirs) > 1 or args.compare is not None:
+        from regtune.train.analyze import compare_runs
+
+        out = args.compare or Path(os.path.commonpath([p.absolute() for p in args.run_dirs]))
+        paths = compare_runs(args.run_dirs, out)
+        print(paths["table"].read_text())
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    from regtune.train.cams import localize_run, write_cam_overlays
+
+    paths = write_cam_overlays(args.run_dir, images=args.images, indices=args.indices, split=args.split,
+                               out=args.out, source=args.source, threshold=args.threshold)
+    print("overlays: " + ", ".join(str(p) for p in paths))
+    if args.localize:
+        r = localize_run(args.run_dir, split=args.split, source=args.source, limit=args.limit,
+                         threshold=args.threshold, progress=True)
+        v2 = ", ".join(f"{float(k):.1f}: {v:.4f}" for k, v in r["max_box_acc_v2_per_delta"].items())
+        print(f"{args.run_dir} ({r['split']}, {r['n']} images, {r['source']}): MaxBoxAcc {r['max_box_acc']:.4f} "
+              f"(tau {r['best_threshold']:.2f}), MaxBoxAccV2 {r['max_box_acc_v2']:.4f} ({v2}), GT-known Loc "
+              f"{r['gt_known_loc']:.4f} and Top-1 Loc {r['top1_loc']:.4f} at tau {r['threshold']}, Top-1 Cls "
+              f"{r['top1_cls']:.4f}; {r['seconds']:.0f} s")
     return 0
 
 
@@ -276,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command == "cam":
+            return _cmd_cam(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

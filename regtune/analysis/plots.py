@@ -11,7 +11,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_learning_curves", "plot_run_analysis"]
+__all__ = ["plot_learning_curves", "plot_run_analysis", "plot_comparison", "plot_head_sparsity"]
 
 
 def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
@@ -131,6 +131,119 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
                  f"{test['feature_norm']['per_sample_l2']:.2f}; FMR entropy (normalised) "
                  f"{train['fmr_entropy']['normalized']:.4f} / {test['fmr_entropy']['normalized']:.4f}; "
                  f"I(F;Y) {train['entropy_mi']['mi']:.1f} / {test['entropy_mi']['mi']:.1f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_CURVES = (("feature_norm", "feature norm  mean ||f||_2"), ("fmr_entropy", "FMR channel entropy / log D"),
+           ("sample_margin", "mean sample margin (cosine)"))
+
+
+def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequence[dict[str, Any]]],
+                    names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Runs side by side (e.g. FT vs FMR vs AdaRand): per-epoch feature norm, FMR entropy and sample margin (train
+    solid, validation dashed; runs fitted with ``--feature-stats``), test margin histograms, top-k overlap against k
+    and head-weight histograms.
+
+    Args:
+        results: Each run's ``analysis.json`` content (with ``margin_histogram``).
+        epoch_logs: Each run's epoch-log rows.
+        names: Legend label per run.
+        path: Output PNG.
+    """
+    path = Path(path)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.6))
+    for ax, (key, label) in zip(axes[0], _CURVES):
+        drawn = False
+        for i, (rows, name) in enumerate(zip(epoch_logs, names)):
+            for split, style in (("train", "-"), ("val", "--")):
+                points = [(r["epoch"] + 1, r[f"{split}/{key}"]) for r in rows if f"{split}/{key}" in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=colours[i % len(colours)], marker="o", ms=2.5,
+                            label=f"{name} ({split})")
+                    drawn = True
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no per-epoch statistics:\nfit with --feature-stats", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (train: training passes, augmented; val: eval mode)")
+        ax.set_ylabel(label)
+        ax.set_title(label.split("  ")[0] + " over training")
+        ax.grid(alpha=0.3)
+    ax = axes[1, 0]
+    for i, (result, name) in enumerate(zip(results, names)):
+        hist = result["test"].get("margin_histogram")
+        if hist:
+            ax.stairs(hist["density"], hist["edges"], color=colours[i % len(colours)], linewidth=1.6,
+                      label=f"{name} (mean {result['test']['margins']['margin_mean']:.3f})")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("test sample margin: cos(f, w_y) - max_{j != y} cos(f, w_j)")
+    ax.set_ylabel("density")
+    ax.set_title("test margins")
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    for i, (result, name) in enumerate(zip(results, names)):
+        ks = sorted(int(k) for k in result["topk_overlap"])
+        ax.plot(ks, [result["topk_overlap"][str(k)]["weighted_overlap"] for k in ks], marker="o",
+                color=colours[i % len(colours)], label=name)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("k (top channels per class)")
+    ax.set_ylabel("weighted train/test overlap")
+    ax.set_title("top-k feature overlap")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1, 2]
+    for i, (result, name) in enumerate(zip(results, names)):
+        hist = result["head"]["histogram"]
+        total = max(sum(hist["counts"]), 1)
+        widths = [b - a for a, b in zip(hist["edges"][:-1], hist["edges"][1:])]
+        ax.stairs([c / total / w for c, w in zip(hist["counts"], widths)], hist["edges"],
+                  color=colours[i % len(colours)], linewidth=1.6,
+                  label=f"{name} ({100 * result['head']['negative_share']:.0f}% < 0)")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("head weight w_ck")
+    ax.set_ylabel("density (log)")
+    ax.set_title("head weights")
+    ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_head_sparsity(points: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Classification and localization against head sparsity (the CAM study's figure), one point per run.
+
+    Args:
+        points: ``{"name", "sparsity", "accuracy"}`` and optionally ``"localization"`` (MaxBoxAccV2) per run.
+        path: Output PNG.
+    """
+    path = Path(path)
+    order = sorted(points, key=lambda p: p["sparsity"])
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    x = [100 * p["sparsity"] for p in order]
+    ax.plot(x, [100 * p["accuracy"] for p in order], "-o", color="tab:blue", label="test accuracy")
+    located = [(100 * p["sparsity"], 100 * p["localization"]) for p in order if p.get("localization") is not None]
+    if located:
+        ax.plot(*zip(*located), "-s", color="tab:red", label="MaxBoxAccV2")
+    for xi, p in zip(x, order):
+        ax.annotate(p["name"], (xi, 100 * p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("head sparsity: % of |w_ck| < threshold")
+    ax.set_ylabel("%")
+    ax.set_title(title or "accuracy (and localization) vs head sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

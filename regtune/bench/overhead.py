@@ -24,8 +24,9 @@ from regtune.regularizers import create_criterion, create_regularizer
 from regtune.train.config import OptimConfig, TermSpec
 from regtune.train.module import FineTuner
 
-__all__ = ["Method", "OverheadResult", "measure_overhead", "measure_peak_rss", "measure_term_cost", "overhead_table", "SEED_METHODS",
-           "TRANSFER_METHODS", "METHOD_SETS"]
+__all__ = ["Method", "OverheadResult", "measure_overhead", "measure_peak_rss", "measure_term_cost", "overhead_table",
+           "FrameworkResult", "measure_framework_overhead", "framework_table", "SEED_METHODS", "TRANSFER_METHODS",
+           "METHOD_SETS"]
 
 _log = logging.getLogger(__name__)
 
@@ -331,3 +332,178 @@ def overhead_table(results: Sequence[OverheadResult], peak_rss: dict[str, tuple[
             line += f" {term_ms[r.label]:.2f} | {(base_ms + term_ms[r.label]) / base_ms:.3f} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+# -- regtune's own framework overhead ---------------------------------------------------------------------------------
+
+
+@dataclass
+class FrameworkResult:
+    """Per-step and per-epoch time of ``regtune fit`` against a bare PyTorch loop on the same model and data."""
+
+    bare_ms_per_step: float
+    regtune_ms_per_step: float
+    step_ratio: float
+    bare_s_per_epoch: float
+    regtune_s_per_epoch: float
+    epoch_ratio: float
+    steps_per_epoch: int
+    rounds: int
+    regtune_fit_s: float
+
+
+class _StepClock:
+    """Iteration-to-iteration times (data loading + step + every hook) and epoch times, from inside a loop."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.epochs: list[float] = []
+        self._last: float | None = None
+        self._epoch_start = 0.0
+
+    def epoch_start(self) -> None:
+        self._epoch_start = self._last = time.perf_counter()
+
+    def step_end(self, first_of_epoch: bool) -> None:
+        now = time.perf_counter()
+        if not first_of_epoch:  # the first step of an epoch also pays for the loader's start: counted per epoch
+            self.steps.append(now - self._last)
+        self._last = now
+
+    def epoch_end(self) -> None:
+        self.epochs.append(time.perf_counter() - self._epoch_start)
+
+
+def _write_synthetic_imagefolder(root: Any, classes: int, total: int, size: int, seed: int) -> None:
+    """``total`` random training images, image k in class k mod ``classes``, and one test image per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    for k in range(total):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / "train" / f"class_{k % classes:02d}" / f"{k}.png")
+    for c in range(classes):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / "test" / f"class_{c:02d}" / "0.png")
+
+
+def _bare_epochs(root: Any, backbone: str, pretrained: str, img_size: int, batch_size: int, epochs: int,
+                 clock: _StepClock, seed: int) -> None:
+    """The loop a user writes by hand: timm model and transform, torchvision ImageFolder, SGD, cosine schedule."""
+    import math
+
+    import timm.data
+    import torchvision
+
+    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(seed)
+    built = create_backbone(backbone, 10, pretrained=pretrained)
+    model = built.model.to(memory_format=torch.channels_last).train()
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(input_size=(3, img_size, img_size), is_training=True, scale=(0.5, 1.0),
+                                           hflip=0.5, color_jitter=None, interpolation=config["interpolation"],
+                                           mean=config["mean"], std=config["std"])
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    head = list(model.get_classifier().parameters())
+    head_ids = {id(p) for p in head}
+    optim = OptimConfig()
+    optimizer = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in head_ids]},
+                                 {"params": head, "lr": optim.lr * optim.head_lr_mult}], lr=optim.lr,
+                                momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=optim.weight_decay)
+    total = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    for _ in range(epochs):
+        clock.epoch_start()
+        for i, (images, labels) in enumerate(loader):
+            logits = model(images.contiguous(memory_format=torch.channels_last))
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            clock.step_end(first_of_epoch=i == 0)
+        clock.epoch_end()
+
+
+def measure_framework_overhead(backbone: str = "tf_efficientnet_lite0", pretrained: str = "auto", img_size: int = 128,
+                               batch_size: int = 32, steps_per_epoch: int = 12, epochs: int = 2, rounds: int = 3,
+                               seed: int = 0) -> FrameworkResult:
+    """``regtune fit`` (Lightning, regtune's callbacks, per-step CSV log, checkpoints each epoch) against a bare loop.
+
+    Both train the same backbone (channels-last in both) on the same synthetic 10-class image folder with the same
+    augmentation, batch size, optimizer and schedule, single process, no validation. They alternate, ``rounds``
+    times each. Per step: the median iteration-to-iteration time (data loading, forward, backward, optimizer and
+    every hook), first step of each epoch excluded; per epoch: the median epoch wall time (the first step, the
+    epoch's hooks and regtune's checkpoints included). Ratios are medians over rounds of regtune / bare.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+
+    from regtune.train.config import DataConfig, FitConfig, ModelConfig, TrainerConfig
+    from regtune.train.fit import fit
+
+    class Clocked(pl.Callback):
+        def __init__(self, clock: _StepClock) -> None:
+            self.clock = clock
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.clock.epoch_start()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            self.clock.step_end(first_of_epoch=batch_idx == 0)
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.clock.epoch_end()
+
+    with tempfile.TemporaryDirectory(prefix="regtune-framework-") as tmp:
+        root = Path(tmp) / "data"
+        _write_synthetic_imagefolder(root, 10, max(steps_per_epoch * batch_size, 10), img_size, seed)
+        config = FitConfig(
+            data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, per_class=None, val_fraction=0.0,
+                            img_size=img_size, batch_size=batch_size, num_workers=0),
+            model=ModelConfig(backbone=backbone, pretrained=pretrained),
+            trainer=TrainerConfig(epochs=epochs, seed=seed, select="last", progress_bar=False, accelerator="cpu"),
+        )
+        bare_steps, bare_epochs, ours_steps, ours_epochs, fit_seconds = [], [], [], [], []
+        for r in range(rounds):
+            bare_clock = _StepClock()
+            _bare_epochs(root, backbone, pretrained, img_size, batch_size, epochs, bare_clock, seed)
+            bare_steps.append(statistics.median(bare_clock.steps))
+            bare_epochs.append(statistics.median(bare_clock.epochs))
+            clock = _StepClock()
+            started = time.perf_counter()
+            fit(config, run_dir=Path(tmp) / f"run{r}", callbacks=[Clocked(clock)])
+            fit_seconds.append(time.perf_counter() - started)
+            if len(clock.steps) != len(bare_clock.steps):
+                raise RuntimeError(f"the loops ran different step counts ({len(clock.steps)} vs "
+                                   f"{len(bare_clock.steps)}); the comparison would be unfair")
+            ours_steps.append(statistics.median(clock.steps))
+            ours_epochs.append(statistics.median(clock.epochs))
+            _log.info("framework round %d/%d: bare %.0f ms/step, regtune %.0f ms/step", r + 1, rounds,
+                      1000 * bare_steps[-1], 1000 * ours_steps[-1])
+    return FrameworkResult(
+        bare_ms_per_step=1000 * statistics.median(bare_steps), regtune_ms_per_step=1000 * statistics.median(ours_steps),
+        step_ratio=statistics.median(o / b for o, b in zip(ours_steps, bare_steps)),
+        bare_s_per_epoch=statistics.median(bare_epochs), regtune_s_per_epoch=statistics.median(ours_epochs),
+        epoch_ratio=statistics.median(o / b for o, b in zip(ours_epochs, bare_epochs)),
+        steps_per_epoch=len(bare_clock.steps) // epochs + 1, rounds=rounds, regtune_fit_s=statistics.median(fit_seconds))
+
+
+def framework_table(result: FrameworkResult) -> str:
+    """Markdown table of :func:`measure_framework_overhead`."""
+    r = result
+    return ("| loop | ms / step (median) | s / epoch (median) |\n|---|---:|---:|\n"
+            f"| bare PyTorch loop | {r.bare_ms_per_step:.1f} | {r.bare_s_per_epoch:.2f} |\n"
+            f"| regtune fit | {r.regtune_ms_per_step:.1f} | {r.regtune_s_per_epoch:.2f} |\n"
+            f"| **ratio** | **{r.step_ratio:.3f}x** | **{r.epoch_ratio:.3f}x** |\n\n"
+            f"{r.steps_per_epoch} steps per epoch, {r.rounds} alternating rounds; ratios are medians over rounds. "
+            f"One whole `fit` (set-up, {r.steps_per_epoch}-step epochs, checkpoints, test, plots) took "
+            f"{r.regtune_fit_s:.1f} s.")

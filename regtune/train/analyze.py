@@ -32,7 +32,11 @@ from regtune.models import create_backbone, data_config, forward_parts
 from regtune.regularizers import create_criterion
 from regtune.train.config import FitConfig, load_config
 
-__all__ = ["load_run_model", "extract", "analyze_run"]
+__all__ = ["load_run_model", "extract", "analyze_run", "compare_runs"]
+
+MARGIN_EDGES = torch.linspace(-1.0, 1.0, 81, dtype=torch.float64)
+"""Bins of the saved margin histograms (margins outside [-1, 1] are counted in the end bins), shared by all runs so
+that runs compare bin by bin."""
 
 _log = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ def _split_stats(features: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
                  mi_samples: int) -> dict[str, Any]:
     f_mi, y_mi = _subsample(features, labels, mi_samples)
     margins = margin_stats(features, labels, weight)
+    values = torch.tensor(margins["margins"], dtype=torch.float64).clamp(-1.0, 1.0)
+    counts = torch.histogram(values, bins=MARGIN_EDGES).hist
+    width = float(MARGIN_EDGES[1] - MARGIN_EDGES[0])
     return {
         "n": int(features.shape[0]),
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
@@ -95,11 +102,14 @@ def _split_stats(features: torch.Tensor, logits: torch.Tensor, labels: torch.Ten
         "fmr_entropy": fmr_entropy(features),
         "entropy_mi": mutual_information(f_mi, y_mi),
         "margins": {k: v for k, v in margins.items() if k != "margins"},
+        "margin_histogram": {"edges": MARGIN_EDGES.tolist(), "counts": [int(c) for c in counts.tolist()],
+                             "density": (counts / max(float(counts.sum()), 1.0) / width).tolist()},
         "_margins": margins["margins"],
     }
 
 
-def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] = (10, 50), batch_size: int = 128,
+def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] = (1, 3, 10, 30, 100, 300),
+                batch_size: int = 128,
                 test_limit: int | None = None) -> dict[str, Any]:
     """Measure a finished run and write ``analysis.json`` and ``analysis.png`` into it.
 
@@ -135,8 +145,8 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     for name, (features, logits, labels) in extracted.items():
         result[name] = _split_stats(features, logits, labels, weight, mi_samples)
     (f_tr, _, y_tr), (f_te, _, y_te) = extracted["train"], extracted["test"]
-    result["topk_overlap"] = {str(k): topk_overlap(f_tr, y_tr, f_te, y_te, weight, k=min(k, weight.shape[1]))
-                              for k in ks}
+    result["topk_overlap"] = {str(k): topk_overlap(f_tr, y_tr, f_te, y_te, weight, k=k)
+                              for k in sorted({min(int(k), weight.shape[1]) for k in ks})}
     result["head"] = head_weight_stats(weight)
     result["seconds"] = round(time.perf_counter() - started, 2)
     from regtune.analysis.plots import plot_run_analysis
@@ -149,3 +159,57 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     os.replace(tmp, run_dir / "analysis.json")
     _log.info("analysis of %s written (%.0f s)", run_dir, result["seconds"])
     return result
+
+
+def _label(run_dir: Path) -> str:
+    return run_dir.name
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None
+                 ) -> dict[str, Path]:
+    """Side-by-side figures and a table of runs already analysed (``analysis.json``).
+
+    Writes into ``out``: ``analysis_compare.png`` (per-epoch feature norm / entropy / margin curves of runs fitted
+    with ``--feature-stats``, test margin histograms, top-k overlap against k, head-weight histograms),
+    ``head_sparsity.png`` (test accuracy, and MaxBoxAccV2 where ``localization.json`` exists, against head
+    sparsity) and ``analysis_compare.md``.
+    """
+    from regtune.analysis.plots import plot_comparison, plot_head_sparsity
+    from regtune.train.callbacks import read_epoch_log
+
+    dirs = [Path(d) for d in run_dirs]
+    names = list(names) if names is not None else [_label(d) for d in dirs]
+    if len(names) != len(dirs):
+        raise ValueError(f"{len(names)} names for {len(dirs)} runs")
+    results = []
+    for d in dirs:
+        if not (d / "analysis.json").is_file():
+            raise FileNotFoundError(f"{d} has no analysis.json: run `regtune analyze {d}` first")
+        results.append(json.loads((d / "analysis.json").read_text()))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = [read_epoch_log(d / "epochs.csv") for d in dirs]
+    paths = {"figure": plot_comparison(results, logs, names, out / "analysis_compare.png",
+                                       title="  vs  ".join(names))}
+    points, lines = [], ["| run | test acc | feature norm (train / test) | FMR entropy / log D (test) | "
+                         "I(F;Y) (train / test) | mean margin (test) | class margin (deg) | weighted top-10 overlap"
+                         " | head sparsity | head negative | MaxBoxAccV2 |", "|" + "---|" * 11]
+    for d, name, r in zip(dirs, names, results):
+        loc = json.loads((d / "localization.json").read_text()) if (d / "localization.json").is_file() else None
+        points.append({"name": name, "sparsity": r["head"]["sparsity"], "accuracy": r["test"]["accuracy"],
+                       "localization": loc["max_box_acc_v2"] if loc else None})
+        overlap = r["topk_overlap"].get("10", {}).get("weighted_overlap", float("nan"))
+        located = "" if loc is None else f"{100 * loc['max_box_acc_v2']:.2f}"
+        lines.append(
+            f"| {name} | {100 * r['test']['accuracy']:.2f} | {r['train']['feature_norm']['per_sample_l2']:.2f} / "
+            f"{r['test']['feature_norm']['per_sample_l2']:.2f} | {r['test']['fmr_entropy']['normalized']:.4f} | "
+            f"{r['train']['entropy_mi']['mi']:.1f} / {r['test']['entropy_mi']['mi']:.1f} | "
+            f"{r['test']['margins']['margin_mean']:.3f} | {r['train']['margins']['class_margin_deg']:.1f} | "
+            f"{overlap:.3f} | {100 * r['head']['sparsity']:.1f}% | {100 * r['head']['negative_share']:.1f}% | "
+            f"{located} |")
+    paths["sparsity"] = plot_head_sparsity(points, out / "head_sparsity.png")
+    (out / "analysis_compare.md").write_text(
+        "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n" + "\n".join(lines)
+        + "\n")
+    paths["table"] = out / "analysis_compare.md"
+    return paths

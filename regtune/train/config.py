@@ -149,6 +149,9 @@ class TrainerConfig:
         progress_bar: Show the progress bar.
         channels_last: Channels-last memory format for model and batches (faster convolutions).
         log_every_n_steps: Period of the per-step log (``steps.csv``).
+        feature_stats: Also log, per epoch on the training and validation images, the mean feature norm, FMR's
+            normalised channel entropy and the mean cosine sample margin (methods.md §9), and the head's class
+            margin: the curves ``regtune analyze`` compares across runs. Costs a few vector operations per batch.
     """
 
     epochs: int = 15
@@ -161,6 +164,7 @@ class TrainerConfig:
     progress_bar: bool = True
     channels_last: bool = True
     log_every_n_steps: int = 1
+    feature_stats: bool = False
 
 
 @dataclass(frozen=True)

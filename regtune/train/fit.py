@@ -193,7 +193,7 @@ def fit(
     # directory exists.
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
-                       channels_last=t.channels_last)
+                       channels_last=t.channels_last, feature_stats=t.feature_stats)
     datamodule.with_index = module.needs_indices
 
     if not resume:

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from regtune.cli import main
-from regtune.train.analyze import analyze_run, load_run_model
+from torch.utils.data import DataLoader
+
+from regtune.train.analyze import analyze_run, compare_runs, extract, load_run_model
+from regtune.train.callbacks import read_epoch_log
+from regtune.train.config import apply_overrides
 from regtune.train.fit import fit
 from tests.conftest import write_imagefolder
 from tests.train.test_fit import tiny_config
@@ -25,7 +29,13 @@ def test_analyze_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture) -
     # the analysed model is the tested checkpoint: same test accuracy
     assert saved["test"]["accuracy"] == pytest.approx(run.metrics["test_acc"], abs=1e-6)
     assert saved["train"]["entropy_mi"]["n"] == 20 and saved["test"]["entropy_mi"]["n"] == 12  # subsample, all
-    assert set(saved["topk_overlap"]) == {"10", "50"} and 0 <= saved["topk_overlap"]["10"]["overlap"] <= 1
+    d = saved["feature_dim"]
+    assert set(saved["topk_overlap"]) == {str(min(k, d)) for k in (1, 3, 10, 30, 100, 300)}
+    assert 0 <= saved["topk_overlap"]["10"]["overlap"] <= 1
+    hist = saved["test"]["margin_histogram"]  # every test margin counted once, density integrates to 1
+    assert sum(hist["counts"]) == saved["test"]["n"]
+    assert sum(v * (b - a) for v, a, b in zip(hist["density"], hist["edges"][:-1], hist["edges"][1:])) == \
+        pytest.approx(1.0)
     assert "_margins" not in saved["train"] and len(result["train"]["_margins"]) == run.metrics["num_train"]
     # the analysed head is the selected checkpoint's (not the fresh model's)
     model, _, checkpoint = load_run_model(run.run_dir, 3)
@@ -41,3 +51,46 @@ def test_analyze_refuses_unfinished_runs(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="not finished"):
         load_run_model(tmp_path, 3)
+
+
+def test_feature_stats_per_epoch_and_side_by_side_comparison(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=3, train_per_class=10, test_per_class=4)
+    runs = []
+    for name, l1 in (("ft", None), ("head_l1", 0.5)):
+        config = tiny_config(root, epochs=2, feature_stats=True)
+        if l1 is not None:
+            config = apply_overrides(config, {"regularizers": [{"name": "head_l1", "args": {"weight": l1}}]})
+        runs.append(fit(config, run_dir=tmp_path / name).run_dir)
+    rows = read_epoch_log(runs[0] / "epochs.csv")
+    assert len(rows) == 2
+    for key in ("train/feature_norm", "train/fmr_entropy", "train/sample_margin", "train/class_margin_deg",
+                "val/feature_norm", "val/fmr_entropy", "val/sample_margin"):
+        assert key in rows[0], key
+    assert 0 < rows[0]["train/fmr_entropy"] <= 1 and -2 <= rows[0]["val/sample_margin"] <= 2
+    # the validation numbers are those of the model of that epoch on the validation images: recompute the last one
+    model, config, _ = load_run_model(runs[0], 3, checkpoint="checkpoints/last.ckpt")
+    from regtune.analysis.features import feature_norms, fmr_entropy
+    from regtune.data.datasets import build_dataset
+    from regtune.data.subset import split_from_manifest
+    from regtune.data.transforms import TransformedSubset, build_transforms
+    from regtune.models import data_config
+
+    train_set = build_dataset("imagefolder", root, "train")
+    split = split_from_manifest(runs[0] / "split.json", train_set.ids, "imagefolder")
+    preprocessing = {**data_config(model, 32), "crop_pct": config.data.crop_pct}
+    _, eval_tf = build_transforms(preprocessing, scale=config.data.scale, hflip=config.data.hflip)
+    features, _, _ = extract(model, DataLoader(TransformedSubset(train_set, split.val, eval_tf), batch_size=16))
+    assert rows[-1]["val/feature_norm"] == pytest.approx(feature_norms(features)["per_sample_l2"], rel=1e-4)
+    assert rows[-1]["val/fmr_entropy"] == pytest.approx(fmr_entropy(features)["normalized"], rel=1e-5)
+    # analyze both runs and compare them
+    assert main(["analyze", *map(str, runs), "--mi-samples", "10", "--compare", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "analysis_compare.md").read_text()
+    assert "| ft |" in table and "| head_l1 |" in table
+    for png in ("analysis_compare.png", "head_sparsity.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 20_000
+    # --reuse keeps the analysis already written
+    before = (runs[0] / "analysis.json").stat().st_mtime_ns
+    assert main(["analyze", str(runs[0]), "--reuse", "--compare", str(tmp_path / "cmp2")]) == 0
+    assert (runs[0] / "analysis.json").stat().st_mtime_ns == before
+    with pytest.raises(FileNotFoundError, match="regtune analyze"):
+        compare_runs([tmp_path / "data"], tmp_path / "cmp3")
