@@ -12,6 +12,8 @@ A grid file (YAML)::
     seeds: [0, 1, 2]                    # sugar for trainer.seed
     axes:                               # any other field of the fit config, by dotted key
       optim.lr: [0.01, 0.02]
+    where:                              # optional: overrides for the cells that match (all keys equal)
+      - {match: {data.fraction: 1.0}, set: {trainer.epochs: 1}}
     baseline: ft                        # paired differences are taken against it (default: ft, else the first)
     methods:                            # label -> what differs from base
       ft: {}
@@ -55,7 +57,7 @@ _log = logging.getLogger(__name__)
 
 _SUGAR = {"datasets": "data.dataset", "fractions": "data.fraction", "per_class": "data.per_class",
           "seeds": "trainer.seed"}
-_GRID_KEYS = {"name", "out", "base", "axes", "methods", "baseline", *_SUGAR}
+_GRID_KEYS = {"name", "out", "base", "axes", "methods", "baseline", "where", *_SUGAR}
 
 
 class GridError(ValueError):
@@ -93,6 +95,7 @@ class Grid:
     methods: dict[str, dict[str, Any]]
     baseline: str
     source: dict[str, Any] = field(default_factory=dict)
+    where: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _label(value: Any) -> str:
@@ -139,10 +142,21 @@ def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | 
     baseline = data.get("baseline", "ft" if "ft" in methods else next(iter(methods)))
     if baseline not in methods:
         raise GridError(f"baseline {baseline!r} is not one of the methods {list(methods)}")
+    where = data.get("where") or []
+    if not isinstance(where, list):
+        raise GridError("'where' must be a list of {match: {KEY: VALUE, ...}, set: {KEY: VALUE, ...}}")
+    for i, rule in enumerate(where):
+        if not isinstance(rule, dict) or set(rule) != {"match", "set"} or not isinstance(rule["match"], dict) \
+                or not isinstance(rule["set"], dict) or not rule["match"]:
+            raise GridError(f"where[{i}] must be {{match: {{KEY: VALUE, ...}}, set: {{KEY: VALUE, ...}}}}, got {rule!r}")
+        missing = sorted(k for k in rule["match"] if k not in axes)
+        if missing:
+            raise GridError(f"where[{i}] matches on {', '.join(missing)}, which is not an axis of the grid "
+                            f"(axes: {', '.join(axes)})")
     name = str(data.get("name") or default_name)
     grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name), base=data.get("base") or {},
                 axes=axes, methods={str(k): dict(v or {}) for k, v in methods.items()}, baseline=str(baseline),
-                source=data)
+                source=data, where=where)
     list(expand(grid))  # every config is built (and validated) before anything runs
     return grid
 
@@ -172,7 +186,12 @@ def expand(grid: Grid) -> Iterator[GridRun]:
                 spec = _method_config(grid.base, changes, label)
                 try:
                     config = config_from_dict(spec["config"])
-                    config = apply_overrides(config, {**cell, "trainer.seed": seed, **spec["set"]})
+                    coordinates = {**cell, "trainer.seed": seed}
+                    matched = {k: v for rule in grid.where
+                               if all(coordinates.get(key) == value for key, value in rule["match"].items())
+                               for k, v in rule["set"].items()}
+                    # cell-specific rules first, the method's own changes last (they define the method)
+                    config = apply_overrides(config, {**coordinates, **matched, **spec["set"]})
                     if "data.fraction" in cell:
                         config = apply_overrides(config, {"data.per_class": None})
                     if "data.per_class" in cell:

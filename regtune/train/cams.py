@@ -250,7 +250,7 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
         batch = torch.stack([transform(picture) for _, picture, _, _ in chunk])
         predicted = _predict(model, batch)
         maps = cam_maps(model, batch, predicted, source)
-        figure, axes = plt.subplots(len(chunk), 5, figsize=(12.5, 2.7 * len(chunk)), squeeze=False)
+        figure, axes = plt.subplots(len(chunk), 5, figsize=(12.5, 3.0 * len(chunk)), squeeze=False)
         for row, (name, picture, boxes, target) in enumerate(chunk):
             shown = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC))
             score = _display(maps["map"][row], size)

@@ -222,6 +222,7 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0 if not split.val and t.select != "test_acc" else None,  # no validation images: no loop
+        limit_train_batches=t.train_fraction if t.train_fraction < 1.0 else None,
         default_root_dir=str(run_dir),
     )
     _log.info("run directory: %s", run_dir)

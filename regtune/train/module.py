@@ -174,7 +174,7 @@ class FineTuner(pl.LightningModule):
         f = features.detach().float()
         weight = self.model.get_classifier().weight.detach().float()
         n = labels.shape[0]
-        sync = prefix != "train"  # validation metrics may select checkpoints; sync them like val/acc
+        sync = True  # epoch means over all processes (Lightning reduces on_epoch values once, at the epoch's end)
         self.log(f"{prefix}/feature_norm", f.norm(dim=1).mean(), on_step=False, on_epoch=True, batch_size=n,
                  sync_dist=sync)
         self.log(f"{prefix}/fmr_entropy", channel_entropy(f).mean() / math.log(f.shape[1]), on_step=False,

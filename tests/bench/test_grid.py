@@ -51,7 +51,23 @@ def test_expand_order_paths_and_overrides(tmp_path: Path) -> None:
     assert len({r.run_dir for r in runs}) == len(runs)
 
 
+def test_where_rules_override_matching_cells_only(tmp_path: Path) -> None:
+    spec = tiny_grid(tmp_path / "data", tmp_path / "out",
+                     where=[{"match": {"data.fraction": 1.0}, "set": {"trainer.epochs": 1, "optim.lr": 0.3}}])
+    spec["methods"]["fast"] = {"set": {"optim.lr": 0.7}}
+    runs = list(expand(grid_from_dict(spec)))
+    for run in runs:
+        full = run.config.data.fraction == 1.0
+        assert run.config.trainer.epochs == (1 if full else 2)
+        expected_lr = 0.7 if run.method == "fast" else (0.3 if full else 0.02)  # the method's own change wins
+        assert run.config.optim.lr == pytest.approx(expected_lr), (run.method, run.config.data.fraction)
+
+
 @pytest.mark.parametrize(("change", "message"), [
+    ({"where": [{"match": {"optim.lr": 0.1}, "set": {"trainer.epochs": 1}}]}, "not an axis"),
+    ({"where": [{"match": {"data.fraction": 1.0}}]}, "where\\[0\\] must be"),
+    ({"where": {"match": {}}}, "must be a list"),
+    ({"where": [{"match": {"data.fraction": 1.0}, "set": {"trainer.epochz": 1}}]}, "unknown config key"),
     ({"methods": {}}, "needs 'methods'"),
     ({"seedz": [0]}, "unknown grid key"),
     ({"baseline": "nope"}, "baseline 'nope'"),
@@ -171,6 +187,9 @@ def test_shipped_grids_parse_and_cover_the_methods() -> None:
         runs = list(expand(grid))
         assert grid.baseline == "ft" and runs
         names = {t.name for r in runs for t in r.config.regularizers} | {r.config.criterion.name for r in runs}
+        if path.stem == "quick":  # the README's ten-minute comparison: FT vs FMR vs AdaRand
+            assert {"fmr", "adarand"} <= names and "ft" in grid.methods and len(grid.axes["trainer.seed"]) >= 3
+            continue
         # every family of regtune is compared (the grids may leave out variants such as head_l2 or zero_centroid)
         assert {"fmr", "adarand", "randreg", "fnp", "maxent", "l2_sp", "delta", "bss", "co_tuning", "lwf",
                 "stochnorm", "lm_softmax"} <= names, (path.name, names)

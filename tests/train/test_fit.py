@@ -181,3 +181,13 @@ def test_empty_validation_split_is_an_error_not_a_silent_fallback(tmp_path: Path
     assert not (tmp_path / "run").exists()
     assert fit(apply_overrides(config, {"trainer.select": "last"}), run_dir=tmp_path / "run").metrics["selection"] \
         == "last"
+
+
+def test_train_fraction_shortens_every_epoch_and_the_schedule(imagefolder: Path, tmp_path: Path) -> None:
+    # 24 training images, batch 8: 3 batches per epoch; a fraction of 2/3 runs 2 of them, for every epoch
+    result = fit(tiny_config(imagefolder, epochs=2, train_fraction=2 / 3), run_dir=tmp_path / "run")
+    rows = read_epoch_log(result.run_dir / "epochs.csv")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[-1]["lr/backbone"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ends with the last step
+    with pytest.raises(ValueError, match="train_fraction"):
+        tiny_config(imagefolder, train_fraction=0.0)
