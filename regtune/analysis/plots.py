@@ -233,7 +233,7 @@ def plot_head_sparsity(points: Sequence[dict[str, Any]], path: str | Path, title
     order = sorted(points, key=lambda p: p["sparsity"])
     fig, ax = plt.subplots(figsize=(7, 4.4))
     x = [100 * p["sparsity"] for p in order]
-    ax.plot(x, [100 * p["accuracy"] for p in order], "-o", color="tab:blue", label="test accuracy")
+    ax.plot(x, [100 * p["accuracy"] for p in order], "-o", color="tab:blue", label="accuracy (analysed test images)")
     located = [(100 * p["sparsity"], 100 * p["localization"]) for p in order if p.get("localization") is not None]
     if located:
         ax.plot(*zip(*located), "-s", color="tab:red", label="MaxBoxAccV2")

@@ -106,6 +106,26 @@ def _quiet_lightning() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _no_uninitialized_fill() -> Iterator[None]:
+    """Deterministic kernels without PyTorch's NaN-filling of every new uninitialised tensor.
+
+    Under ``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic``), PyTorch also fills each
+    ``torch.empty`` result with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), which is a quarter of a
+    CPU training step of EfficientNet-Lite0 (profiled: ``aten::fill_`` 0.89 s of 3.56 s). It only changes what a
+    kernel that reads memory it never wrote would see; the deterministic kernel choice stays, and the tests that a
+    seed gives the same numbers and a resumed run the uninterrupted run's run with it off.
+    """
+    import torch.utils.deterministic
+
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous
+
+
 def _workers(requested: int | None) -> int:
     if requested is not None:
         return requested
@@ -232,7 +252,7 @@ def fit(
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        with _quiet_lightning():
+        with _quiet_lightning(), _no_uninitialized_fill():
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
     except SystemExit:
         # Lightning answers Ctrl-C by saving nothing further and calling sys.exit(1); a library call should return
@@ -260,7 +280,7 @@ def fit(
     selected = best_ckpt.best_model_path if monitor is not None else last_ckpt.last_model_path
     selected = selected or str(ckpt_dir / "last.ckpt")
     best_epoch = torch.load(selected, map_location="cpu", weights_only=False)["epoch"]
-    with _quiet_lightning():
+    with _quiet_lightning(), _no_uninitialized_fill():
         (result,) = trainer.test(module, datamodule=datamodule, ckpt_path=selected, verbose=False)
     metrics = {
         "test_acc": result["test/acc"],
