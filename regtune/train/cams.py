@@ -150,7 +150,7 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
         "max_box_acc": v1.max_box_acc(0.5), "best_threshold": v1.best_threshold(0.5),
         "max_box_acc_v2": v2.mean_max,
         "max_box_acc_v2_per_delta": {str(d): v2.max_box_acc(d) for d in v2.iou_thresholds},
-        "gt_known_loc": fixed["gt_known_loc"], "top1_loc": fixed["top1_loc"], "threshold": threshold,
+        "gt_known_loc": float(fixed["gt_known_loc"]), "top1_loc": float(fixed["top1_loc"]), "threshold": threshold,
         "top1_cls": sum(correct) / len(correct),
         "box_acc_curve": {"tau": v1.thresholds.round(6).tolist(), "acc": v1.accuracy[:, 0].tolist()},
     }
