@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User-facing errors carry their own explanation; the traceback is for --verbose.
         if args.verbose:
             raise
-        print(f"regtune: error: {err}", file=sys.stderr)
+        print(f"regtune: error: {err}", *getattr(err, "__notes__", ()), sep="\n", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ The resolved config that a run writes (``config.yaml``) is accepted by ``regtune
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -283,7 +284,10 @@ def load_config(path: str | Path) -> FitConfig:
 
 def save_config(config: FitConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a crash never leaves half a config
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def apply_overrides(config: FitConfig, overrides: dict[str, Any]) -> FitConfig:

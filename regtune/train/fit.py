@@ -237,7 +237,9 @@ def fit(
         deterministic=t.deterministic,
         logger=False,
         callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), StepLog(run_dir / "steps.csv", t.log_every_n_steps),
-                   SetupArtifacts(run_dir / "setup"), *callbacks, last_ckpt, best_ckpt],
+                   SetupArtifacts(run_dir / "setup"), *callbacks, best_ckpt, last_ckpt],
+        # best before last: last.ckpt then carries the best-checkpoint state *after* its epoch, so a resumed run
+        # compares later epochs with the same best (and keeps the earlier one on ties) as an uninterrupted run.
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -266,6 +268,18 @@ def fit(
             f"{err}. Training stopped; {kept}. Lower the learning rate or the regularizer weights and start again "
             "(or --resume after fixing the cause)."
         ) from err
+    except Exception as err:
+        # A corrupt image, a dataset folder that went away, a full disk, a regularizer's failing set-up: the error
+        # says what happened; this note says what is kept and how to go on. Nothing written so far is removed.
+        last = ckpt_dir / "last.ckpt"
+        err.add_note(
+            f"training of {run_dir} stopped in epoch {trainer.current_epoch + 1}; the last checkpoint ({last}, epoch "
+            f"{torch.load(last, map_location='cpu', weights_only=False)['epoch'] + 1}) is kept: fix the cause and "
+            f"continue with `regtune fit --resume {run_dir}`" if last.is_file() else
+            f"training of {run_dir} stopped before its first checkpoint; fix the cause and run the same command "
+            "again with --overwrite"
+        )
+        raise
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
