@@ -161,7 +161,47 @@ def test_config_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pyt
     def die(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("regtune.train.config.os.replace", die)
+    monkeypatch.setattr("regtune._io.os.replace", die)
     with pytest.raises(OSError):
         save_config(tiny_config(tmp_path, epochs=7), path)
     assert path.read_bytes() == before  # the old config, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # and no temporary file left
+
+
+def test_reports_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from regtune._io import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "metrics.json", {"test_acc": 0.5})
+    real_write = __import__("io").TextIOWrapper.write
+
+    def half_then_full(self, text):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("regtune._io.open", lambda *a, **k: _HalfWriter(open(*a, **k), half_then_full), raising=False)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_json(path, {"test_acc": 0.75, "padding": "x" * 1000})
+    assert json.loads(path.read_text()) == {"test_acc": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+class _HalfWriter:
+    """A file whose ``write`` is replaced (a disk that fills up in the middle of a write)."""
+
+    def __init__(self, handle, write) -> None:
+        self.handle, self._write = handle, write
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def write(self, text: str) -> None:
+        self._write(self.handle, text)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def fileno(self) -> int:
+        return self.handle.fileno()

@@ -7,6 +7,7 @@ are its seeds. Paired differences compare a method with the baseline on the same
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from regtune._io import atomic_write_text
 from regtune.bench.grid import Grid, expand
 from regtune.bench.stats import PairedDifference, mean_std, paired_difference
 
@@ -215,26 +217,28 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
-    with paths["results"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "cell", "seed", "test_acc", "test_mean_class_acc", "best_val", "selected_epoch",
-                         "wall_time_s", "run_dir"])
-        for r in sorted(records, key=lambda r: (cell_label(r.cell), r.method, r.seed)):
-            m = r.metrics
-            writer.writerow([r.method, cell_label(r.cell), r.seed, m.get("test_acc"), m.get("test_mean_class_acc"),
-                             m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), _relative(r.run_dir)])
+    handle = io.StringIO()
+    writer = csv.writer(handle)
+    writer.writerow(["method", "cell", "seed", "test_acc", "test_mean_class_acc", "best_val", "selected_epoch",
+                     "wall_time_s", "run_dir"])
+    for r in sorted(records, key=lambda r: (cell_label(r.cell), r.method, r.seed)):
+        m = r.metrics
+        writer.writerow([r.method, cell_label(r.cell), r.seed, m.get("test_acc"), m.get("test_mean_class_acc"),
+                         m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), _relative(r.run_dir)])
+    atomic_write_text(paths["results"], handle.getvalue())
     summaries = summarize(records, baseline, metric, ci)
-    with paths["summary_csv"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "cell", "n", "mean", "std", "diff_mean", "diff_low", "diff_high", "diff_ci",
-                         "seeds"])
-        for s in summaries:
-            d = s.difference
-            writer.writerow([s.method, cell_label(s.cell), len(s.values), f"{s.mean:.4f}", f"{s.std:.4f}",
-                             f"{d.mean:.4f}" if d else "", f"{d.low:.4f}" if d else "", f"{d.high:.4f}" if d else "",
-                             d.method if d else "", " ".join(map(str, sorted(s.values)))])
+    handle = io.StringIO()
+    writer = csv.writer(handle)
+    writer.writerow(["method", "cell", "n", "mean", "std", "diff_mean", "diff_low", "diff_high", "diff_ci",
+                     "seeds"])
+    for s in summaries:
+        d = s.difference
+        writer.writerow([s.method, cell_label(s.cell), len(s.values), f"{s.mean:.4f}", f"{s.std:.4f}",
+                         f"{d.mean:.4f}" if d else "", f"{d.low:.4f}" if d else "", f"{d.high:.4f}" if d else "",
+                         d.method if d else "", " ".join(map(str, sorted(s.values)))])
+    atomic_write_text(paths["summary_csv"], handle.getvalue())
     text = (f"# {title}\n\n" if title else "") + markdown_report(summaries, baseline, metric)
-    paths["summary_md"].write_text(text)
+    atomic_write_text(paths["summary_md"], text)
     accuracy = plot_accuracy_vs_fraction(summaries, out / "accuracy.png", baseline=baseline, metric=metric)
     if accuracy is not None:
         paths["accuracy_png"] = accuracy

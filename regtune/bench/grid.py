@@ -40,7 +40,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from regtune._io import atomic_write_json, atomic_write_text
 from regtune.train.config import FitConfig, apply_overrides, config_from_dict
 
 __all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand"]
@@ -242,9 +242,7 @@ def _check_out_dir(grid: Grid) -> None:
                             "delete the folder")
         return
     grid.out.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(as_run)
-    os.replace(tmp, record)
+    atomic_write_text(record, as_run)
 
 
 def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error: bool = False,
@@ -315,6 +313,4 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)

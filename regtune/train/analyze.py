@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from regtune._io import atomic_write_json, atomic_write_text
 from regtune.analysis.features import (
     feature_norms,
     fmr_entropy,
@@ -154,9 +154,7 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     plot_run_analysis(result, f_te, y_te, run_dir / "analysis.png", title=run_dir.name)
     payload = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
                for k, v in result.items()}
-    tmp = run_dir / "analysis.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, run_dir / "analysis.json")
+    atomic_write_json(run_dir / "analysis.json", payload)
     _log.info("analysis of %s written (%.0f s)", run_dir, result["seconds"])
     return result
 
@@ -208,7 +206,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
             f"{overlap:.3f} | {100 * r['head']['sparsity']:.1f}% | {100 * r['head']['negative_share']:.1f}% | "
             f"{located} |")
     paths["sparsity"] = plot_head_sparsity(points, out / "head_sparsity.png")
-    (out / "analysis_compare.md").write_text(
+    atomic_write_text(out / "analysis_compare.md", 
         "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n" + "\n".join(lines)
         + "\n")
     paths["table"] = out / "analysis_compare.md"

@@ -8,9 +8,7 @@ integers) does; the metrics are those of :mod:`regtune.analysis.localization` (m
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +19,8 @@ from PIL import Image
 from timm.data import create_transform
 from torch import nn
 
-from regtune.analysis.cam import NotAGapLinearHead, class_activation_maps, grad_cam
+from regtune._io import atomic_write_json
+from regtune.analysis.cam import class_activation_maps, grad_cam
 from regtune.analysis.localization import (
     box_accuracy,
     boxes_from_cam,
@@ -156,12 +155,6 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
     }
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", limit: int | None = None,
                  threshold: float = 0.2, progress: bool = False) -> dict[str, Any]:
     """:func:`evaluate_localization` of a finished run on its dataset's ``split``; writes
@@ -183,7 +176,7 @@ def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", 
     result.update({"run_dir": str(run_dir), "checkpoint": checkpoint, "split": split,
                    "seconds": round(time.perf_counter() - started, 2)})
     name = "localization.json" if source == "cam" else f"localization_{source}.json"
-    _write_json(run_dir / name, result)
+    atomic_write_json(run_dir / name, result)
     return result
 
 

@@ -6,7 +6,6 @@ The resolved config that a run writes (``config.yaml``) is accepted by ``regtune
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from regtune._io import atomic_write_text
 
 __all__ = [
     "DataConfig",
@@ -284,10 +285,7 @@ def load_config(path: str | Path) -> FitConfig:
 
 def save_config(config: FitConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a crash never leaves half a config
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))  # whole or not at all
 
 
 def apply_overrides(config: FitConfig, overrides: dict[str, Any]) -> FitConfig:

@@ -15,7 +15,6 @@ Every run writes one directory::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import regtune
+from regtune._io import atomic_write_json
 from regtune.analysis.plots import plot_learning_curves
 from regtune.data.datasets import build_dataset, dataset_source_hint
 from regtune.data.subset import split_from_manifest, stratified_split, write_manifest
@@ -133,10 +133,7 @@ def _workers(requested: int | None) -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+_write_json = atomic_write_json
 
 
 def fit(

@@ -1,0 +1,34 @@
+"""Atomic writes: a results file is written whole under a temporary name, then renamed over the old one.
+
+A crash, a kill or a full disk mid-write leaves the previous file (or none), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_text", "atomic_write_json"]
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (``<path>.tmp``, then :func:`os.replace`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    """:func:`atomic_write_text` of ``payload`` as indented JSON."""
+    return atomic_write_text(path, json.dumps(payload, indent=2))
