@@ -1,8 +1,8 @@
 """Fault injection: each fault gives a clear error that says what to do, and nothing already written is lost.
 
 Cases here: a training image that turns corrupt in the middle of training; the dataset folder that disappears
-during a run; a full disk while a checkpoint is written; a regularizer whose set-up fails; a config written while
-the process dies. Elsewhere: NaN in the loss (``tests/train/test_fit.py::test_nan_loss_stops_and_keeps_last_checkpoint``),
+during a run; a full disk while a checkpoint is written; a regularizer whose set-up fails; a config or report
+written while the disk fills; SIGTERM / SIGINT to a running `regtune fit` process. Elsewhere: NaN in the loss (``tests/train/test_fit.py::test_nan_loss_stops_and_keeps_last_checkpoint``),
 a missing dataset folder, a corrupt test image and a fraction that empties a class (``tests/test_cli.py``), a bench
 grid killed between runs and inside a run (``tests/bench/test_grid.py::test_killed_grid_reruns_only_the_missing_runs``).
 """
@@ -205,3 +205,38 @@ class _HalfWriter:
 
     def fileno(self) -> int:
         return self.handle.fileno()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_mid_run_stops_cleanly_and_resumes_to_the_same_result(imagefolder: Path, tmp_path: Path,
+                                                                     signal_name: str) -> None:
+    """A real `regtune fit` process gets SIGTERM / SIGINT after its first epoch's checkpoint: it exits with 130 and
+    the resume hint, and `--resume` ends with the metrics of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tiny_config(imagefolder, epochs=25)  # long enough to be signalled in the middle
+    save_config(config, tmp_path / "config.yaml")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "regtune.cli", "fit", "--config", str(tmp_path / "config.yaml"),
+                                "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), process.communicate(timeout=60)[0][-2000:]
+    process.send_signal(getattr(signal, signal_name))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-2000:]
+    assert f"resume with: regtune fit --resume {run_dir}" in output
+    assert not (run_dir / "metrics.json").exists() and _last_epoch(run_dir) < 24
+    if signal_name == "SIGINT":
+        return  # the same stop as SIGTERM; the comparison below is made once
+    resumed = fit(run_dir=run_dir, resume=True)
+    clean = fit(config, run_dir=tmp_path / "clean")
+    for key in ("test_acc", "test_loss", "selected_epoch", "best_val"):
+        assert resumed.metrics[key] == clean.metrics[key], key
