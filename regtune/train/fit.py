@@ -113,8 +113,8 @@ def _no_uninitialized_fill() -> Iterator[None]:
     Under ``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic``), PyTorch also fills each
     ``torch.empty`` result with NaN (``torch.utils.deterministic.fill_uninitialized_memory``), which is a quarter of a
     CPU training step of EfficientNet-Lite0 (profiled: ``aten::fill_`` 0.89 s of 3.56 s). It only changes what a
-    kernel that reads memory it never wrote would see; the deterministic kernel choice stays, and the tests that a
-    seed gives the same numbers and a resumed run the uninterrupted run's run with it off.
+    kernel that reads memory it never wrote would see; the deterministic kernel choice stays, and the tests of
+    same-seed reproducibility and of resume = uninterrupted pass with it off.
     """
     import torch.utils.deterministic
 
@@ -133,7 +133,6 @@ def _workers(requested: int | None) -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
-_write_json = atomic_write_json
 
 
 def fit(
@@ -270,9 +269,8 @@ def fit(
         # says what happened; this note says what is kept and how to go on. Nothing written so far is removed.
         last = ckpt_dir / "last.ckpt"
         err.add_note(
-            f"training of {run_dir} stopped in epoch {trainer.current_epoch + 1}; the last checkpoint ({last}, epoch "
-            f"{torch.load(last, map_location='cpu', weights_only=False)['epoch'] + 1}) is kept: fix the cause and "
-            f"continue with `regtune fit --resume {run_dir}`" if last.is_file() else
+            f"training of {run_dir} stopped in epoch {trainer.current_epoch + 1}; the last checkpoint ({last}) is "
+            f"kept: fix the cause and continue with `regtune fit --resume {run_dir}`" if last.is_file() else
             f"training of {run_dir} stopped before its first checkpoint; fix the cause and run the same command "
             "again with --overwrite"
         )
@@ -327,7 +325,7 @@ def fit(
     plot_learning_curves(read_epoch_log(run_dir / "epochs.csv"), run_dir / "curves.png",
                          title=f"{run_dir.name} ({t.select})", selected_epoch=int(best_epoch),
                          test_acc=metrics["test_acc"])
-    _write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / "metrics.json", metrics)
     _log.info("test accuracy %.4f (mean per class %.4f), checkpoint of epoch %d by %s; run directory %s",
               metrics["test_acc"], metrics["test_mean_class_acc"], best_epoch + 1, t.select, run_dir)
     return FitResult(run_dir=run_dir, metrics=metrics)

@@ -174,13 +174,13 @@ class FineTuner(pl.LightningModule):
         f = features.detach().float()
         weight = self.model.get_classifier().weight.detach().float()
         n = labels.shape[0]
-        sync = True  # epoch means over all processes (Lightning reduces on_epoch values once, at the epoch's end)
+        # Epoch means over all processes: Lightning reduces on_epoch values once, at the epoch's end.
         self.log(f"{prefix}/feature_norm", f.norm(dim=1).mean(), on_step=False, on_epoch=True, batch_size=n,
-                 sync_dist=sync)
+                 sync_dist=True)
         self.log(f"{prefix}/fmr_entropy", channel_entropy(f).mean() / math.log(f.shape[1]), on_step=False,
-                 on_epoch=True, batch_size=n, sync_dist=sync)
+                 on_epoch=True, batch_size=n, sync_dist=True)
         self.log(f"{prefix}/sample_margin", sample_margins(cosine_logits(f, weight), labels).mean(), on_step=False,
-                 on_epoch=True, batch_size=n, sync_dist=sync)
+                 on_epoch=True, batch_size=n, sync_dist=True)
         if prefix == "train":  # the head's class margin, averaged over the epoch's steps
             self.log("train/class_margin_deg", torch.rad2deg(class_margin(weight)), on_step=False, on_epoch=True,
                      batch_size=n)
