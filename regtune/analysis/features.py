@@ -42,14 +42,15 @@ def feature_norms(features: torch.Tensor) -> dict[str, float]:
             "mean_abs": float(f.abs().mean())}
 
 
-def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024) -> float:
+def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024, max_bytes: int = 2**28) -> float:
     r"""MeanNN differential entropy without its constant (Faivishevsky & Goldberger, NIPS 2008; methods.md §9.2).
 
     .. math::
 
         \hat H(F) = \frac{D}{N(N-1)} \sum_{i \ne j} \log \lVert f_i - f_j + \epsilon \rVert_2
 
-    in float64, by chunks of rows (memory O(chunk x N)). ``eps`` is added to each difference (as
+    in float64, by chunks of rows: each chunk's differences (rows x N x D) stay under ``max_bytes`` (256 MiB; the
+    chunk shrinks below ``chunk`` rows for large N x D). ``eps`` is added to each difference (as
     ``torch.nn.functional.pairwise_distance``, AdaRand's code) so duplicates do not give log 0. Values compare only
     at the same N and D (the dropped constant depends on both).
 
@@ -60,9 +61,10 @@ def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024)
     n, d = f.shape
     if n < 2:
         raise ValueError(f"MeanNN entropy needs at least 2 samples, got {n}")
+    rows_per_chunk = max(1, min(chunk, max_bytes // (n * d * f.element_size())))
     total = 0.0
-    for start in range(0, n, chunk):
-        block = f[start:start + chunk]
+    for start in range(0, n, rows_per_chunk):
+        block = f[start:start + rows_per_chunk]
         diff = block[:, None, :] - f[None, :, :] + eps
         logs = torch.log(diff.norm(dim=2))
         rows = torch.arange(block.shape[0])

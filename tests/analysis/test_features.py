@@ -32,6 +32,8 @@ def test_meannn_spec_case_and_numpy() -> None:
                                  if i != j)
     assert meannn_entropy(torch.tensor(f)) == pytest.approx(expected, rel=1e-12)
     assert meannn_entropy(torch.tensor(f), chunk=2) == pytest.approx(expected, rel=1e-12)  # chunking changes nothing
+    # a memory budget below one row of differences still works, one row at a time
+    assert meannn_entropy(torch.tensor(f), max_bytes=1) == pytest.approx(expected, rel=1e-12)
     assert math.isfinite(meannn_entropy(torch.zeros(3, 2)))  # duplicates: eps, not log 0
     with pytest.raises(ValueError, match="at least 2"):
         meannn_entropy(torch.zeros(1, 4))
