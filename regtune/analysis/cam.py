@@ -84,11 +84,19 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, classes: torch
     return CamMaps(cam=cam, positive=positive, negative=negative, classes=classes, logits=logits)
 
 
-def vit_reshape_transform(model: nn.Module):
-    """Tokens (B, N, C) -> (B, C, h, w) for ``grad-cam``, with the model's own patch grid and prefix tokens."""
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+def vit_reshape_transform(model: nn.Module, image_size: Sequence[int] | None = None):
+    """Tokens (B, N, C) -> (B, C, h, w) for ``grad-cam``, with the model's own patch grid and prefix tokens.
+
+    Args:
+        image_size: ``(H, W)`` of the input: the grid is the patch embedding's grid for that size (timm's
+            ``dynamic_feat_size``; a model run at another resolution than it was built for). ``None``: the built grid.
+    """
+    embed = getattr(model, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
     if grid is None:
         raise ValueError(f"{type(model).__name__} has no patch_embed.grid_size; pass a reshape_transform")
+    if image_size is not None and hasattr(embed, "dynamic_feat_size"):
+        grid = embed.dynamic_feat_size(tuple(int(v) for v in image_size))
     height, width = int(grid[0]), int(grid[1])
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
 
@@ -136,7 +144,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
                 raise ValueError(f"{type(model).__name__} has no feature_info; pass target_layer")
             target_layer = model.get_submodule(info[-1]["module"])
     if reshape_transform is None and is_vit:
-        reshape_transform = vit_reshape_transform(model)
+        reshape_transform = vit_reshape_transform(model, images.shape[-2:])
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
     mode = model.training
     model.eval()

@@ -20,7 +20,7 @@ from timm.data import create_transform
 from torch import nn
 
 from regtune._io import atomic_write_json
-from regtune.analysis.cam import class_activation_maps, grad_cam
+from regtune.analysis.cam import NotAGapLinearHead, class_activation_maps, grad_cam
 from regtune.analysis.localization import (
     box_accuracy,
     boxes_from_cam,
@@ -79,7 +79,11 @@ def cam_maps(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, sour
     if source not in SOURCES:
         raise ValueError(f"unknown CAM source {source!r}; known: {', '.join(SOURCES)}")
     if source in ("cam", "positive"):
-        maps = class_activation_maps(model, images, classes)
+        try:
+            maps = class_activation_maps(model, images, classes)
+        except NotAGapLinearHead as err:
+            raise NotAGapLinearHead(f"{err}. From the command line: --source gradcam (or {', '.join(SOURCES[3:])})") \
+                from err
         cam, positive, negative = (m.cpu().numpy() for m in (maps.cam, maps.positive, maps.negative))
         return {"map": cam if source == "cam" else positive, "cam": cam, "positive": positive, "negative": negative}
     with torch.enable_grad():

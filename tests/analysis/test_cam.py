@@ -67,6 +67,11 @@ def test_grad_cam_on_vit_uses_the_models_grid_and_releases_hooks() -> None:
     assert maps.shape == (2, size, size) and np.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
     assert _hooks(model) == before  # every hook released
+    # run at another resolution (timm resamples the position embedding): the grid follows the input, 48 px -> 3 x 3
+    small = torch.randn(2, model.num_prefix_tokens + 9, 64)
+    assert vit_reshape_transform(model, (48, 48))(small).shape == (2, 64, 3, 3)
+    maps = grad_cam(model, torch.randn(2, 3, 48, 48), [0, 1])
+    assert maps.shape == (2, 48, 48) and _hooks(model) == before
 
 
 def test_grad_cam_on_a_cnn_and_unknown_method() -> None:

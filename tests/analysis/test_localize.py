@@ -172,3 +172,20 @@ def test_trained_run_overlays_and_localization(cub: Path, tmp_path: Path, capsys
         write_cam_overlays(run, indices=[99])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_cam_overlays(run, images=[tmp_path / "missing.jpg"])
+
+
+def test_cam_command_on_a_vit_uses_gradcam(imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A ViT has no GAP + linear head: the classic CAM is refused with a pointer to Grad-CAM, which draws."""
+    config = FitConfig(
+        data=DataConfig(dataset="imagefolder", root=str(imagefolder), fraction=None, val_fraction=0.0, img_size=32,
+                        batch_size=6, eval_batch_size=12, num_workers=0),
+        model=ModelConfig(backbone="test_vit", pretrained="none"),
+        optim=OptimConfig(lr=0.01),
+        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", channels_last=False),
+    )
+    run = fit(config, run_dir=tmp_path / "vit").run_dir
+    assert main(["cam", str(run), "--indices", "0"]) == 2
+    assert "--source gradcam" in capsys.readouterr().err
+    assert main(["cam", str(run), "--indices", "0", "1", "--source", "gradcam", "--out", str(tmp_path / "o")]) == 0
+    png = tmp_path / "o" / "cams_000.png"
+    assert png.stat().st_size > 20_000
