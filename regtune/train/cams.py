@@ -22,6 +22,7 @@ from torch import nn
 from regtune._io import atomic_write_json
 from regtune.analysis.cam import NotAGapLinearHead, class_activation_maps, grad_cam
 from regtune.analysis.localization import (
+    BoxAccuracy,
     box_accuracy,
     boxes_from_cam,
     box_iou,
@@ -123,7 +124,11 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
     items = list(range(len(dataset))) if items is None else list(items)
     if not items:
         raise ValueError("no image to localize")
-    gt_cams, pred_cams, correct, gt_boxes = [], [], [], []
+    # Hit counts accumulate batch by batch, so memory does not grow with the dataset (CUB's 5,794 test maps at
+    # 224 px would be 2.3 GB).
+    thresholds = deltas_v2 = None
+    hits_v1 = hits_v2 = None
+    gt_known = top1 = correct = 0
     iterator: Any = range(0, len(items), batch_size)
     if progress:
         from tqdm import tqdm
@@ -140,21 +145,31 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
         on_prediction = on_truth.copy()
         if wrong.any():
             on_prediction[wrong.numpy()] = cam_maps(model, images[wrong], predicted[wrong], source)["map"]
-        for k, (i, picture) in enumerate(zip(chunk, pictures)):
-            gt_cams.append(normalize_cam(on_truth[k], (size, size)))
-            pred_cams.append(normalize_cam(on_prediction[k], (size, size)))
-            correct.append(bool(predicted[k] == labels[k]))
-            gt_boxes.append(np.array([resize_box(b, picture.size, (size, size)) for b in dataset.boxes[i]]))
-    v1 = box_accuracy(gt_cams, gt_boxes, interval, (0.5,), all_contours=False)
-    v2 = box_accuracy(gt_cams, gt_boxes, interval, (0.3, 0.5, 0.7), all_contours=True)
-    fixed = localization_accuracy(gt_cams, pred_cams, correct, gt_boxes, threshold=threshold)
+        gt_cams = [normalize_cam(m, (size, size)) for m in on_truth]
+        pred_cams = [normalize_cam(m, (size, size)) for m in on_prediction]
+        hit = (predicted == labels).tolist()
+        boxes = [np.array([resize_box(b, picture.size, (size, size)) for b in dataset.boxes[i]])
+                 for i, picture in zip(chunk, pictures)]
+        v1 = box_accuracy(gt_cams, boxes, interval, (0.5,), all_contours=False)
+        v2 = box_accuracy(gt_cams, boxes, interval, (0.3, 0.5, 0.7), all_contours=True)
+        fixed = localization_accuracy(gt_cams, pred_cams, hit, boxes, threshold=threshold)
+        n = len(chunk)
+        hits_v1 = v1.accuracy * n if hits_v1 is None else hits_v1 + v1.accuracy * n
+        hits_v2 = v2.accuracy * n if hits_v2 is None else hits_v2 + v2.accuracy * n
+        thresholds, deltas_v2 = v1.thresholds, v2.iou_thresholds
+        gt_known += fixed["gt_known_loc"] * n
+        top1 += fixed["top1_loc"] * n
+        correct += sum(hit)
+    total = len(items)
+    v1 = BoxAccuracy(thresholds, (0.5,), np.rint(hits_v1) / total, all_contours=False)
+    v2 = BoxAccuracy(thresholds, deltas_v2, np.rint(hits_v2) / total, all_contours=True)
     return {
-        "n": len(items), "source": source, "size": size,
+        "n": total, "source": source, "size": size,
         "max_box_acc": v1.max_box_acc(0.5), "best_threshold": v1.best_threshold(0.5),
         "max_box_acc_v2": v2.mean_max,
         "max_box_acc_v2_per_delta": {str(d): v2.max_box_acc(d) for d in v2.iou_thresholds},
-        "gt_known_loc": float(fixed["gt_known_loc"]), "top1_loc": float(fixed["top1_loc"]), "threshold": threshold,
-        "top1_cls": sum(correct) / len(correct),
+        "gt_known_loc": round(float(gt_known)) / total, "top1_loc": round(float(top1)) / total,
+        "threshold": threshold, "top1_cls": correct / total,
         "box_acc_curve": {"tau": v1.thresholds.round(6).tolist(), "acc": v1.accuracy[:, 0].tolist()},
     }
 

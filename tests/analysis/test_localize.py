@@ -130,6 +130,9 @@ def test_a_cam_that_is_the_object_localizes_every_image(cub: Path, monkeypatch: 
     inverse = evaluate_localization(ColourCam(invert=True), test_set, size=32)
     assert inverse["gt_known_loc"] == 0.0 and inverse["max_box_acc"] < 0.5
     assert inverse["max_box_acc_v2"] == 1.0
+    # counts accumulate over batches: batches of 2 (the last one of 1) give the one-batch numbers exactly
+    assert evaluate_localization(ColourCam(invert=True), test_set, size=32, batch_size=2) == inverse
+    assert evaluate_localization(ColourCam(), test_set, size=32, batch_size=4) == exact
 
 
 def test_datasets_without_boxes_are_refused(imagefolder: Path) -> None:
