@@ -14,6 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["plot_learning_curves", "plot_run_analysis", "plot_comparison", "plot_head_sparsity"]
 
 
+def _save(fig: Any, path: Path, title: str = "") -> Path:
+    """Title, tight layout, PNG at 110 dpi, figure closed."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
                          selected_epoch: int | None = None, test_acc: float | None = None) -> Path:
     """Loss, accuracy and learning rate per epoch (train and validation), as one PNG.
@@ -53,12 +63,7 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     axes[2].grid(alpha=0.3)
     if lr_keys:
         axes[2].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: Any, path: str | Path,
@@ -131,10 +136,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
                  f"{test['feature_norm']['per_sample_l2']:.2f}; FMR entropy (normalised) "
                  f"{train['fmr_entropy']['normalized']:.4f} / {test['fmr_entropy']['normalized']:.4f}; "
                  f"I(F;Y) {train['entropy_mi']['mi']:.1f} / {test['entropy_mi']['mi']:.1f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 _CURVES = (("feature_norm", "feature norm  mean ||f||_2"), ("fmr_entropy", "FMR channel entropy / log D"),
@@ -214,12 +216,7 @@ def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequ
     ax.set_ylabel("density (log)")
     ax.set_title("head weights")
     ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_head_sparsity(points: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -244,7 +241,4 @@ def plot_head_sparsity(points: Sequence[dict[str, Any]], path: str | Path, title
     ax.set_title(title or "accuracy (and localization) vs head sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
