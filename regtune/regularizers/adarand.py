@@ -35,7 +35,9 @@ def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int
     """Per-class and marginal mean and standard deviation of the model's penultimate features over ``loader``.
 
     Runs in eval mode without gradient, accumulating in float64; the caller's mode is restored. Standard deviations
-    are population values (divided by N, as NumPy's default).
+    are population values (divided by N, as NumPy's default). Under ``torch.distributed`` the sums, sums of squares
+    and counts are all-reduced, so processes that each see a share of the training set (every share non-empty)
+    obtain the statistics of the whole set; processes that each see all of it obtain them unchanged.
 
     Returns:
         ``(class_mean (C, D), class_std (C, D), class_count (C,), mean (D,), std (D,))``.
@@ -63,6 +65,8 @@ def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int
         model.train(was_training)
     if sums is None:
         raise ValueError("the set-up loader is empty")
+    for total in (sums, squares, counts):
+        all_reduce_sum(total)  # sums and counts, never means: shares of the data add up to the whole
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
         raise ValueError(f"no training image of class(es) {missing[:10]}: class statistics need every class")

@@ -81,3 +81,43 @@ def test_without_a_process_group_nothing_is_reduced() -> None:
 
     value = torch.tensor([1.0, 2.0])
     assert all_reduce_sum(value) is value and value.tolist() == [1.0, 2.0]
+
+
+def _setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """RandReg's class prior and AdaRand's prior after set-up on this process's share of 12 images (rows rank::world)."""
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(12, DIM, generator=g, dtype=torch.float64), torch.arange(12) % CLASSES
+    share = [(images[rank::world], labels[rank::world])]
+    model = FeatureNet(DIM, CLASSES)
+    state = {}
+    for name, kwargs in (("randreg", {"prior": "class"}), ("adarand", {})):
+        term = create_regularizer(name, **kwargs).to(torch.float64)
+        term.adapt_model(model)
+        term.setup(model, share)
+        state.update({f"{name}.{k}": v.detach().clone() for k, v in term.state_dict().items()
+                      if isinstance(v, torch.Tensor) and k in ("mu", "sigma", "prior_mean", "running_mean")})
+    return state
+
+
+def _setup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_setup_state(rank, world), os.path.join(out_dir, f"setup{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path) -> None:
+    whole = _setup_state(0, 1)
+    assert {"randreg.mu", "randreg.sigma"} <= set(whole)
+    mp.spawn(_setup_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        shared = torch.load(tmp_path / f"setup{rank}.pt", weights_only=True)
+        assert set(shared) == set(whole)
+        for key, expected in whole.items():
+            torch.testing.assert_close(shared[key], expected, rtol=1e-10, atol=1e-12, msg=key)
+    # each share alone gives other statistics (the reduction is what makes them equal)
+    alone = _setup_state(0, 2)
+    assert not torch.allclose(alone["randreg.mu"], whole["randreg.mu"])
