@@ -8,9 +8,16 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import LazyShapeMixin, check_positive, classifier_of, model_device, penultimate
+from regtune.regularizers._utils import (
+    LazyShapeMixin,
+    all_reduce_sum,
+    check_positive,
+    classifier_of,
+    model_device,
+    penultimate,
+)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import class_relationship, co_tuning_loss
+from regtune.regularizers.functional import co_tuning_loss, relationship_from_sums
 
 __all__ = ["CoTuning", "trainable_source_head"]
 
@@ -92,19 +99,27 @@ class CoTuning(LazyShapeMixin, Regularizer):
             if loader is None:
                 raise ValueError("Co-Tuning's relationship needs the training loader")
             device = model_device(model)
-            probs, labels = [], []
+            num_classes = int(classifier_of(model).weight.shape[0])
+            sums = counts = None
             mode = model.training
             model.eval()
             self.source_head.eval()
             with torch.no_grad():
                 for images, targets, *_ in loader:
                     features, _ = penultimate(model, images.to(device))
-                    probs.append(torch.softmax(self.source_head(features).double(), dim=1))
-                    labels.append(targets.to(device))
+                    probs = torch.softmax(self.source_head(features).double(), dim=1)
+                    targets = targets.to(device)
+                    if sums is None:
+                        sums = probs.new_zeros(num_classes, probs.shape[1])
+                        counts = torch.zeros(num_classes, dtype=torch.long, device=device)
+                    sums.index_add_(0, targets, probs)
+                    counts += torch.bincount(targets, minlength=num_classes)
             model.train(mode)
             self.source_head.train(mode)
-            num_classes = int(classifier_of(model).weight.shape[0])
-            relationship = class_relationship(torch.cat(probs), torch.cat(labels), num_classes)
+            if sums is None:
+                raise ValueError("Co-Tuning's set-up loader is empty")
+            # sums and counts, reduced over processes that each saw a share of the training set
+            relationship = relationship_from_sums(all_reduce_sum(sums), all_reduce_sum(counts))
         self.relationship = relationship.to(self.relationship.device, self.relationship.dtype)
 
     def artifacts(self) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ __all__ = [
     "channel_attention",
     "batch_spectral_shrinkage",
     "class_relationship",
+    "relationship_from_sums",
     "co_tuning_loss",
     "distillation_loss",
     "stochastic_batch_norm",
@@ -1032,6 +1033,16 @@ def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_cla
     _check_labels(labels, source_probs.shape[0], num_classes, "source_probs rows / num_classes")
     sums = source_probs.new_zeros(num_classes, source_probs.shape[1]).index_add_(0, labels, source_probs)
     counts = torch.bincount(labels, minlength=num_classes)
+    return relationship_from_sums(sums, counts)
+
+
+def relationship_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`class_relationship` from per-class sums of source probabilities (C_t, C_s) and counts (C_t,), e.g.
+    accumulated batch by batch, or all-reduced over processes that each saw a share of the data.
+
+    Raises:
+        ValueError: a target class has no image.
+    """
     if (counts == 0).any():
         missing = (counts == 0).nonzero().flatten().tolist()
         raise ValueError(f"target classes {missing} have no image; the relationship needs every class")

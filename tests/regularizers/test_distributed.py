@@ -84,18 +84,24 @@ def test_without_a_process_group_nothing_is_reduced() -> None:
 
 
 def _setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """RandReg's class prior and AdaRand's prior after set-up on this process's share of 12 images (rows rank::world)."""
+    """RandReg's class prior, AdaRand's prior and Co-Tuning's relationship after set-up on this process's share of 12
+    images (rows rank::world)."""
     g = torch.Generator().manual_seed(3)
     images, labels = torch.rand(12, DIM, generator=g, dtype=torch.float64), torch.arange(12) % CLASSES
     share = [(images[rank::world], labels[rank::world])]
     model = FeatureNet(DIM, CLASSES)
     state = {}
-    for name, kwargs in (("randreg", {"prior": "class"}), ("adarand", {})):
-        term = create_regularizer(name, **kwargs).to(torch.float64)
+    for name, kwargs in (("randreg", {"prior": "class"}), ("adarand", {}), ("co_tuning", {})):
+        term = create_regularizer(name, **kwargs)
+        if term.needs_source_head:
+            torch.manual_seed(4)
+            term.attach_source_head(torch.nn.Linear(DIM, 5).double())
+        term.to(torch.float64)
         term.adapt_model(model)
         term.setup(model, share)
         state.update({f"{name}.{k}": v.detach().clone() for k, v in term.state_dict().items()
-                      if isinstance(v, torch.Tensor) and k in ("mu", "sigma", "prior_mean", "running_mean")})
+                      if isinstance(v, torch.Tensor) and k in ("mu", "sigma", "prior_mean", "running_mean",
+                                                               "relationship")})
     return state
 
 
@@ -111,7 +117,7 @@ def _setup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path) -> None:
     whole = _setup_state(0, 1)
-    assert {"randreg.mu", "randreg.sigma"} <= set(whole)
+    assert {"randreg.mu", "randreg.sigma", "co_tuning.relationship"} <= set(whole)
     mp.spawn(_setup_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         shared = torch.load(tmp_path / f"setup{rank}.pt", weights_only=True)
@@ -121,3 +127,4 @@ def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path
     # each share alone gives other statistics (the reduction is what makes them equal)
     alone = _setup_state(0, 2)
     assert not torch.allclose(alone["randreg.mu"], whole["randreg.mu"])
+    assert not torch.allclose(alone["co_tuning.relationship"], whole["co_tuning.relationship"])
