@@ -163,9 +163,12 @@ class FeatureMagnitudeRegularization(Regularizer):
                     features, logits = penultimate(model, images.to(device))
                     target = self._target(features, logits)
                     self.h_max.fill_(math.log(target.shape[1]))
-                    # float64: H_init is compared with H_max = log D, and their gap sets the weight's scale
+                    # float64: H_init is compared with H_max = log D, and their gap sets the weight's scale.
+                    # The batch mean goes through _weight_entropy (sum and count, all-reduced under DDP): processes
+                    # that each see a share of every batch obtain the single process's H_init (sum / n equals
+                    # mean() bit for bit in one process).
                     entropy = channel_entropy(target.double(), self.tau if self.weight_uses_tau else 1.0)
-                    h_t = self._push(entropy.mean().double())
+                    h_t = self._push(self._weight_entropy(target.double(), entropy))
                     batches += 1
                     if self.init_batches is not None and batches >= self.init_batches:
                         break

@@ -84,14 +84,15 @@ def test_without_a_process_group_nothing_is_reduced() -> None:
 
 
 def _setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """RandReg's class prior, AdaRand's prior and Co-Tuning's relationship after set-up on this process's share of 12
-    images (rows rank::world)."""
+    """RandReg's class prior, AdaRand's prior, Co-Tuning's relationship and FMR's H_init after set-up on this
+    process's share of 12 images (rows rank::world; one batch, so FMR's window holds the whole-batch entropy)."""
     g = torch.Generator().manual_seed(3)
     images, labels = torch.rand(12, DIM, generator=g, dtype=torch.float64), torch.arange(12) % CLASSES
     share = [(images[rank::world], labels[rank::world])]
     model = FeatureNet(DIM, CLASSES)
     state = {}
-    for name, kwargs in (("randreg", {"prior": "class"}), ("adarand", {}), ("co_tuning", {})):
+    for name, kwargs in (("randreg", {"prior": "class"}), ("adarand", {}), ("co_tuning", {}),
+                         ("fmr", {"window": 4})):
         term = create_regularizer(name, **kwargs)
         if term.needs_source_head:
             torch.manual_seed(4)
@@ -101,7 +102,7 @@ def _setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
         term.setup(model, share)
         state.update({f"{name}.{k}": v.detach().clone() for k, v in term.state_dict().items()
                       if isinstance(v, torch.Tensor) and k in ("mu", "sigma", "prior_mean", "running_mean",
-                                                               "relationship")})
+                                                               "relationship", "h_init", "window")})
     return state
 
 
@@ -117,7 +118,7 @@ def _setup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path) -> None:
     whole = _setup_state(0, 1)
-    assert {"randreg.mu", "randreg.sigma", "co_tuning.relationship"} <= set(whole)
+    assert {"randreg.mu", "randreg.sigma", "co_tuning.relationship", "fmr.h_init"} <= set(whole)
     mp.spawn(_setup_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         shared = torch.load(tmp_path / f"setup{rank}.pt", weights_only=True)
@@ -128,3 +129,4 @@ def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path
     alone = _setup_state(0, 2)
     assert not torch.allclose(alone["randreg.mu"], whole["randreg.mu"])
     assert not torch.allclose(alone["co_tuning.relationship"], whole["co_tuning.relationship"])
+    assert not torch.allclose(alone["fmr.h_init"], whole["fmr.h_init"])
