@@ -84,8 +84,8 @@ def _call_in_float32(call: Callable[..., torch.Tensor], step: TrainStep, *args: 
 
     Entropies, softmaxes over channels, SVDs, distances to stored weights and running statistics lose most of their
     digits in bfloat16 (FMR's entropy term came out 8 % off without this: ``tests/regularizers/
-    test_mixed_precision.py``); the terms are a few small operations next to the network, so float32 costs little. A term that runs a
-    network itself (DELTA's frozen copy, LwF's online teacher) runs it in float32 too.
+    test_mixed_precision.py``); the terms are a few small operations next to the network, so float32 costs little.
+    A term that runs a network itself (DELTA's frozen copy, LwF's online teacher) runs it in float32 too.
     """
     device = step.features.device.type
     low = any(isinstance(t, torch.Tensor) and t.dtype in _LOW_PRECISION

@@ -159,10 +159,6 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     return result
 
 
-def _label(run_dir: Path) -> str:
-    return run_dir.name
-
-
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequence[str] | None = None
                  ) -> dict[str, Path]:
     """Side-by-side figures and a table of runs already analysed (``analysis.json``).
@@ -176,7 +172,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
     from regtune.train.callbacks import read_epoch_log
 
     dirs = [Path(d) for d in run_dirs]
-    names = list(names) if names is not None else [_label(d) for d in dirs]
+    names = list(names) if names is not None else [d.name for d in dirs]
     if len(names) != len(dirs):
         raise ValueError(f"{len(names)} names for {len(dirs)} runs")
     results = []

@@ -108,7 +108,8 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
         size: Input resolution (square, no crop).
         items: Indices of the dataset to use (default: all).
         source: See :data:`SOURCES`; ``"positive"`` localises with CAM⁺ alone.
-        threshold: Fixed tau of GT-known Loc and Top-1 Loc.
+        threshold: Fixed tau of GT-known Loc and Top-1 Loc (0.2 of the max: the classic CAM setting, a value the
+            papers do not state; UNVERIFIED in methods.md §7.4, hence a parameter).
         interval: Step of the tau grid of MaxBoxAcc / MaxBoxAccV2.
 
     Returns:
@@ -174,21 +175,26 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
     }
 
 
+def _load_run(run_dir: Path, split: str) -> tuple[ImageDataset, nn.Module, str, int]:
+    """The run's dataset split, its selected model, the checkpoint path and the run's input size."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
+    d = load_config(run_dir / "config.yaml").data
+    dataset = build_dataset(d.dataset, d.root, split, download=False)
+    model, _, checkpoint = load_run_model(run_dir, dataset.num_classes)
+    return dataset, model, checkpoint, d.img_size or int(data_config(model, None)["input_size"][-1])
+
+
 def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", limit: int | None = None,
                  threshold: float = 0.2, progress: bool = False) -> dict[str, Any]:
     """:func:`evaluate_localization` of a finished run on its dataset's ``split``; writes
     ``localization[_<source>].json`` into the run directory."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    d = load_config(run_dir / "config.yaml").data if (run_dir / "config.yaml").is_file() else None
-    if d is None:
-        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
-    dataset = build_dataset(d.dataset, d.root, split, download=False)
+    dataset, model, checkpoint, size = _load_run(run_dir, split)
     if dataset.boxes is None:
-        raise ValueError(f"the run's dataset {d.dataset!r} has no bounding boxes: localization needs one that has "
+        raise ValueError(f"the run's dataset {dataset.name!r} has no bounding boxes: localization needs one that has "
                          "(cub200); `regtune cam RUN --images ...` still draws the CAMs")
-    model, config, checkpoint = load_run_model(run_dir, dataset.num_classes)
-    size = d.img_size or int(data_config(model, None)["input_size"][-1])
     items = range(len(dataset)) if limit is None else range(min(limit, len(dataset)))
     result = evaluate_localization(model, dataset, size, items, source=source, threshold=threshold,
                                    progress=progress)
@@ -227,12 +233,7 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
     from matplotlib.patches import Rectangle
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
-    d = load_config(run_dir / "config.yaml").data
-    dataset = build_dataset(d.dataset, d.root, split, download=False)
-    model, _, _ = load_run_model(run_dir, dataset.num_classes)
-    size = d.img_size or int(data_config(model, None)["input_size"][-1])
+    dataset, model, _, size = _load_run(run_dir, split)
     transform = localization_transform(model, size)
     entries: list[tuple[str, Image.Image, np.ndarray | None, int | None]] = []
     for path in images:

@@ -103,7 +103,6 @@ class FineTuner(pl.LightningModule):
         self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
         self.feature_stats = feature_stats
-        self._last_features: torch.Tensor | None = None
         self._test_hits = torch.zeros(num_classes, dtype=torch.long)
         self._test_counts = torch.zeros(num_classes, dtype=torch.long)
 
@@ -150,11 +149,11 @@ class FineTuner(pl.LightningModule):
 
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
                       total_steps: int | None = None,
-                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
         """One forward pass and every term of the loss, without logging (the benchmarks time exactly this).
 
         Returns:
-            ``({name: term}, logits)``; the criterion's term first.
+            ``({name: term}, step record)``; the criterion's term first; the record holds features and logits.
         """
         images = self._layout(images)
         wanted = list(dict.fromkeys(n for term in self.regularizers.values() for n in term.needs_feature_maps))
@@ -166,8 +165,7 @@ class FineTuner(pl.LightningModule):
         terms = {self.criterion_name: self.criterion(record)}
         for name, term in self.regularizers.items():
             terms[name] = term(record)
-        self._last_features = features.detach() if self.feature_stats else None
-        return terms, logits
+        return terms, record
 
     @torch.no_grad()
     def _log_feature_stats(self, features: torch.Tensor, labels: torch.Tensor, prefix: str) -> None:
@@ -187,10 +185,11 @@ class FineTuner(pl.LightningModule):
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, *rest = batch
-        terms, logits = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps(),
+        terms, record = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps(),
                                            indices=rest[0] if rest else None)
+        logits = record.logits
         if self.feature_stats:
-            self._log_feature_stats(self._last_features, labels, "train")
+            self._log_feature_stats(record.features, labels, "train")
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         if not torch.isfinite(loss):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
@@ -219,11 +218,9 @@ class FineTuner(pl.LightningModule):
 
     def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
         images, labels = batch[0], batch[1]
+        _, features, logits = forward_parts(self.model, self._layout(images))
         if self.feature_stats and prefix == "val":
-            _, features, logits = forward_parts(self.model, self._layout(images))
             self._log_feature_stats(features, labels, prefix)
-        else:
-            logits = self(self._layout(images))
         loss = nn.functional.cross_entropy(logits.float(), labels)
         predicted = logits.argmax(-1)
         self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=labels.shape[0])
