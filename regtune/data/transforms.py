@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import random
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+import torch
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-__all__ = ["build_transforms", "TransformedSubset"]
+__all__ = ["build_transforms", "TransformedSubset", "sample_seed", "seeded_rng"]
 
 
 def build_transforms(
@@ -54,26 +58,66 @@ def build_transforms(
     return train, evaluation
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: a fixed, well-mixed function of ``(seed, epoch, index)``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block with Python's ``random``, NumPy's and torch's CPU generators seeded with ``seed``; restore after.
+
+    timm's transforms draw from ``random`` (RandomResizedCrop, flips, RandAugment), torchvision's from torch, some
+    user transforms from NumPy: all three are seeded. The CUDA generators are not touched, so the model's random
+    stream (dropout on a GPU) is the same whether the data is loaded in the main process or in workers.
+    """
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
+
+
 class TransformedSubset(Dataset):
     """``dataset[indices[i]]`` with ``transform`` applied to the image.
+
+    A key is either a position ``i`` or an ``(epoch, i)`` pair (what :class:`~regtune.train.datamodule.EpochShuffle`
+    yields). With a pair and a ``seed``, the transform runs under :func:`seeded_rng` with
+    ``sample_seed(seed, epoch, i)``: the augmentation of a sample depends only on the run's seed, the epoch and the
+    sample, not on the order of loading, the number of workers, or what the model drew from the global generators.
+    That makes a run independent of ``num_workers`` and lets a run resume exactly in the middle of an epoch.
 
     Args:
         dataset: Yields ``(PIL image, target)``.
         indices: Items to expose, in order.
         transform: Applied to each image.
         with_index: Also yield ``i``, the item's position in this subset: ``(image, target, i)``.
+        seed: Seed of the per-sample augmentation (used with ``(epoch, i)`` keys); ``None`` draws from the global
+            generators as they are.
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable,
-                 with_index: bool = False) -> None:
+                 with_index: bool = False, seed: int | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
         self.with_index = with_index
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         image, target = self.dataset[self.indices[i]]
-        return (self.transform(image), target, i) if self.with_index else (self.transform(image), target)
+        if epoch is not None and self.seed is not None:
+            with seeded_rng(sample_seed(self.seed, epoch, i)):
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        return (image, target, i) if self.with_index else (image, target)

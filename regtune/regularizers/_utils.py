@@ -65,6 +65,47 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_positions(count: int) -> torch.Tensor:
+    """Positions in the whole data of this process's ``count`` set-up items.
+
+    The trainer's set-up loaders (:class:`regtune.train.datamodule.Shard`) give process ``r`` of ``w`` the items
+    ``r, r + w, r + 2w, ...``; in one process, ``0 .. count - 1``.
+    """
+    rank, world = _rank_and_world()
+    return rank + world * torch.arange(count)
+
+
+def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every process's rows of a set-up pass, put back in the order of the whole data (``total`` rows).
+
+    The inverse of the set-up sharding (see :func:`shard_positions`): for per-item results that every process
+    needs whole (LwF's cached teacher outputs, DELTA's probe features). As is in one process.
+    """
+    rank, world = _rank_and_world()
+    if world == 1:
+        if local.shape[0] != total:
+            raise ValueError(f"the set-up pass gave {local.shape[0]} rows for {total} items")
+        return local
+    sizes = [len(range(r, total, world)) for r in range(world)]
+    if local.shape[0] != sizes[rank]:
+        raise ValueError(f"process {rank} has {local.shape[0]} rows, its share of {total} items is {sizes[rank]}")
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded.contiguous())
+    out = local.new_empty((total, *local.shape[1:]))
+    for r, part in enumerate(gathered):
+        out[r::world] = part[: sizes[r]]
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import LazyShapeMixin, check_choice, check_positive, model_device
+from regtune.regularizers._utils import (LazyShapeMixin, all_reduce_sum, check_choice, check_positive, gather_shards,
+                                         model_device, shard_positions)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers.functional import channel_attention, delta_penalty, l2_penalty
 from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers
@@ -231,22 +232,30 @@ class DELTA(LazyShapeMixin, Regularizer):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _ablation_attention(self, loader: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under DDP each process holds a share of the set-up pass (items rank, rank + world, ...): the probe is
+        # trained on every process's features gathered back into the data's order (the same probe everywhere), and
+        # the loss increases over the first ``attention_samples`` items of the data are summed across processes.
         assert self.source is not None
         device = model_device(self.source)
         features, labels, kept_images, kept_labels, seen = [], [], [], [], 0
+        one_image = None  # for the channel counts
         with torch.no_grad():
             for images, targets, *_ in loader:
                 images, targets = images.to(device), targets.to(device)
+                one_image = images[:1]
                 features.append(self.source.forward_head(self.source.forward_features(images), pre_logits=True))
                 labels.append(targets)
-                if seen < self.attention_samples:
-                    kept_images.append(images[: self.attention_samples - seen])
-                    kept_labels.append(targets[: self.attention_samples - seen])
-                    seen += kept_images[-1].shape[0]
-        feats = torch.cat(features)
-        targets = torch.cat(labels)
-        probe = self._train_probe(feats, targets)
-        images, targets = torch.cat(kept_images), torch.cat(kept_labels)
+                keep = shard_positions(seen + len(targets))[seen:] < self.attention_samples
+                seen += len(targets)
+                if keep.any():
+                    kept_images.append(images[keep.to(device)])
+                    kept_labels.append(targets[keep.to(device)])
+        local_feats, local_targets = torch.cat(features), torch.cat(labels)
+        total = len(loader.dataset) if hasattr(loader, "dataset") else local_feats.shape[0]
+        probe = self._train_probe(gather_shards(local_feats, total), gather_shards(local_targets, total))
+        samples = min(self.attention_samples, total)
+        images = torch.cat(kept_images) if kept_images else local_feats.new_zeros(0)
+        targets = torch.cat(kept_labels) if kept_labels else local_targets[:0]
         weights, sizes = [], []
         for name in self.needs_feature_maps:
             increase = torch.zeros(0, dtype=torch.float64)
@@ -255,11 +264,25 @@ class DELTA(LazyShapeMixin, Regularizer):
                                            targets[start:start + 32], chunk=self.attention_chunk)
                 n = min(32, images.shape[0] - start)
                 increase = part * n if increase.numel() == 0 else increase + part * n
-            weights.append(channel_attention(increase / images.shape[0]))
+            # every process needs the channel count to join the sum, also one that kept no item
+            increase = all_reduce_sum(self._channels_like(name, increase, one_image).to(device)).cpu()
+            weights.append(channel_attention(increase / samples))
             sizes.append(len(increase))
             _log.info("DELTA attention of %s: %d channels, max weight %.4f (uniform %.4f)", name, sizes[-1],
                       float(weights[-1].max()), 1.0 / sizes[-1])
         return torch.cat(weights), torch.tensor(sizes)
+
+    def _channels_like(self, name: str, increase: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """``increase``, or zeros of ``name``'s channel count where this process kept no attention sample."""
+        if increase.numel():
+            return increase
+        assert self.source is not None
+        if image is None:
+            raise ValueError("DELTA's attention: this process got no set-up image (fewer training images than "
+                             "processes); train on more images or with fewer processes")
+        with torch.no_grad(), capture_outputs(self.source, [name]) as maps:
+            self.source.forward_features(image)
+        return torch.zeros(as_channel_maps(maps[name], **_layer_format(self.source)).shape[1], dtype=torch.float64)
 
     def _train_probe(self, features: torch.Tensor, labels: torch.Tensor) -> nn.Module:
         classes = int(labels.max()) + 1

@@ -8,7 +8,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import LazyShapeMixin, check_choice, check_positive, model_device, penultimate
+from regtune.regularizers._utils import (LazyShapeMixin, check_choice, check_positive, gather_shards, model_device,
+                                         penultimate)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers.cotuning import trainable_source_head
 from regtune.regularizers.functional import distillation_loss
@@ -101,7 +102,10 @@ class LearningWithoutForgetting(LazyShapeMixin, Regularizer):
             logits = [self._teacher(model, self.source_head, images.to(device)) for images, *_ in loader]
         finally:
             model.train(mode)
-        self.teacher_logits = torch.cat(logits).to(self.teacher_logits.device, self.teacher_logits.dtype)
+        local = torch.cat(logits)
+        # Under DDP each process ran its share of the set-up pass; every process needs every item's outputs.
+        total = len(loader.dataset) if hasattr(loader, "dataset") else local.shape[0]
+        self.teacher_logits = gather_shards(local, total).to(self.teacher_logits.device, self.teacher_logits.dtype)
 
     def forward(self, step: TrainStep) -> torch.Tensor:
         if self.source_head is None:

@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "epoch_seed", "read_epoch_log"]
+__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "MidEpochResume", "Preemption", "epoch_seed", "read_epoch_log",
+           "rng_state", "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +50,118 @@ class EpochSeed(pl.Callback):
         # DataLoader workers derive their seeds from torch's generator when the iterator is created, after this hook.
 
 
+def rng_state() -> dict[str, Any]:
+    """The global generators' states: Python's ``random``, NumPy's, torch's CPU and (when used) CUDA's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain types and tensors only: checkpoints load with torch.load(weights_only=True).
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                       float(gauss)),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MidEpochResume(pl.Callback):
+    """Make a checkpoint written in the middle of an epoch resume exactly where it stopped.
+
+    With the per-sample augmentation seeds of :class:`~regtune.data.transforms.TransformedSubset`, the data of a
+    batch depends only on ``(seed, epoch, items)``, and the global generators carry only what the model draws
+    (dropout, random-feature draws). So the state of an epoch after ``k`` batches is: the weights, optimizer and
+    regularizer state (in the checkpoint already), Lightning's batch count, and the global generators' state after
+    batch ``k``, which this callback records at every batch end and stores in the checkpoint. On a restart in the
+    middle of an epoch it restores those generators and makes the training sampler skip the ``k`` batches already
+    trained on (Lightning's loop continues its count at ``k``). Must come after :class:`EpochSeed`.
+    """
+
+    def __init__(self) -> None:
+        self._rng: dict[str, Any] | None = None
+        self._restore: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._rng = rng_state()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rng = None  # an end-of-epoch checkpoint restarts at the next epoch's seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng} if self._rng is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restore = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        restore, self._restore = self._restore, None
+        if not trainer.fit_loop.restarted_mid_epoch:
+            return
+        if restore is None:
+            raise RuntimeError(
+                "this checkpoint was written in the middle of an epoch without regtune's random-generator state "
+                "(MidEpochResume), so the epoch cannot be continued exactly; resume from an end-of-epoch checkpoint"
+            )
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not hasattr(sampler, "resume"):
+            raise RuntimeError(f"a mid-epoch restart needs regtune's EpochShuffle sampler, not {type(sampler)}")
+        sampler.resume(trainer.current_epoch, done * loader.batch_size)
+        set_rng_state(restore)
+        _log.info("resuming epoch %d after batch %d", trainer.current_epoch + 1, done)
+
+
+class Preemption(pl.Callback):
+    """On SIGTERM (or a first Ctrl-C) stop at the end of the current training batch and save a resumable checkpoint.
+
+    Lightning sets its SIGTERM flag and raises at the end of the batch; this callback then writes ``path`` (the
+    run's ``last.ckpt``) with the loop's batch count and :class:`MidEpochResume`'s state, so ``regtune fit --resume``
+    continues with the next batch. A stop while validating or testing saves nothing (the epoch's training is redone
+    from the last end-of-epoch checkpoint), and so does any other error. Use :meth:`sigint_handler` for Ctrl-C: the
+    first press asks for the same stop, a second one interrupts at once.
+
+    Args:
+        path: The checkpoint to write.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.saved_at: tuple[int, int] | None = None  # (epoch, batches done) of the checkpoint written, if any
+        self._pressed = False
+
+    def sigint_handler(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self._pressed or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # a second press, or no trainer is listening: stop now
+        self._pressed = True
+        _log.warning("stopping at the end of this batch (press Ctrl-C again to stop at once)")
+        signal.raise_signal(signal.SIGTERM)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.sanity_checking:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done == 0 or done >= trainer.num_training_batches:
+            return  # nothing trained in this epoch yet, or the epoch's own checkpoint follows its validation
+        trainer.save_checkpoint(self.path)
+        self.saved_at = (trainer.current_epoch, done)
+        _log.warning("stopped in epoch %d after batch %d of %d; checkpoint saved to %s", trainer.current_epoch + 1,
+                     done, trainer.num_training_batches, self.path)
+
+
 class EpochLog(pl.Callback):
     """Append one row per epoch to ``path`` (CSV) and log one line per epoch.
 
@@ -76,16 +189,18 @@ class EpochLog(pl.Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The module's own training means (every process takes part in their reduction).
+        means = pl_module.epoch_means() if hasattr(pl_module, "epoch_means") else {}
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                                "time_s": round(time.perf_counter() - self._start, 3)}
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
-        for key, value in sorted(trainer.callback_metrics.items()):
-            if key.endswith("_step"):
-                continue
-            row[key.removesuffix("_epoch")] = float(value)
+        values = {k.removesuffix("_epoch"): float(v) for k, v in trainer.callback_metrics.items()
+                  if not k.endswith("_step")}
+        values.update(means)
+        row.update(sorted(values.items()))
         rows = read_epoch_log(self.path) + [row]
         _write_csv(self.path, rows)
         _log.info(self._line(row, trainer.max_epochs))
@@ -139,6 +254,10 @@ class StepLog(pl.Callback):
         if self._rows:
             _write_csv(self.path, read_epoch_log(self.path) + self._rows)
             self._rows = []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Rows of the steps trained before a stop (a resume drops any after its checkpoint's step).
+        self.on_train_epoch_end(trainer, pl_module)
 
 
 class SetupArtifacts(pl.Callback):

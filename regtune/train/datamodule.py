@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -13,16 +13,30 @@ from regtune.data.subset import Split
 from regtune.data.transforms import TransformedSubset
 from regtune.train.callbacks import epoch_seed
 
-__all__ = ["FineTuneData", "EpochShuffle"]
+__all__ = ["FineTuneData", "EpochShuffle", "Shard"]
 
 
-class EpochShuffle(Sampler[int]):
-    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    Lightning calls :meth:`set_epoch` before each training epoch. The sampler also owns the generator the
-    DataLoader draws its worker base seed from, re-seeded with the permutation, so neither the order nor the
-    workers' augmentation depends on how much of torch's global random stream ran before (a validation loop, a
-    restart from a checkpoint): a resumed run sees exactly the batches of the uninterrupted one.
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``; yields ``(epoch, index)`` keys.
+
+    Lightning calls :meth:`set_epoch` before each training epoch. The epoch travels with every index, so
+    :class:`~regtune.data.transforms.TransformedSubset` seeds each sample's augmentation from ``(seed, epoch,
+    index)`` in whichever process loads it. The sampler also owns the generator the DataLoader draws its worker base
+    seed from, re-seeded with the permutation, so nothing here depends on how much of torch's global random stream
+    ran before (a validation loop, a restart from a checkpoint).
+
+    Under ``torch.distributed`` each process takes every ``world``-th item of the permutation (the tail that does not
+    fill one item per process is dropped), so the processes see disjoint shares of one epoch; the trainer runs with
+    Lightning's sampler replacement off.
+
+    :meth:`resume` makes the next pass over ``epoch`` start after the items already trained on: an exact
+    mid-epoch restart.
 
     Args:
         size: Number of items.
@@ -34,19 +48,49 @@ class EpochShuffle(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self.generator = torch.Generator()
+        self._resume: tuple[int, int] | None = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
-    def __iter__(self):
+    def resume(self, epoch: int, done: int) -> None:
+        """Skip the first ``done`` items (of this process's share) the next time ``epoch`` is iterated."""
+        self._resume = (epoch, done)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)
-                                                                                  + 1))
-        return iter(order.tolist())
+                                                                                  + 1)).tolist()
+        rank, world = _rank_and_world()
+        if world > 1:
+            order = order[:len(self) * world][rank::world]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1]:]
+            self._resume = None
+        return iter([(self.epoch, i) for i in order])
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // _rank_and_world()[1]
+
+
+class Shard(Sampler[int]):
+    """Every item once across processes, in order: process ``r`` of ``w`` takes items ``r, r + w, ...``.
+
+    For passes whose results are sums reduced across processes (evaluation counts, regularizers' set-up
+    statistics): without ``torch.distributed`` it is the plain sequential order.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = _rank_and_world()
+        return iter(range(rank, self.size, world))
+
+    def __len__(self) -> int:
+        rank, world = _rank_and_world()
+        return len(range(rank, self.size, world))
 
 
 class FineTuneData(pl.LightningDataModule):
@@ -98,21 +142,21 @@ class FineTuneData(pl.LightningDataModule):
     def _loader(self, dataset: TransformedSubset, train: bool) -> DataLoader:
         # drop_last keeps every training batch full (BatchNorm and batch-statistics terms such as BSS need B > 1),
         # unless the subset is smaller than one batch. Workers are not persistent: each epoch's workers are seeded
-        # from that epoch's seed, which makes a resumed run identical to an uninterrupted one.
-        sampler = EpochShuffle(len(dataset), self.seed) if train else None
+        # from that epoch's seed. Evaluation and set-up passes are sharded across processes (each item once).
+        sampler = EpochShuffle(len(dataset), self.seed) if train else Shard(len(dataset))
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
-            generator=sampler.generator if sampler is not None else None,
-            drop_last=train and len(dataset) > self.batch_size,
+            generator=sampler.generator if train else None,
+            drop_last=train and len(sampler) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=False,
         )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(TransformedSubset(self.train_set, self.split.train, self.train_transform,
-                                              with_index=self.with_index), train=True)
+                                              with_index=self.with_index, seed=self.seed), train=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.validate_on_test:

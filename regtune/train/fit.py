@@ -39,7 +39,8 @@ from regtune.data.subset import split_from_manifest, stratified_split, write_man
 from regtune.data.transforms import build_transforms
 from regtune.models import check_backbone_name, create_backbone, data_config
 from regtune.regularizers import create_criterion, create_regularizer
-from regtune.train.callbacks import EpochLog, EpochSeed, SetupArtifacts, StepLog, read_epoch_log
+from regtune.train.callbacks import (EpochLog, EpochSeed, MidEpochResume, Preemption, SetupArtifacts, StepLog,
+                                     read_epoch_log)
 from regtune.train.config import FitConfig, load_config, save_config
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import FineTuner, NonFiniteLossError
@@ -103,6 +104,8 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         # Resuming writes into the run's own checkpoint directory on purpose.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        # regtune resumes mid-epoch itself (MidEpochResume: sampler position and generator state).
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
         yield
 
 
@@ -225,6 +228,7 @@ def fit(
                                 save_on_train_epoch_end=True, enable_version_counter=False)
     best_ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                                 save_on_train_epoch_end=True, enable_version_counter=False)
+    preemption = Preemption(ckpt_dir / "last.ckpt")
     trainer = pl.Trainer(
         max_epochs=t.epochs,
         accelerator=t.accelerator,
@@ -232,10 +236,14 @@ def fit(
         precision=t.precision,
         deterministic=t.deterministic,
         logger=False,
-        callbacks=[EpochSeed(t.seed), EpochLog(run_dir / "epochs.csv"), StepLog(run_dir / "steps.csv", t.log_every_n_steps),
-                   SetupArtifacts(run_dir / "setup"), *callbacks, best_ckpt, last_ckpt],
+        callbacks=[EpochSeed(t.seed), MidEpochResume(), EpochLog(run_dir / "epochs.csv"),
+                   StepLog(run_dir / "steps.csv", t.log_every_n_steps), SetupArtifacts(run_dir / "setup"), preemption,
+                   *callbacks, best_ckpt, last_ckpt],
         # best before last: last.ckpt then carries the best-checkpoint state *after* its epoch, so a resumed run
         # compares later epochs with the same best (and keeps the earlier one on ties) as an uninterrupted run.
+        # EpochShuffle shards the training epoch across processes itself (and keeps its per-epoch order and
+        # augmentation seeds); evaluation and set-up loaders use Shard.
+        use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -249,6 +257,8 @@ def fit(
               backbone.name, backbone.weights, preprocessing["input_size"])
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread:
+        signal.signal(signal.SIGINT, preemption.sigint_handler)  # first Ctrl-C: stop after this batch, like SIGTERM
     try:
         with _quiet_lightning(), _no_uninitialized_fill():
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
@@ -282,7 +292,9 @@ def fit(
         if rows:
             plot_learning_curves(rows, run_dir / "curves.png", title=f"{run_dir.name} ({t.select})")
     if trainer.interrupted:
-        _log.warning("interrupted; continue with: regtune fit --resume %s", run_dir)
+        where = (f"in epoch {preemption.saved_at[0] + 1} after batch {preemption.saved_at[1]} (checkpoint saved)"
+                 if preemption.saved_at else "at the last end-of-epoch checkpoint")
+        _log.warning("interrupted %s; continue with: regtune fit --resume %s", where, run_dir)
         return FitResult(run_dir=run_dir, metrics={}, interrupted=True)
 
     train_time = time.perf_counter() - started

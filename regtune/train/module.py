@@ -105,6 +105,7 @@ class FineTuner(pl.LightningModule):
         self.feature_stats = feature_stats
         self._test_hits = torch.zeros(num_classes, dtype=torch.long)
         self._test_counts = torch.zeros(num_classes, dtype=torch.long)
+        self._epoch_sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x batch size, sum of batch sizes]
 
     # -- set-up -----------------------------------------------------------------------------------------------------
 
@@ -128,9 +129,43 @@ class FineTuner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["regtune_regularizers_ready"] = self.regularizers_ready
+        checkpoint["regtune_epoch_sums"] = {k: v.detach().cpu() for k, v in self._epoch_sums.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.regularizers_ready = bool(checkpoint.get("regtune_regularizers_ready", False))
+        self._epoch_sums = dict(checkpoint.get("regtune_epoch_sums", {}))
+
+    # -- per-epoch training means -----------------------------------------------------------------------------------
+    # The module sums the training values of an epoch itself (not Lightning's on_epoch logging) so that the sums
+    # travel in a checkpoint written mid-epoch and a resumed epoch reports the means of all its batches, and so that
+    # the processes of a distributed run reduce sums and counts, not means.
+
+    def on_train_start(self) -> None:
+        if not self.trainer.fit_loop.restarted_mid_epoch:
+            self._epoch_sums = {}  # a restart at an epoch's end may carry the finished epoch's sums
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_sums = {}  # callbacks (EpochLog) have read epoch_means() by now
+
+    def _epoch_stat(self, name: str, value: torch.Tensor | float, batch_size: int) -> None:
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        value = torch.as_tensor(value).detach().to(device=self.device, dtype=dtype)
+        entry = torch.stack([value * batch_size, torch.tensor(float(batch_size), dtype=dtype, device=self.device)])
+        previous = self._epoch_sums.get(name)
+        self._epoch_sums[name] = entry if previous is None else previous.to(entry.device) + entry
+
+    def epoch_means(self) -> dict[str, float]:
+        """This epoch's batch-size-weighted means of the training values so far, over all processes.
+
+        Every process must call it (it all-reduces when ``torch.distributed`` runs).
+        """
+        if not self._epoch_sums:
+            return {}
+        names = sorted(self._epoch_sums)
+        sums = torch.stack([self._epoch_sums[n].to(self.device) for n in names])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        return {n: float(total / count) for n, (total, count) in zip(names, sums.tolist())}
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last and images.dim() == 4:
@@ -172,16 +207,17 @@ class FineTuner(pl.LightningModule):
         f = features.detach().float()
         weight = self.model.get_classifier().weight.detach().float()
         n = labels.shape[0]
+        values = {f"{prefix}/feature_norm": f.norm(dim=1).mean(),
+                  f"{prefix}/fmr_entropy": channel_entropy(f).mean() / math.log(f.shape[1]),
+                  f"{prefix}/sample_margin": sample_margins(cosine_logits(f, weight), labels).mean()}
+        if prefix == "train":  # and the head's class margin, averaged over the epoch's steps
+            values["train/class_margin_deg"] = torch.rad2deg(class_margin(weight))
+            for name, value in values.items():
+                self._epoch_stat(name, value, n)
+            return
         # Epoch means over all processes: Lightning reduces on_epoch values once, at the epoch's end.
-        self.log(f"{prefix}/feature_norm", f.norm(dim=1).mean(), on_step=False, on_epoch=True, batch_size=n,
-                 sync_dist=True)
-        self.log(f"{prefix}/fmr_entropy", channel_entropy(f).mean() / math.log(f.shape[1]), on_step=False,
-                 on_epoch=True, batch_size=n, sync_dist=True)
-        self.log(f"{prefix}/sample_margin", sample_margins(cosine_logits(f, weight), labels).mean(), on_step=False,
-                 on_epoch=True, batch_size=n, sync_dist=True)
-        if prefix == "train":  # the head's class margin, averaged over the epoch's steps
-            self.log("train/class_margin_deg", torch.rad2deg(class_margin(weight)), on_step=False, on_epoch=True,
-                     batch_size=n)
+        for name, value in values.items():
+            self.log(name, value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, *rest = batch
@@ -198,19 +234,19 @@ class FineTuner(pl.LightningModule):
                 f"{batch_idx}): {bad}"
             )
         batch_size = labels.shape[0]
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
-        self.log("train/acc", (logits.argmax(-1) == labels).float().mean(), on_step=False, on_epoch=True,
-                 batch_size=batch_size)
+        # Step values go to Lightning (progress bar, steps.csv); epoch means are the module's own sums.
+        stepwise: dict[str, torch.Tensor | float] = {"train/loss": loss.detach()}
         criterion_stats = self.criterion.stats()
         if self.regularizers or criterion_stats:
-            for name, value in terms.items():
-                self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
-            for key, value in criterion_stats.items():
-                self.log(f"train/{self.criterion_name}/{key}", float(value), on_step=True, on_epoch=True,
-                         batch_size=batch_size)
+            stepwise.update({f"train/{name}": value.detach() for name, value in terms.items()})
+            stepwise.update({f"train/{self.criterion_name}/{key}": float(v) for key, v in criterion_stats.items()})
             for name, term in self.regularizers.items():
-                for key, value in term.stats().items():
-                    self.log(f"train/{name}/{key}", float(value), on_step=True, on_epoch=True, batch_size=batch_size)
+                stepwise.update({f"train/{name}/{key}": float(v) for key, v in term.stats().items()})
+        for name, value in stepwise.items():
+            self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size,
+                     prog_bar=name == "train/loss")
+            self._epoch_stat(name, value, batch_size)
+        self._epoch_stat("train/acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
         return loss
 
     def _total_steps(self) -> int | None:

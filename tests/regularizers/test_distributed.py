@@ -130,3 +130,76 @@ def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path
     assert not torch.allclose(alone["randreg.mu"], whole["randreg.mu"])
     assert not torch.allclose(alone["co_tuning.relationship"], whole["co_tuning.relationship"])
     assert not torch.allclose(alone["fmr.h_init"], whole["fmr.h_init"])
+
+
+class _ShareLoader:
+    """The set-up loader of one process: rows rank, rank + world, ... of the data (regtune's Shard), in batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, rank: int, world: int, batch: int = 3) -> None:
+        self.dataset = range(len(labels))
+        self.images, self.labels = images[rank::world], labels[rank::world]
+        self.batch = batch
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch):
+            yield self.images[start:start + self.batch], self.labels[start:start + self.batch]
+
+
+def _per_item_setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """LwF's cached teacher outputs and DELTA's channel attention after set-up on this process's share of 11 images
+    (an odd count: the shares differ in size; DELTA's attention uses the first 7)."""
+    import timm
+
+    g = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(11, 3, 32, 32, generator=g), torch.arange(11) % 3
+    torch.manual_seed(6)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    source = torch.nn.Linear(model.num_features, 5)
+    lwf = create_regularizer("lwf", teacher="cached")
+    lwf.attach_source_head(source)
+    lwf.adapt_model(model)
+    lwf.setup(model, _ShareLoader(images, labels, rank, world))
+    delta = create_regularizer("delta", attention="ablation", attention_samples=7, attention_chunk=64,
+                               probe_steps=20)
+    delta.adapt_model(model)
+    delta.setup(model, _ShareLoader(images, labels, rank, world))
+    return {"lwf.teacher_logits": lwf.teacher_logits, "delta.attention_weights": delta.attention_weights}
+
+
+def _per_item_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_per_item_setup_state(rank, world), os.path.join(out_dir, f"items{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_per_item_setup_from_shares_equals_the_whole(tmp_path: Path) -> None:
+    """LwF's teacher outputs are gathered back into the data's order (every process can look up any training
+    index) and DELTA's probe and attention are those of one process on all the data."""
+    whole = _per_item_setup_state(0, 1)
+    assert whole["lwf.teacher_logits"].shape == (11, 5)
+    mp.spawn(_per_item_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        shared = torch.load(tmp_path / f"items{rank}.pt", weights_only=True)
+        torch.testing.assert_close(shared["lwf.teacher_logits"], whole["lwf.teacher_logits"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shared["delta.attention_weights"], whole["delta.attention_weights"], rtol=1e-4,
+                                   atol=1e-6)
+    from regtune.regularizers._utils import gather_shards
+
+    with pytest.raises(ValueError, match="rows for 11 items"):  # in one process, a share is not the whole data
+        gather_shards(torch.zeros(6, 5), 11)
+
+
+def test_shard_positions_follow_the_trainer_sharding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The regularizers' idea of which items a process holds is the trainer's Shard sampler."""
+    from regtune.regularizers import _utils
+    from regtune.train import datamodule
+
+    for rank in range(3):
+        monkeypatch.setattr(_utils, "_rank_and_world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(datamodule, "_rank_and_world", lambda rank=rank: (rank, 3))
+        items = list(datamodule.Shard(11))
+        assert _utils.shard_positions(len(items)).tolist() == items

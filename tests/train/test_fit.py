@@ -191,3 +191,49 @@ def test_train_fraction_shortens_every_epoch_and_the_schedule(imagefolder: Path,
     assert rows[-1]["lr/backbone"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ends with the last step
     with pytest.raises(ValueError, match="train_fraction"):
         tiny_config(imagefolder, train_fraction=0.0)
+
+
+class _SigtermAt(pl.Callback):
+    """Sends the process SIGTERM at the end of one training batch (what a cluster does before preemption)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) == self.at:
+            import signal
+
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_bit_identical(imagefolder: Path, tmp_path: Path) -> None:
+    """SIGTERM after batch 2 of epoch 2 (of 3 per epoch): a checkpoint of that batch, and a resume whose every step,
+    epoch mean and final number equals the uninterrupted run's. Dropout and AdaRand (which draws random features
+    every step) make the model consume the global generators, so this also checks their restored state."""
+    config = apply_overrides(tiny_config(imagefolder, epochs=3),
+                             {"model.drop_rate": 0.3, "regularizers": [{"name": "adarand"}]})
+    stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_SigtermAt(1, 1)])
+    assert stopped.interrupted and not (stopped.run_dir / "metrics.json").exists()
+    checkpoint = torch.load(stopped.run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 3 + 2  # one epoch of 3 batches, then 2
+    assert checkpoint["callbacks"]["MidEpochResume"]["rng"]["torch"].dtype == torch.uint8
+    resumed = fit(run_dir=tmp_path / "cut", resume=True)
+    whole = fit(config, run_dir=tmp_path / "whole")
+    assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
+    assert read_epoch_log(whole.run_dir / "steps.csv") == read_epoch_log(resumed.run_dir / "steps.csv")
+    for a, b in zip(read_epoch_log(whole.run_dir / "epochs.csv"), read_epoch_log(resumed.run_dir / "epochs.csv"),
+                    strict=True):
+        assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+    final = [torch.load(r.run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"] for r in (whole, resumed)]
+    assert final[0].keys() == final[1].keys()
+    torch.testing.assert_close(final[0], final[1], rtol=0, atol=0)
+
+
+def test_same_numbers_with_and_without_data_workers(imagefolder: Path, tmp_path: Path) -> None:
+    """Each sample's augmentation is seeded from (seed, epoch, index), so the loading processes do not matter."""
+    config = tiny_config(imagefolder, epochs=2)
+    main = fit(config, run_dir=tmp_path / "main")
+    workers = fit(apply_overrides(config, {"data.num_workers": 2}), run_dir=tmp_path / "workers")
+    assert {k: main.metrics[k] for k in COMPARED} == {k: workers.metrics[k] for k in COMPARED}
+    assert read_epoch_log(main.run_dir / "steps.csv") == read_epoch_log(workers.run_dir / "steps.csv")
