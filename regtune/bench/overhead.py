@@ -169,7 +169,7 @@ def _build_runner(method: Method, backbone: str, pretrained: str, num_classes: i
     module = FineTuner(built.model, create_criterion(method.criterion.name, **method.criterion.args), terms,
                        OptimConfig(), num_classes, setup_loader=lambda: batches, train_loader=lambda: batches).to(device)
     module.train()
-    module.on_fit_start()
+    module.prepare_regularizers()
     optimizer = torch.optim.SGD(module._param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
     indices = torch.arange(batch_size).to(device) if module.needs_indices else None
     return method, module, optimizer, (images.to(device), labels.to(device), indices)

@@ -227,7 +227,11 @@ class AdaRand(RandomFeatureRegularizer):
         check_choice("inter", inter, ("cosine_sq", "cosine"))
         self.alpha, self.prior_lr, self.prior_schedule = alpha, prior_lr, prior_schedule
         self.intra, self.inter, self.update_prior = intra, inter, update_prior
-        self.mu.requires_grad_(update_prior)
+        # mu is a parameter (Adam, checkpoints, .to() keep it) that only its own update step differentiates: it asks
+        # for gradients inside that step alone, so the training loss's backward and DDP's gradient synchronisation
+        # (which registers the parameters that require gradients) never see it. Every process computes the same
+        # update from the all-reduced running means.
+        self.mu.requires_grad_(False)
         self.register_buffer("running_mean", torch.empty(0, 0))
         self._optimizer: torch.optim.Adam | None = None
         self._pending_optimizer_state: dict[str, Any] | None = None
@@ -284,12 +288,17 @@ class AdaRand(RandomFeatureRegularizer):
             for group in optimizer.param_groups:
                 group["lr"] = self.prior_lr * math.cos(7 * math.pi * step.step / (16 * step.total_steps))
         # Full precision and autograd on, whatever the trainer's autocast or no_grad context.
-        with torch.enable_grad(), torch.autocast(self.mu.device.type, enabled=False):
-            l_intra, l_inter = adarand_prior_losses(self.mu, self.running_mean, intra=self.intra, inter=self.inter)
+        self.mu.requires_grad_(True)
+        try:
+            with torch.enable_grad(), torch.autocast(self.mu.device.type, enabled=False):
+                l_intra, l_inter = adarand_prior_losses(self.mu, self.running_mean, intra=self.intra,
+                                                        inter=self.inter)
+                optimizer.zero_grad(set_to_none=True)
+                (l_intra + l_inter).backward()
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            (l_intra + l_inter).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.mu.requires_grad_(False)
         self._prior_losses = (l_intra.detach(), l_inter.detach())
 
     def forward(self, step: TrainStep) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 import regtune
 from regtune._io import atomic_write_json
@@ -48,6 +49,8 @@ from regtune.train.module import FineTuner, NonFiniteLossError
 __all__ = ["fit", "RunDirError", "FitResult", "default_run_dir"]
 
 _log = logging.getLogger(__name__)
+
+_RUN_DIR_ENV = "REGTUNE_RUN_DIR"  # process 0's run directory, for the DDP processes launched after it
 
 _SELECT = {  # select mode -> (monitored metric, mode, what the results call it)
     "val_acc": ("val/acc", "max", "best validation accuracy (held-out split of the training subset)"),
@@ -214,13 +217,20 @@ def fit(
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
                        channels_last=t.channels_last, feature_stats=t.feature_stats)
     datamodule.with_index = module.needs_indices
+    module.resuming = resume
 
-    if not resume:
+    launched = os.environ.get(_RUN_DIR_ENV)
+    if launched is not None and rank_zero_only.rank > 0:
+        # A process that Lightning's DDP launcher started by running the same command again: the run directory is
+        # the one process 0 prepared (its name may hold a timestamp), and only process 0 writes there.
+        run_dir = Path(launched)
+    elif not resume:
         # Absolute, because Lightning reports checkpoint paths absolute.
         run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()
         _prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
         save_config(config, run_dir / "config.yaml")
         write_manifest(run_dir / "split.json", split, train_set.ids, d.dataset)
+    os.environ[_RUN_DIR_ENV] = str(run_dir)  # inherited by the processes the launcher starts
 
     monitor, mode, selection = _SELECT[t.select]
     ckpt_dir = run_dir / "checkpoints"
@@ -288,7 +298,7 @@ def fit(
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
-        rows = read_epoch_log(run_dir / "epochs.csv")
+        rows = read_epoch_log(run_dir / "epochs.csv") if rank_zero_only.rank == 0 else []
         if rows:
             plot_learning_curves(rows, run_dir / "curves.png", title=f"{run_dir.name} ({t.select})")
     if trainer.interrupted:
@@ -334,10 +344,11 @@ def fit(
     }
     if t.select == "test_acc":
         _log.warning("selection on the TEST set (papers' protocol): test accuracy is optimistic")
-    plot_learning_curves(read_epoch_log(run_dir / "epochs.csv"), run_dir / "curves.png",
-                         title=f"{run_dir.name} ({t.select})", selected_epoch=int(best_epoch),
-                         test_acc=metrics["test_acc"])
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    if trainer.is_global_zero:
+        plot_learning_curves(read_epoch_log(run_dir / "epochs.csv"), run_dir / "curves.png",
+                             title=f"{run_dir.name} ({t.select})", selected_epoch=int(best_epoch),
+                             test_acc=metrics["test_acc"])
+        atomic_write_json(run_dir / "metrics.json", metrics)
     _log.info("test accuracy %.4f (mean per class %.4f), checkpoint of epoch %d by %s; run directory %s",
               metrics["test_acc"], metrics["test_mean_class_acc"], best_epoch + 1, t.select, run_dir)
     return FitResult(run_dir=run_dir, metrics=metrics)

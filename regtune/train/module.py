@@ -100,18 +100,29 @@ class FineTuner(pl.LightningModule):
         self.train_loader = train_loader
         self.criterion_name = getattr(criterion, "registry_name", "loss")
         self.regularizers_ready = False
+        self.resuming = False  # set when the fit restores a checkpoint: the terms' state comes from there
         self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
         self.feature_stats = feature_stats
         self._test_hits = torch.zeros(num_classes, dtype=torch.long)
         self._test_counts = torch.zeros(num_classes, dtype=torch.long)
         self._epoch_sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x batch size, sum of batch sizes]
+        self._eval_sums: torch.Tensor | None = None  # [loss sum, correct, count] of the running evaluation
 
     # -- set-up -----------------------------------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
         # Regularizers measure pretrained statistics once, before the first update; a resumed run has them in its
-        # checkpoint already.
+        # checkpoint already. This runs in Lightning's setup hook: the processes of a DDP run exist (the set-up
+        # statistics are reduced across them), but DDP has not yet wrapped the model nor the optimizer taken its
+        # parameters, so terms may still give their lazily shaped parameters and buffers their shapes.
+        if stage != "fit" or self.regularizers_ready or self.resuming:
+            return
+        self.to(self.trainer.strategy.root_device)
+        self.prepare_regularizers()
+
+    def prepare_regularizers(self) -> None:
+        """Run every term's set-up (its statistics pass over the loader it asks for) once."""
         if self.regularizers_ready:
             return
         mode = self.model.training
@@ -257,16 +268,35 @@ class FineTuner(pl.LightningModule):
         _, features, logits = forward_parts(self.model, self._layout(images))
         if self.feature_stats and prefix == "val":
             self._log_feature_stats(features, labels, prefix)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
         predicted = logits.argmax(-1)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=labels.shape[0])
-        self.log(f"{prefix}/acc", (predicted == labels).float().mean(), on_epoch=True, batch_size=labels.shape[0])
+        sums = torch.stack([loss, (predicted == labels).sum().double(), loss.new_tensor(float(labels.shape[0]))])
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
         return predicted
+
+    def _log_evaluation(self, prefix: str) -> None:
+        """Loss and accuracy over the whole split: sums and counts, reduced across processes (each holds a share)."""
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(3, dtype=torch.float64,
+                                                                                  device=self.device)
+        self._eval_sums = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        loss, correct, count = sums.tolist()
+        if count > 0:
+            self.log(f"{prefix}/loss", loss / count, sync_dist=False)
+            self.log(f"{prefix}/acc", correct / count, sync_dist=False)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
     def on_test_epoch_start(self) -> None:
+        self._eval_sums = None
         self._test_hits = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
         self._test_counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
 
@@ -277,8 +307,10 @@ class FineTuner(pl.LightningModule):
         self._test_hits += torch.bincount(labels[predicted == labels], minlength=self.num_classes)
 
     def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
         hits = self.all_gather(self._test_hits).reshape(-1, self.num_classes).sum(0)
         counts = self.all_gather(self._test_counts).reshape(-1, self.num_classes).sum(0)
+        self._test_hits, self._test_counts = hits, counts  # every process holds the whole split's counts
         present = counts > 0
         per_class = hits[present].double() / counts[present].double()
         self.log("test/mean_class_acc", per_class.mean().float(), sync_dist=False)

@@ -243,7 +243,8 @@ def test_adarand_setup_initialises_mu_and_running_mean() -> None:
     np.testing.assert_allclose(term.running_mean.numpy(), [[2.0, 0.0], [0.0, 2.0]])
     np.testing.assert_allclose(term.sigma.numpy(), [[1.0, 1e-6], [1e-6, 1.0]])  # std of (1, 3) = 1; 0 -> sigma_min
     assert term.param_group_options() is None
-    assert term.mu.requires_grad
+    # updated by its own step only: outside it, mu asks for no gradient (the training loss and DDP never see it)
+    assert not term.mu.requires_grad
 
 
 def test_adarand_running_means_ema() -> None:
@@ -364,7 +365,7 @@ def test_adam_state_round_trips_into_fresh_instance() -> None:
     # load_state_dict keeps the destination dtype).
     fresh = create_regularizer("adarand", prior_schedule="constant").to(torch.float64)
     fresh.load_state_dict(copy.deepcopy(saved))
-    assert fresh.mu.shape == (2, 2) and fresh.running_mean.shape == (2, 2) and fresh.mu.requires_grad
+    assert fresh.mu.shape == (2, 2) and fresh.running_mean.shape == (2, 2) and not fresh.mu.requires_grad
     no_moments = create_regularizer("adarand", prior_schedule="constant").to(torch.float64)
     no_moments.load_state_dict(copy.deepcopy(saved))
     no_moments.set_extra_state({"prior_optimizer": None})  # same values, a new Adam
