@@ -158,12 +158,16 @@ class FineTuner(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._epoch_sums = {}  # callbacks (EpochLog) have read epoch_means() by now
 
+    def _sum_dtype(self, device: torch.device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
     def _epoch_stat(self, name: str, value: torch.Tensor | float, batch_size: int) -> None:
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        value = torch.as_tensor(value).detach().to(device=self.device, dtype=dtype)
-        entry = torch.stack([value * batch_size, torch.tensor(float(batch_size), dtype=dtype, device=self.device)])
+        # A tensor is summed where it lives (no copy, no synchronisation per step); a Python number on the CPU.
+        value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        value = value.to(self._sum_dtype(value.device))
+        entry = torch.stack([value * batch_size, torch.full_like(value, float(batch_size))])
         previous = self._epoch_sums.get(name)
-        self._epoch_sums[name] = entry if previous is None else previous.to(entry.device) + entry
+        self._epoch_sums[name] = entry if previous is None else previous + entry
 
     def epoch_means(self) -> dict[str, float]:
         """This epoch's batch-size-weighted means of the training values so far, over all processes.
@@ -173,7 +177,8 @@ class FineTuner(pl.LightningModule):
         if not self._epoch_sums:
             return {}
         names = sorted(self._epoch_sums)
-        sums = torch.stack([self._epoch_sums[n].to(self.device) for n in names])
+        dtype = self._sum_dtype(self.device)
+        sums = torch.stack([self._epoch_sums[n].to(device=self.device, dtype=dtype) for n in names])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         return {n: float(total / count) for n, (total, count) in zip(names, sums.tolist())}
@@ -254,8 +259,7 @@ class FineTuner(pl.LightningModule):
             for name, term in self.regularizers.items():
                 stepwise.update({f"train/{name}/{key}": float(v) for key, v in term.stats().items()})
         for name, value in stepwise.items():
-            self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size,
-                     prog_bar=name == "train/loss")
+            self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size)
             self._epoch_stat(name, value, batch_size)
         self._epoch_stat("train/acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
         return loss
@@ -268,16 +272,17 @@ class FineTuner(pl.LightningModule):
         _, features, logits = forward_parts(self.model, self._layout(images))
         if self.feature_stats and prefix == "val":
             self._log_feature_stats(features, labels, prefix)
-        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        loss = loss.to(self._sum_dtype(loss.device))
         predicted = logits.argmax(-1)
-        sums = torch.stack([loss, (predicted == labels).sum().double(), loss.new_tensor(float(labels.shape[0]))])
+        sums = torch.stack([loss, (predicted == labels).sum().to(loss.dtype), torch.full_like(loss, labels.shape[0])])
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
         return predicted
 
     def _log_evaluation(self, prefix: str) -> None:
         """Loss and accuracy over the whole split: sums and counts, reduced across processes (each holds a share)."""
-        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(3, dtype=torch.float64,
-                                                                                  device=self.device)
+        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(
+            3, dtype=self._sum_dtype(self.device), device=self.device)  # a process without items joins with zeros
         self._eval_sums = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
