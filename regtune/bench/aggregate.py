@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +18,7 @@ import yaml
 
 from regtune._io import atomic_write_text
 from regtune.bench.grid import Grid, expand
-from regtune.bench.stats import PairedDifference, mean_std, paired_difference
+from regtune.bench.stats import PairedDifference, holm, mean_std, paired_difference
 
 __all__ = ["RunRecord", "CellSummary", "collect_grid", "collect_runs", "summarize", "markdown_report",
            "write_report", "method_label"]
@@ -45,6 +45,7 @@ class CellSummary:
     mean: float
     std: float
     difference: PairedDifference | None  # against the baseline, on the seeds both have
+    p_holm: float = math.nan  # the difference's p-value, Holm-adjusted over the methods of the cell
 
 
 def cell_label(cell: Sequence[tuple[str, Any]]) -> str:
@@ -139,7 +140,11 @@ def summarize(records: Sequence[RunRecord], baseline: str = "ft", metric: str = 
                 difference = paired_difference([values[s] for s in seeds], [base[s] for s in seeds],
                                                confidence=confidence, ci=ci)
         summaries.append(CellSummary(method, cell, values, mean, std, difference))
-    return summaries
+    adjusted: dict[int, float] = {}
+    for cell in {s.cell for s in summaries}:  # one family per cell: every method against the same baseline
+        family = [i for i, s in enumerate(summaries) if s.cell == cell and s.difference is not None]
+        adjusted.update(zip(family, holm([summaries[i].difference.p for i in family])))
+    return [replace(s, p_holm=adjusted[i]) if i in adjusted else s for i, s in enumerate(summaries)]
 
 
 def _orders(summaries: Sequence[CellSummary], baseline: str) -> tuple[list[str], list[tuple]]:
@@ -196,8 +201,12 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
                 row.append(f"{d.mean:+.2f} (1 seed)")
             else:
                 mark = " ▲" if d.above_zero else " ▼" if d.below_zero else ""
-                row.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{mark}")
+                holm_mark = "†" if s.p_holm < 1.0 - confidence else ""
+                row.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{mark}{holm_mark}")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", f"† = still significant at {100 * (1 - confidence):g} % after Holm's correction over the methods "
+                  "of the cell (p-values in summary.csv: p, p_holm); an interval is per comparison, and with many "
+                  "methods some exclude zero by chance."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,12 +239,13 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
     handle = io.StringIO()
     writer = csv.writer(handle)
     writer.writerow(["method", "cell", "n", "mean", "std", "diff_mean", "diff_low", "diff_high", "diff_ci",
-                     "seeds"])
+                     "p", "p_holm", "seeds"])
     for s in summaries:
         d = s.difference
         writer.writerow([s.method, cell_label(s.cell), len(s.values), f"{s.mean:.4f}", f"{s.std:.4f}",
                          f"{d.mean:.4f}" if d else "", f"{d.low:.4f}" if d else "", f"{d.high:.4f}" if d else "",
-                         d.method if d else "", " ".join(map(str, sorted(s.values)))])
+                         d.method if d else "", f"{d.p:.4g}" if d else "", f"{s.p_holm:.4g}" if d else "",
+                         " ".join(map(str, sorted(s.values)))])
     atomic_write_text(paths["summary_csv"], handle.getvalue())
     text = (f"# {title}\n\n" if title else "") + markdown_report(summaries, baseline, metric)
     atomic_write_text(paths["summary_md"], text)

@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["mean_std", "t_quantile", "t_cdf", "PairedDifference", "paired_difference"]
+__all__ = ["mean_std", "t_quantile", "t_cdf", "PairedDifference", "paired_difference", "holm"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -95,6 +95,7 @@ class PairedDifference:
     high: float
     n: int
     method: str  # "t" (paired t) or "bootstrap"
+    p: float = math.nan  # two-sided p-value of "no difference" (paired t, or the bootstrap's sign fraction)
 
     @property
     def above_zero(self) -> bool:
@@ -134,11 +135,31 @@ def paired_difference(method: Sequence[float], baseline: Sequence[float], confid
     if n < 2:
         return PairedDifference(mean, -math.inf, math.inf, n, ci)
     if ci == "t":
-        half = t_quantile(0.5 + confidence / 2.0, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-        return PairedDifference(mean, mean - half, mean + half, n, ci)
+        se = statistics.stdev(diffs) / math.sqrt(n)
+        half = t_quantile(0.5 + confidence / 2.0, n - 1) * se
+        p = (0.0 if mean != 0 else 1.0) if se == 0 else 2.0 * (1.0 - t_cdf(abs(mean) / se, n - 1))
+        return PairedDifference(mean, mean - half, mean + half, n, ci, p)
     rng = random.Random(seed)
     means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(resamples))
     alpha = (1.0 - confidence) / 2.0
     low = means[max(0, math.floor(alpha * resamples))]
     high = means[min(resamples - 1, math.ceil((1.0 - alpha) * resamples) - 1)]
-    return PairedDifference(mean, low, high, n, ci)
+    p = min(1.0, 2.0 * min(sum(m <= 0 for m in means), sum(m >= 0 for m in means)) / resamples)
+    return PairedDifference(mean, low, high, n, ci, p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
+
+    Sorted ascending, ``p_(i)`` becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))`` (``m`` tests; ranks from 1);
+    NaN entries are left out of the family and stay NaN. A cell of a benchmark compares every method with the same
+    baseline: with 14 methods at 95 % about 0.7 intervals exclude zero by chance alone, which this corrects for.
+    """
+    present = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    m = len(present)
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

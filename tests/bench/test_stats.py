@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from regtune.bench.aggregate import RunRecord, markdown_report, summarize, write_report
-from regtune.bench.stats import mean_std, paired_difference, t_cdf, t_quantile
+from regtune.bench.stats import holm, mean_std, paired_difference, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30, 200])
@@ -34,6 +34,23 @@ def test_paired_t_interval_by_hand() -> None:
     assert not d.above_zero and not d.below_zero  # [-0.24, 2.24]: three seeds leave zero inside
     res = stats.ttest_rel([81.0, 80.0, 82.5], [80.0, 79.5, 81.0]).confidence_interval(0.95)
     assert (d.low, d.high) == (pytest.approx(res.low), pytest.approx(res.high))
+
+
+def test_paired_t_p_value_matches_scipy() -> None:
+    a, b = [81.0, 80.0, 82.5, 79.0], [80.0, 79.5, 81.0, 79.5]
+    assert paired_difference(a, b).p == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    # hand value: t = 2.776445 with 4 degrees of freedom is the two-sided 5 % point
+    d = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, sd sqrt(2.5), se sqrt(0.5); shift so that t = 2.776445
+    shift = 3.0 - 2.776445 * math.sqrt(0.5)
+    assert paired_difference([x - shift for x in d], [0.0] * 5).p == pytest.approx(0.05, abs=1e-6)
+
+
+def test_holm_adjustment_by_hand() -> None:
+    # sorted 0.01, 0.02, 0.03, 0.5 (m = 4): 4 x 0.01 = 0.04, 3 x 0.02 = 0.06, max(0.06, 2 x 0.03) = 0.06, 0.5
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])  # monotone: the larger p never gets a smaller value
+    adjusted = holm([0.01, math.nan, 0.02])  # NaN: not a member of the family
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.02)
 
 
 def test_paired_bootstrap_is_seeded_and_brackets_the_mean() -> None:
@@ -69,6 +86,12 @@ def test_summarize_pairs_by_seed_and_marks_best() -> None:
     assert "**81.67 ± 1.53 (3)**" in text  # best mean in bold
     assert "| ft | 80.00 ± 1.00 (3) |" in text
     assert "▼" in text.split("Paired difference")[1]
+    # Holm over the two comparisons of the cell (bad's p is the smaller: doubled; fmr's keeps its own or more)
+    p_fmr, p_bad = summaries["fmr"].difference.p, summaries["bad"].difference.p
+    assert p_bad < p_fmr
+    assert summaries["bad"].p_holm == pytest.approx(2 * p_bad)
+    assert summaries["fmr"].p_holm == pytest.approx(max(2 * p_bad, p_fmr))
+    assert summaries["bad"].p_holm < 0.05 and "▼†" in text  # (-10, -8, -12): significant even after Holm
 
 
 def test_summarize_refuses_duplicate_seeds() -> None:
