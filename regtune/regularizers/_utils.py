@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from regtune._dist import rank_and_world as _rank_and_world
+
 
 def classifier_of(model: nn.Module) -> nn.Module:
     """The model's final classifier (timm's ``get_classifier()``), which must have a ``weight`` (C, D)."""
@@ -59,17 +61,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     reduced as sums and counts, never as means, so that a run on several processes computes what one process would
     on the whole batch.
     """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if _rank_and_world()[1] > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
-
-
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def shard_positions(count: int) -> torch.Tensor:

@@ -8,18 +8,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from regtune._dist import rank_and_world as _rank_and_world
 from regtune.data.base import ImageDataset
 from regtune.data.subset import Split
 from regtune.data.transforms import TransformedSubset
 from regtune.train.callbacks import epoch_seed
 
 __all__ = ["FineTuneData", "EpochShuffle", "Shard"]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):

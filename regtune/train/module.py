@@ -11,6 +11,7 @@ from torch import nn
 
 from regtune.models import forward_parts
 from regtune.regularizers import Criterion, Regularizer, TrainStep, capture_outputs
+from regtune.regularizers._utils import all_reduce_sum
 from regtune.regularizers.functional import channel_entropy, class_margin, cosine_logits, sample_margins
 from regtune.train.config import OptimConfig
 
@@ -178,9 +179,7 @@ class FineTuner(pl.LightningModule):
             return {}
         names = sorted(self._epoch_sums)
         dtype = self._sum_dtype(self.device)
-        sums = torch.stack([self._epoch_sums[n].to(device=self.device, dtype=dtype) for n in names])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
+        sums = all_reduce_sum(torch.stack([self._epoch_sums[n].to(device=self.device, dtype=dtype) for n in names]))
         return {n: float(total / count) for n, (total, count) in zip(names, sums.tolist())}
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
@@ -284,9 +283,7 @@ class FineTuner(pl.LightningModule):
         sums = self._eval_sums if self._eval_sums is not None else torch.zeros(
             3, dtype=self._sum_dtype(self.device), device=self.device)  # a process without items joins with zeros
         self._eval_sums = None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        loss, correct, count = sums.tolist()
+        loss, correct, count = all_reduce_sum(sums).tolist()
         if count > 0:
             self.log(f"{prefix}/loss", loss / count, sync_dist=False)
             self.log(f"{prefix}/acc", correct / count, sync_dist=False)

@@ -106,11 +106,14 @@ def _setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def _setup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _state_worker(rank: int, world: int, init_file: str, out_dir: str, which: str) -> None:
+    """Process ``rank`` of a gloo group: saves ``_setup_state`` (``which="setup"``) or ``_per_item_setup_state``
+    (``"items"``) of its share to ``<out_dir>/<which><rank>.pt``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(_setup_state(rank, world), os.path.join(out_dir, f"setup{rank}.pt"))
+        state = {"setup": _setup_state, "items": _per_item_setup_state}[which](rank, world)
+        torch.save(state, os.path.join(out_dir, f"{which}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -119,7 +122,7 @@ def _setup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_setup_statistics_from_shares_of_the_data_equal_the_whole(tmp_path: Path) -> None:
     whole = _setup_state(0, 1)
     assert {"randreg.mu", "randreg.sigma", "co_tuning.relationship", "fmr.h_init"} <= set(whole)
-    mp.spawn(_setup_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_state_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "setup"), nprocs=2, join=True)
     for rank in range(2):
         shared = torch.load(tmp_path / f"setup{rank}.pt", weights_only=True)
         assert set(shared) == set(whole)
@@ -166,22 +169,13 @@ def _per_item_setup_state(rank: int, world: int) -> dict[str, torch.Tensor]:
     return {"lwf.teacher_logits": lwf.teacher_logits, "delta.attention_weights": delta.attention_weights}
 
 
-def _per_item_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(_per_item_setup_state(rank, world), os.path.join(out_dir, f"items{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_per_item_setup_from_shares_equals_the_whole(tmp_path: Path) -> None:
     """LwF's teacher outputs are gathered back into the data's order (every process can look up any training
     index) and DELTA's probe and attention are those of one process on all the data."""
     whole = _per_item_setup_state(0, 1)
     assert whole["lwf.teacher_logits"].shape == (11, 5)
-    mp.spawn(_per_item_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_state_worker, args=(2, str(tmp_path / "init"), str(tmp_path), "items"), nprocs=2, join=True)
     for rank in range(2):
         shared = torch.load(tmp_path / f"items{rank}.pt", weights_only=True)
         torch.testing.assert_close(shared["lwf.teacher_logits"], whole["lwf.teacher_logits"], rtol=1e-5, atol=1e-6)

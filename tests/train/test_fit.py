@@ -237,3 +237,26 @@ def test_same_numbers_with_and_without_data_workers(imagefolder: Path, tmp_path:
     workers = fit(apply_overrides(config, {"data.num_workers": 2}), run_dir=tmp_path / "workers")
     assert {k: main.metrics[k] for k in COMPARED} == {k: workers.metrics[k] for k in COMPARED}
     assert read_epoch_log(main.run_dir / "steps.csv") == read_epoch_log(workers.run_dir / "steps.csv")
+
+
+def test_first_ctrl_c_stops_after_the_batch_a_second_at_once(tmp_path: Path) -> None:
+    """Ctrl-C during training becomes Lightning's SIGTERM stop (end of the batch, checkpoint); a second Ctrl-C, or one
+    when no trainer listens for SIGTERM, interrupts at once."""
+    import signal
+
+    from regtune.train.callbacks import Preemption
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        preemption = Preemption(tmp_path / "last.ckpt")
+        preemption.sigint_handler(signal.SIGINT, None)
+        assert received == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            preemption.sigint_handler(signal.SIGINT, None)
+        assert received == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # no trainer running: nothing would stop after a batch
+        with pytest.raises(KeyboardInterrupt):
+            Preemption(tmp_path / "last.ckpt").sigint_handler(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
