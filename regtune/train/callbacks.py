@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "MidEpochResume", "Preemption", "epoch_seed", "read_epoch_log",
-           "rng_state", "set_rng_state"]
+__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "MidEpochResume", "Preemption", "epoch_seed",
+           "read_epoch_log", "rng_state", "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -155,7 +155,9 @@ class Preemption(pl.Callback):
             return
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if done == 0 or done >= trainer.num_training_batches:
-            return  # nothing trained in this epoch yet, or the epoch's own checkpoint follows its validation
+            # Nothing trained in this epoch yet; or all of it, with its end-of-epoch hooks (logs, checkpoints) not
+            # run: the last end-of-epoch checkpoint stays, and a resume trains this epoch again to the same result.
+            return
         trainer.save_checkpoint(self.path)
         self.saved_at = (trainer.current_epoch, done)
         _log.warning("stopped in epoch %d after batch %d of %d; checkpoint saved to %s", trainer.current_epoch + 1,

@@ -67,9 +67,9 @@ class FineTuner(pl.LightningModule):
         channels_last: Keep the model and image batches in channels-last memory format (about 1.7x faster
             training steps for EfficientNet on CPU, and the preferred layout for convolutions on GPUs).
         feature_stats: Log per-epoch feature statistics (``{train,val}/feature_norm``, ``/fmr_entropy``,
-            ``/sample_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's steps);
-            the others are means of per-sample values, so Lightning's batch-size-weighted epoch mean is the exact
-            mean over the epoch's images.
+            ``/sample_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's
+            steps); the others are means of per-sample values, so the batch-size-weighted epoch mean (the module's
+            own sums in training, Lightning's in validation) is the exact mean over the epoch's images.
     """
 
     def __init__(
