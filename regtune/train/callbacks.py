@@ -126,9 +126,9 @@ class Preemption(pl.Callback):
 
     Lightning sets its SIGTERM flag and raises at the end of the batch; this callback then writes ``path`` (the
     run's ``last.ckpt``) with the loop's batch count and :class:`MidEpochResume`'s state, so ``regtune fit --resume``
-    continues with the next batch. A stop while validating or testing saves nothing (the epoch's training is redone
-    from the last end-of-epoch checkpoint), and so does any other error. Use :meth:`sigint_handler` for Ctrl-C: the
-    first press asks for the same stop, a second one interrupts at once.
+    continues with the next batch. A stop while an epoch validates lets Lightning finish that epoch (its logs and
+    end-of-epoch checkpoint) and stop there; any other error saves nothing here. Use :meth:`sigint_handler` for
+    Ctrl-C: the first press asks for the same stop, a second one interrupts at once.
 
     Args:
         path: The checkpoint to write.

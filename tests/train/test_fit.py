@@ -260,3 +260,30 @@ def test_first_ctrl_c_stops_after_the_batch_a_second_at_once(tmp_path: Path) -> 
             Preemption(tmp_path / "last.ckpt").sigint_handler(signal.SIGINT, None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _SigtermInValidation(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: object, **kwargs: object) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            import signal
+
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_during_validation_finishes_the_epoch_and_resumes_identically(imagefolder: Path,
+                                                                             tmp_path: Path) -> None:
+    """A stop while epoch 2 validates: Lightning finishes that epoch (validation, logs, its checkpoint) and stops
+    there; the resume starts epoch 3 and ends with the uninterrupted run's numbers."""
+    config = tiny_config(imagefolder, epochs=3)
+    stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_SigtermInValidation(1)])
+    assert stopped.interrupted
+    checkpoint = torch.load(stopped.run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 6  # two whole epochs of 3 batches
+    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [0, 1]
+    resumed = fit(run_dir=tmp_path / "cut", resume=True)
+    whole = fit(config, run_dir=tmp_path / "whole")
+    assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
+    assert read_epoch_log(whole.run_dir / "steps.csv") == read_epoch_log(resumed.run_dir / "steps.csv")
