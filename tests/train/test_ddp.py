@@ -61,9 +61,14 @@ def test_two_process_fit_end_to_end(tmp_path: Path) -> None:
     test_set = build_dataset("imagefolder", str(root), "test")
     _, eval_tf = build_transforms({**data_config(model, 32), "crop_pct": config.data.crop_pct})
     with torch.no_grad():
-        batches = [(model(x).argmax(-1), y) for x, y in DataLoader(TransformedSubset(test_set, range(12), eval_tf),
-                                                                   batch_size=12)]
-    predicted, labels = batches[0]
+        ((logits, labels),) = [(model(x), y) for x, y in DataLoader(TransformedSubset(test_set, range(12), eval_tf),
+                                                                    batch_size=12)]
+    predicted = logits.argmax(-1)
     assert metrics["test_acc"] == pytest.approx(float((predicted == labels).float().mean()), abs=1e-9)
+    # the loss tells the whole split from one process's half even when a weak model predicts one class everywhere
+    whole = float(torch.nn.functional.cross_entropy(logits, labels))
+    halves = [float(torch.nn.functional.cross_entropy(logits[r::2], labels[r::2])) for r in range(2)]
+    assert metrics["test_loss"] == pytest.approx(whole, rel=1e-4)
+    assert all(h != pytest.approx(whole, rel=1e-4) for h in halves)
     per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(3)]
     assert metrics["test_class_acc"] == pytest.approx(per_class, abs=1e-9)
