@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,6 @@ class Preemption(pl.Callback):
         self._pressed = False
 
     def sigint_handler(self, signum: int, frame: Any) -> None:
-        import signal
-
         if self._pressed or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise KeyboardInterrupt  # a second press, or no trainer is listening: stop now
         self._pressed = True

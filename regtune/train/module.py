@@ -69,7 +69,7 @@ class FineTuner(pl.LightningModule):
         feature_stats: Log per-epoch feature statistics (``{train,val}/feature_norm``, ``/fmr_entropy``,
             ``/sample_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's
             steps); the others are means of per-sample values, so the batch-size-weighted epoch mean (the module's
-            own sums in training, Lightning's in validation) is the exact mean over the epoch's images.
+            own sums, reduced across processes) is the exact mean over the epoch's images.
     """
 
     def __init__(
@@ -147,10 +147,11 @@ class FineTuner(pl.LightningModule):
         self.regularizers_ready = bool(checkpoint.get("regtune_regularizers_ready", False))
         self._epoch_sums = dict(checkpoint.get("regtune_epoch_sums", {}))
 
-    # -- per-epoch training means -----------------------------------------------------------------------------------
-    # The module sums the training values of an epoch itself (not Lightning's on_epoch logging) so that the sums
-    # travel in a checkpoint written mid-epoch and a resumed epoch reports the means of all its batches, and so that
-    # the processes of a distributed run reduce sums and counts, not means.
+    # -- per-epoch means ---------------------------------------------------------------------------------------------
+    # The module sums the values of an epoch itself (training terms and statistics, and the validation feature
+    # statistics of --feature-stats; not Lightning's on_epoch logging) so that the sums travel in a checkpoint
+    # written mid-epoch and a resumed epoch reports the means of all its batches, and so that the processes of a
+    # distributed run reduce sums and counts, not means.
 
     def on_train_start(self) -> None:
         if not self.trainer.fit_loop.restarted_mid_epoch:
@@ -171,7 +172,7 @@ class FineTuner(pl.LightningModule):
         self._epoch_sums[name] = entry if previous is None else previous + entry
 
     def epoch_means(self) -> dict[str, float]:
-        """This epoch's batch-size-weighted means of the training values so far, over all processes.
+        """This epoch's batch-size-weighted means of the summed values so far, over all processes.
 
         Every process must call it (it all-reduces when ``torch.distributed`` runs).
         """
@@ -227,12 +228,9 @@ class FineTuner(pl.LightningModule):
                   f"{prefix}/sample_margin": sample_margins(cosine_logits(f, weight), labels).mean()}
         if prefix == "train":  # and the head's class margin, averaged over the epoch's steps
             values["train/class_margin_deg"] = torch.rad2deg(class_margin(weight))
-            for name, value in values.items():
-                self._epoch_stat(name, value, n)
-            return
-        # Epoch means over all processes: Lightning reduces on_epoch values once, at the epoch's end.
+        # Validation runs before the epoch's end: its sums join the training epoch's and reach epochs.csv with them.
         for name, value in values.items():
-            self.log(name, value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self._epoch_stat(name, value, n)
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, *rest = batch
