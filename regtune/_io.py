@@ -1,12 +1,15 @@
 """Atomic writes: a results file is written whole under a temporary name, then renamed over the old one.
 
-A crash, a kill or a full disk mid-write leaves the previous file (or none), never a truncated one.
+A crash, a kill or a full disk mid-write leaves the previous file (or none), never a truncated one. The temporary
+name is unique per writer, so processes writing the same file at once (the shards of a grid writing its split
+manifests or its report) each replace it whole: the last rename wins, no one reads a mix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,11 @@ __all__ = ["atomic_write_text", "atomic_write_json"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (``<path>.tmp``, then :func:`os.replace`)."""
+    """Write ``text`` to ``path`` atomically (a unique ``<path>.<random>.tmp`` beside it, then :func:`os.replace`)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # umask's mode, unlike mkstemp
     try:
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "x", newline="") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     bench.add_argument("--report-only", action="store_true", help="aggregate the finished runs, run nothing")
     bench.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
+    bench.add_argument("--shard", default="1/1", metavar="I/N",
+                       help="run only shard I of N (runs I, I+N, ... of the grid's order), e.g. one process per GPU "
+                            "with CUDA_VISIBLE_DEVICES=I-1 regtune bench GRID --shard I/N; rerun to resume")
     bench.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
 
     report = sub.add_parser("report", help="aggregate finished run directories into tables and plots",
@@ -221,19 +224,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from regtune.bench.aggregate import collect_grid, write_report
-    from regtune.bench.grid import load_grid, run_grid
+    from regtune.bench.grid import expand, load_grid, parse_shard, run_grid
 
     grid = load_grid(args.grid, out=args.out)
+    shard = parse_shard(args.shard)
     if not args.report_only:
-        counts = run_grid(grid, stop_on_error=args.stop_on_error, dry_run=args.dry_run)
+        counts = run_grid(grid, stop_on_error=args.stop_on_error, dry_run=args.dry_run, shard=shard)
+        others = f", {counts['other_shards']} left to the other shards" if shard[1] > 1 else ""
         print(f"{counts['total']} runs: {counts['done_before']} finished before, {counts['ran']} ran, "
-              f"{counts['resumed']} resumed, {counts['failed']} failed")
+              f"{counts['resumed']} resumed, {counts['failed']} failed{others}")
         if args.dry_run:
             return 0
-    paths = write_report(collect_grid(grid), grid.out / "report", baseline=grid.baseline, ci=args.ci,
-                         title=grid.name)
+    records = collect_grid(grid)
+    paths = write_report(records, grid.out / "report", baseline=grid.baseline, ci=args.ci, title=grid.name)
     print((grid.out / "report" / "summary.md").read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
+    missing = sum(1 for _ in expand(grid)) - len(records)
+    if missing:
+        print(f"the report covers the {len(records)} finished runs; {missing} are not finished (other shards still "
+              "running, failures, or an interrupted grid): rerun with --report-only when they are")
     return 1 if not args.report_only and counts["failed"] else 0
 
 

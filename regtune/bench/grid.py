@@ -33,10 +33,17 @@ Layout of the output folder::
 A run with ``metrics.json`` is finished and skipped; one with ``checkpoints/last.ckpt`` but no metrics was
 interrupted and is resumed from its last epoch; one with neither is started again. So an interrupted grid finishes
 by running the same command again.
+
+Several processes (GPUs, machines sharing the output folder) split a grid with ``shard=(i, n)``: process ``i`` of
+``n`` (1-based) takes the runs ``i - 1, i - 1 + n, ...`` of the expansion order, a fixed assignment that needs no
+coordination, so a shard that is killed and rerun takes the same runs again. Files the shards share (``grid.yaml``,
+the split manifests, the report) are written atomically under unique temporary names; ``failures.json`` is updated
+under a file lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import logging
@@ -44,6 +51,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import yaml
@@ -51,7 +59,7 @@ import yaml
 from regtune._io import atomic_write_json, atomic_write_text
 from regtune.train.config import FitConfig, apply_overrides, config_from_dict
 
-__all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand"]
+__all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand", "parse_shard"]
 
 _log = logging.getLogger(__name__)
 
@@ -245,8 +253,44 @@ def _check_out_dir(grid: Grid) -> None:
     atomic_write_text(record, as_run)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N`` (the command line's ``--shard``)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise GridError(f"--shard {text!r}: expected I/N, e.g. 1/4 for the first of four processes") from None
+    if not 1 <= index <= count:
+        raise GridError(f"--shard {text!r}: I must be between 1 and N")
+    return index, count
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if absent) for the duration of the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _record_failure(grid: Grid, key: str, failure: dict[str, str] | None) -> None:
+    """Add (or, with ``None``, remove) a run's entry of ``failures.json``; read-modify-write under a lock (shards)."""
+    path = grid.out / "failures.json"
+    with _locked(grid.out / ".failures.lock"):
+        failures = json.loads(path.read_text()) if path.is_file() else {}
+        if failure is None:
+            if key not in failures:
+                return
+            failures.pop(key)
+        else:
+            failures[key] = failure
+        _write_json(path, failures)
+
+
 def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error: bool = False,
-             dry_run: bool = False) -> dict[str, int]:
+             dry_run: bool = False, shard: tuple[int, int] = (1, 1)) -> dict[str, int]:
     """Run every unfinished run of ``grid`` in order (finished ones are skipped, interrupted ones resumed).
 
     Args:
@@ -254,22 +298,29 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         fit_fn: :func:`regtune.train.fit.fit` (replaceable in tests).
         stop_on_error: Raise on the first failing run instead of recording it in ``failures.json`` and going on.
         dry_run: Only report what would run.
+        shard: ``(i, n)``: run only the runs ``i - 1, i - 1 + n, ...`` of the expansion order (1-based ``i``), so
+            that ``n`` processes started with ``i = 1 .. n`` share the grid without overlap.
 
     Returns:
-        Counts: ``{"total", "done_before", "ran", "resumed", "failed"}``.
+        Counts: ``{"total", "other_shards", "done_before", "ran", "resumed", "failed"}`` (``total`` is the whole
+        grid; ``other_shards`` the runs left to the other shards).
 
     Raises:
         KeyboardInterrupt: passed on after the interrupted run's checkpoint is in place (rerun to continue).
     """
     if fit_fn is None:
         from regtune.train.fit import fit as fit_fn
+    index, count = shard
+    if not 1 <= index <= count:
+        raise GridError(f"shard {index}/{count}: the index must be between 1 and the number of shards")
     runs = list(expand(grid))
-    counts = {"total": len(runs), "done_before": 0, "ran": 0, "resumed": 0, "failed": 0}
+    counts = {"total": len(runs), "other_shards": 0, "done_before": 0, "ran": 0, "resumed": 0, "failed": 0}
     if not dry_run:
         _check_out_dir(grid)
-    failures_path = grid.out / "failures.json"
-    failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
     for i, run in enumerate(runs, 1):
+        if (i - 1) % count != index - 1:
+            counts["other_shards"] += 1
+            continue
         status = _status(run)
         where = f"[{i}/{len(runs)}] {run.method} {run.run_dir.parent.parent.name} seed {run.seed}"
         if status == "done":
@@ -294,17 +345,15 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
             if stop_on_error:
                 raise
             counts["failed"] += 1
-            failures[str(run.run_dir.relative_to(grid.out))] = {"error": f"{type(err).__name__}: {err}",
-                                                               "traceback": traceback.format_exc(limit=5)}
-            _write_json(failures_path, failures)
-            _log.error("%s failed (%s: %s); recorded in %s, going on", where, type(err).__name__, err, failures_path)
+            _record_failure(grid, str(run.run_dir.relative_to(grid.out)),
+                            {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=5)})
+            _log.error("%s failed (%s: %s); recorded in %s, going on", where, type(err).__name__, err,
+                       grid.out / "failures.json")
             continue
         if getattr(result, "interrupted", False):
             _log.warning("grid interrupted during %s; run the same command again to continue", where)
             raise KeyboardInterrupt
-        failures.pop(str(run.run_dir.relative_to(grid.out)), None)
-        if failures_path.is_file():
-            _write_json(failures_path, failures)
+        _record_failure(grid, str(run.run_dir.relative_to(grid.out)), None)
         counts["resumed" if status == "interrupted" else "ran"] += 1
         acc = getattr(result, "metrics", {}).get("test_acc")
         _log.info("%s: test accuracy %s (%.0f s)", where, f"{acc:.4f}" if acc is not None else "?",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from regtune._io import atomic_write_text
 
 __all__ = ["Split", "EmptyClassError", "stratified_split", "write_manifest", "read_manifest", "split_from_manifest"]
 
@@ -134,9 +135,7 @@ def write_manifest(path: str | Path, split: Split, ids: Sequence[str], dataset: 
         "train": [ids[i] for i in split.train],
         "val": [ids[i] for i in split.val],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from regtune.bench.aggregate import collect_grid, write_report
-from regtune.bench.grid import GridError, expand, grid_from_dict, load_grid, run_grid
+from regtune.bench.grid import GridError, expand, grid_from_dict, load_grid, parse_shard, run_grid
 from regtune.cli import main
 from regtune.train.fit import fit
 from tests.conftest import TINY_BACKBONE, write_imagefolder
@@ -114,7 +115,7 @@ def test_killed_grid_reruns_only_the_missing_runs(tmp_path: Path) -> None:
 
     calls.clear()
     counts = run_grid(grid, fit_fn=killed(0, inside=False))
-    assert counts == {"total": 8, "done_before": 3, "ran": 4, "resumed": 1, "failed": 0}
+    assert counts == {"total": 8, "other_shards": 0, "done_before": 3, "ran": 4, "resumed": 1, "failed": 0}
     assert calls[0] == (str(runs[3].run_dir.relative_to(grid.out)), True)  # the interrupted run is resumed
     assert [c[0] for c in calls[1:]] == [str(r.run_dir.relative_to(grid.out)) for r in runs[4:]]
     for run_dir, mtime in finished.items():  # finished runs were not touched
@@ -165,6 +166,54 @@ def test_failed_run_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
     assert "non-finite" in failures["runs/imagefolder-f1.0/fnp/s0"]["error"]
 
 
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/2/3"])
+def test_bad_shard_is_refused(text: str) -> None:
+    with pytest.raises(GridError, match="--shard"):
+        parse_shard(text)
+
+
+def test_shards_split_the_grid_without_overlap_and_share_failures(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=10, test_per_class=2)
+    grid = grid_from_dict(tiny_grid(root, tmp_path / "out"))
+    runs = [r.run_dir for r in expand(grid)]
+    calls: dict[int, list[Path]] = {1: [], 2: []}
+    both_failing = threading.Barrier(2, timeout=30)
+
+    def fit_fn_of(shard: int):
+        def fit_fn(config=None, run_dir=None, resume=False, overwrite=False):
+            run_dir = Path(run_dir)
+            calls[shard].append(run_dir)
+            if run_dir in runs[:2]:  # the first run of each shard fails, both at the same moment
+                both_failing.wait()
+                raise FloatingPointError(f"non-finite loss in {run_dir.name}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
+            return None
+        return fit_fn
+
+    counts: dict[int, dict[str, int]] = {}
+    threads = [threading.Thread(target=lambda k=k: counts.update({k: run_grid(grid, fit_fn=fit_fn_of(k), shard=(k, 2))}))
+               for k in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls[1] == runs[0::2] and calls[2] == runs[1::2]  # disjoint, together the whole grid, each once
+    assert counts[1] == counts[2] == {"total": 8, "other_shards": 4, "done_before": 0, "ran": 3, "resumed": 0,
+                                      "failed": 1}
+    failures = json.loads((grid.out / "failures.json").read_text())
+    assert sorted(failures) == sorted(str(r.relative_to(grid.out)) for r in runs[:2])  # neither write was lost
+    assert not list(grid.out.rglob("*.tmp"))
+
+    # rerunning one shard retries only its own failed run; its success clears that entry and keeps the other
+    calls[1].clear()
+    counts1 = run_grid(grid, fit_fn=lambda config=None, run_dir=None, resume=False, overwrite=False: (
+        calls[1].append(Path(run_dir)), Path(run_dir).mkdir(parents=True, exist_ok=True),
+        (Path(run_dir) / "metrics.json").write_text("{}")), shard=(1, 2))
+    assert calls[1] == [runs[0]] and counts1["done_before"] == 3 and counts1["ran"] == 1
+    assert list(json.loads((grid.out / "failures.json").read_text())) == [str(runs[1].relative_to(grid.out))]
+
+
 def test_cli_bench_dry_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
     grid_file = tmp_path / "g.yaml"
@@ -177,6 +226,21 @@ def test_cli_bench_dry_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "2 runs: 0 finished before, 2 ran" in out and "Paired difference to ft" in out
     assert main(["report", str(tmp_path / "out" / "runs"), "--out", str(tmp_path / "rep")]) == 0
     assert "fnp(weight=0.01)" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_cli_bench_shard_runs_its_share_and_says_what_is_missing(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny_grid(root, tmp_path / "out", seeds=[0], fractions=[1.0])))
+    first, second = (r.run_dir for r in expand(load_grid(grid_file)))
+    assert main(["bench", str(grid_file), "--shard", "2/2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs: 0 finished before, 1 ran, 0 resumed, 0 failed, 1 left to the other shards" in out
+    assert "1 are not finished" in out
+    assert (second / "metrics.json").is_file() and not first.exists()
+    assert main(["bench", str(grid_file), "--shard", "3/2"]) == 2
+    assert "I must be between 1 and N" in capsys.readouterr().err
 
 
 def test_shipped_grids_parse_and_cover_the_methods() -> None:
