@@ -203,12 +203,18 @@ def _fit_config(args: argparse.Namespace):
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from regtune.train.fit import fit
 
+    if rank_zero_only.rank > 0:  # under DDP every process runs this command; the others report only problems
+        logging.getLogger("regtune").setLevel(logging.WARNING)
     if args.resume is not None:
         result = fit(run_dir=args.resume, resume=True)
     else:
         result = fit(_fit_config(args), run_dir=args.run_dir, overwrite=args.overwrite)
+    if rank_zero_only.rank > 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted; resume with: regtune fit --resume {result.run_dir}")
         return 130

@@ -109,6 +109,11 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # regtune resumes mid-epoch itself (MidEpochResume: sampler position and generator state).
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+        # Under DDP the module logs epoch values that are already sums and counts reduced over the processes
+        # (FineTuner._eval_sums, its epoch sums), so Lightning's own sync_dist would average equal numbers.
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
+        # Lightning's all_gather still goes through the deprecated torch.distributed.nn.functional.all_gather.
+        warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_gather is deprecated")
         yield
 
 
@@ -166,6 +171,13 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
     """
     started = time.perf_counter()
+    launched = os.environ.get(_RUN_DIR_ENV)
+    # Started by an outside launcher (torchrun, SLURM's srun, ...): every process runs this same call at once, and a
+    # default run directory (timestamped) could differ between them.
+    external = launched is None and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or rank_zero_only.rank > 0)
+    if external and run_dir is None:
+        raise RunDirError("this process was started by a launcher (torchrun, srun: WORLD_SIZE or RANK is set), so "
+                          "every process needs the same run directory: pass --run-dir")
     if resume:
         if run_dir is None:
             raise RunDirError("--resume needs the run directory to continue")
@@ -219,11 +231,12 @@ def fit(
     datamodule.with_index = module.needs_indices
     module.resuming = resume
 
-    launched = os.environ.get(_RUN_DIR_ENV)
     if launched is not None and rank_zero_only.rank > 0:
         # A process that Lightning's DDP launcher started by running the same command again: the run directory is
         # the one process 0 prepared (its name may hold a timestamp), and only process 0 writes there.
         run_dir = Path(launched)
+    elif external and rank_zero_only.rank > 0:
+        run_dir = Path(run_dir).absolute()  # process 0 of the launch prepares it; this one only reads
     elif not resume:
         # Absolute, because Lightning reports checkpoint paths absolute.
         run_dir = (Path(run_dir) if run_dir is not None else default_run_dir(config)).absolute()

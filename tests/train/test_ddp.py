@@ -25,7 +25,9 @@ from tests.train.test_fit import tiny_config
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_process_fit_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_two_process_fit_end_to_end(tmp_path: Path, launcher: str) -> None:
+    """Lightning launches the second process itself (``--devices 2``); torchrun starts both at once."""
     root = write_imagefolder(tmp_path / "images", train_per_class=12)  # 36 images: 30 train, 6 val
     weights = tmp_path / "weights.pth"  # "pretrained" weights with a 1000-class source head, for LwF
     torch.manual_seed(0)
@@ -39,11 +41,13 @@ def test_two_process_fit_end_to_end(tmp_path: Path) -> None:
     save_config(config, tmp_path / "config.yaml")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("REGTUNE_RUN_DIR", None)
-    done = subprocess.run([sys.executable, "-m", "regtune.cli", "fit", "--config", str(tmp_path / "config.yaml"),
-                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
-                          timeout=600)
+    launch = [] if launcher == "lightning" else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([sys.executable, *launch, "-m", "regtune.cli", "fit", "--config",
+                           str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path / "run")], capture_output=True,
+                          text=True, env=env, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "GLOBAL_RANK: 1" in done.stdout + done.stderr  # two processes did run
+    assert done.stdout.count("test accuracy:") == 1  # process 1 reports nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "images", "run", "weights.pth"]  # one run directory
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # each process trains on its 15 of the 30 images per epoch: 3 full batches of 4, so 3 steps per epoch
@@ -72,3 +76,17 @@ def test_two_process_fit_end_to_end(tmp_path: Path) -> None:
     assert all(h != pytest.approx(whole, rel=1e-4) for h in halves)
     per_class = [float((predicted[labels == c] == c).float().mean()) for c in range(3)]
     assert metrics["test_class_acc"] == pytest.approx(per_class, abs=1e-9)
+
+
+def test_launcher_without_run_dir_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun / srun every process would make its own timestamped run directory: --run-dir is required."""
+    from regtune.train.fit import RunDirError, fit
+
+    root = write_imagefolder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REGTUNE_RUN_DIR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunDirError, match="pass --run-dir"):
+        fit(tiny_config(root, epochs=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
