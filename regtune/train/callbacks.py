@@ -177,6 +177,9 @@ class EpochLog(pl.Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._start = 0.0
+        self._epoch_done = False
+        self._carried = 0.0  # seconds the epoch had run before a mid-epoch checkpoint that this run resumes from
+        self._restarted: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a resumed run's checkpoint is restored, so current_epoch is the next epoch to train.
@@ -184,12 +187,29 @@ class EpochLog(pl.Callback):
         kept = [r for r in rows if int(r["epoch"]) < trainer.current_epoch]
         if len(kept) != len(rows):
             _write_csv(self.path, kept)
-        self._start = time.perf_counter()
+        # An epoch resumed in its middle counts the time it had run before the interruption (the restart's own
+        # costs are left out). Lightning does not call on_train_epoch_start for that epoch again.
+        self._start = time.perf_counter() - self._carried
+        self._restarted = trainer.current_epoch if self._carried else None
+        self._carried = 0.0
+        self._epoch_done = False
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        if trainer.current_epoch != self._restarted:  # (should a Lightning version call it, the clock runs on)
+            self._start = time.perf_counter()
+        self._restarted = None
+        self._epoch_done = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["regtune_epoch_elapsed_s"] = 0.0 if self._epoch_done else time.perf_counter() - self._start
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._carried = float(checkpoint.get("regtune_epoch_elapsed_s", 0.0))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_done = True  # the end-of-epoch checkpoints saved after this carry no partial epoch
         # The module's own training means (every process takes part in their reduction).
         means = pl_module.epoch_means() if hasattr(pl_module, "epoch_means") else {}
         if trainer.sanity_checking or not trainer.is_global_zero:
