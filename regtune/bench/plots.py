@@ -33,13 +33,20 @@ def _panel_title(panel: tuple) -> str:
     return cell_label(panel)
 
 
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8"]
+
+
 def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseline: str = "ft",
                               metric: str = "test_acc") -> Path | None:
-    """One panel per dataset (and other axes): mean ± std against the fraction, a line per method.
+    """One column per dataset (and other axes): mean ± std against the fraction, a line per method; below it, each
+    method's paired difference to the baseline against the fraction with its confidence interval (what a reader of
+    15 overlapping lines wants to know).
 
-    With a single fraction the panel is a horizontal bar chart of the methods instead. Returns ``None`` when there
-    is nothing to plot.
+    With a single fraction the panel is a chart of the methods' means instead. Returns ``None`` when there is nothing
+    to plot.
     """
+    from matplotlib.ticker import NullLocator
+
     if not summaries:
         return None
     panels: dict[tuple, list] = {}
@@ -54,9 +61,13 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
         methods.remove(baseline)
         methods.insert(0, baseline)
     colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False)
+    markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(methods)}
+    curves = any(len({x for _, x, _ in items if x is not None}) >= 2 for items in panels.values())
+    fig, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(6.0 * len(panels), 8.4 if curves else 4.2),
+                             squeeze=False, sharex="col")
     unit = " (%)" if metric.endswith("acc") else ""
-    for ax, (panel, items) in zip(axes[0], panels.items()):
+    for column, (panel, items) in enumerate(panels.items()):
+        ax = axes[0][column]
         xs = sorted({x for _, x, _ in items if x is not None})
         if len(xs) >= 2:
             for method in methods:
@@ -64,14 +75,17 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
                 if not points:
                     continue
                 ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                            marker="o", capsize=3, label=method, color=colours[method],
+                            marker=markers[method], capsize=3, label=method, color=colours[method],
                             linewidth=2.2 if method == baseline else 1.3,
                             linestyle="--" if method == baseline else "-")
-            ax.set_xscale("log")
-            ax.set_xticks(xs)
-            ax.set_xticklabels([f"{x:g}" for x in xs])
-            ax.set_xlabel(items[0][2])
             ax.set_ylabel(f"{metric}{unit}, mean ± std over seeds")
+            _difference_panel(axes[1][column], items, methods, colours, markers, baseline)
+            for a in (ax, axes[1][column]):
+                a.set_xscale("log")
+                a.xaxis.set_minor_locator(NullLocator())  # only the grid's fractions as ticks
+                a.set_xticks(xs)
+                a.set_xticklabels([f"{x:g}" for x in xs])
+            axes[1][column].set_xlabel(items[0][2])
         else:
             # Points with error bars, not bars: a bar's length would start at an arbitrary axis limit.
             rows = sorted(((s.mean, s.std, s.method) for s, _, _ in items), key=lambda r: methods.index(r[2]))
@@ -87,6 +101,8 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
             ax.set_yticklabels([r[2] for r in rows])
             ax.set_ylim(-0.7, len(rows) - 0.3)
             ax.set_xlabel(f"{metric}{unit}, mean ± std over seeds (dashed: {baseline})")
+            if curves:
+                axes[1][column].set_visible(False)
         title = _panel_title(panel)
         if len(xs) == 1:
             title += f" ({items[0][2].split(' (')[0]}: {xs[0]:g}{'%' if '%' in items[0][2] else ''})"
@@ -100,6 +116,29 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, markers: dict, baseline: str) -> None:
+    """Paired difference to the baseline against the fraction, each method's points spread a little sideways."""
+    others = [m for m in methods if m != baseline]
+    kind = ""
+    for k, method in enumerate(others):
+        points = sorted((x, s.difference) for s, x, _ in items
+                        if s.method == method and x is not None and s.difference is not None)
+        if not points:
+            continue
+        shift = 10 ** (0.012 * (k - (len(others) - 1) / 2))  # multiplicative: even spacing on the log axis
+        xs = [x * shift for x, _ in points]
+        means = [d.mean for _, d in points]
+        low = [d.mean - d.low if math.isfinite(d.low) else 0.0 for _, d in points]
+        high = [d.high - d.mean if math.isfinite(d.high) else 0.0 for _, d in points]
+        ax.errorbar(xs, means, yerr=[low, high], marker=markers[method], color=colours[method], capsize=2,
+                    linewidth=0.9, markersize=5)
+        kind = points[0][1].method
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    interval = "paired t" if kind == "t" else "bootstrap"
+    ax.set_ylabel(f"difference to {baseline} (points), 95 % CI ({interval})")
+    ax.grid(alpha=0.3)
 
 
 def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline: str = "ft") -> Path | None:

@@ -110,3 +110,27 @@ def test_write_report_files_and_plots(tmp_path: Path) -> None:
     assert len(rows) == 1 + 8
     for key in ("accuracy_png", "forest_png"):
         assert paths[key].stat().st_size > 10_000  # a real figure, not an empty canvas
+
+
+def test_accuracy_plot_draws_means_and_paired_differences_per_fraction(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import regtune.bench.plots as plots
+
+    records = _records({"ft": [0.80, 0.79, 0.81], "fmr": [0.82, 0.80, 0.84]})
+    records += _records({"ft": [0.90, 0.91, 0.89], "fmr": [0.93, 0.90, 0.92]},
+                        cell=(("data.dataset", "toy"), ("data.fraction", 0.05)))
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look inside
+    plots.plot_accuracy_vs_fraction(summarize(records), tmp_path / "a.png", baseline="ft")
+    (fig,) = figures
+    top, bottom = fig.axes
+    # top: mean accuracy in % per method at 1 % and 5 %
+    lines = {bars.get_label(): bars.lines[0] for bars in top.containers}
+    np.testing.assert_allclose(np.asarray(lines["ft"].get_ydata(), dtype=float), [80.0, 90.0])
+    np.testing.assert_allclose(np.asarray(lines["fmr"].get_ydata(), dtype=float), [82.0, 91.6667], atol=1e-3)
+    # bottom: fmr's paired differences (2.0 and 1.6667 points), at the fractions (shifted sideways a little)
+    (fmr_bars,) = bottom.containers  # the baseline has no difference to itself
+    diff_line = fmr_bars.lines[0]
+    np.testing.assert_allclose(np.asarray(diff_line.get_ydata(), dtype=float), [2.0, 1.6667], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(diff_line.get_xdata(), dtype=float), [1.0, 5.0], rtol=0.05)
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["1", "5"]  # only the grid's fractions as ticks
