@@ -278,6 +278,8 @@ def _locked(path: Path) -> Iterator[None]:
 def _record_failure(grid: Grid, key: str, failure: dict[str, str] | None) -> None:
     """Add (or, with ``None``, remove) a run's entry of ``failures.json``; read-modify-write under a lock (shards)."""
     path = grid.out / "failures.json"
+    if failure is None and not path.is_file():
+        return  # only this shard writes this run's entry: with no file there is nothing of it to remove
     with _locked(grid.out / ".failures.lock"):
         failures = json.loads(path.read_text()) if path.is_file() else {}
         if failure is None:
