@@ -171,8 +171,10 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
     unit = " (%)" if metric.endswith("acc") else ""
     header = "| method | " + " | ".join(cell_label(c) for c in cells) + " |"
     rule = "|---|" + "---:|" * len(cells)
-    lines = [f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold.", "", header, rule]
-    best = {c: max((s.mean for s in summaries if s.cell == c), default=math.nan) for c in cells}
+    lines = [f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold (where more "
+             "than one method has finished runs).", "", header, rule]
+    best = {c: max((s.mean for s in summaries if s.cell == c), default=math.nan) for c in cells
+            if sum(1 for s in summaries if s.cell == c) > 1}  # one method alone is best of nothing
     for method in methods:
         row = []
         for c in cells:
@@ -181,7 +183,7 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
                 row.append("—")
                 continue
             text = f"{s.mean:.2f} ± {s.std:.2f} ({len(s.values)})"
-            row.append(f"**{text}**" if s.mean == best[c] else text)
+            row.append(f"**{text}**" if s.mean == best.get(c) else text)
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     kinds = {s.difference.method for s in summaries if s.difference is not None}
     how = {"t": "paired t over seeds", "bootstrap": "percentile bootstrap over seeds"}

@@ -94,6 +94,14 @@ def test_summarize_pairs_by_seed_and_marks_best() -> None:
     assert summaries["bad"].p_holm < 0.05 and "▼†" in text  # (-10, -8, -12): significant even after Holm
 
 
+def test_a_column_with_one_method_marks_no_best() -> None:
+    records = _records({"ft": [0.80, 0.79], "fmr": [0.82, 0.80]})
+    records += _records({"ft": [0.70]}, cell=(("data.dataset", "toy"), ("data.fraction", 1.0)))
+    text = markdown_report(summarize(records, baseline="ft"), baseline="ft")
+    assert "| ft | 79.50 ± 0.71 (2) | 70.00 ± 0.00 (1) |" in text  # alone in the 100 % column: not bold
+    assert "| fmr | **81.00 ± 1.41 (2)** | — |" in text
+
+
 def test_summarize_refuses_duplicate_seeds() -> None:
     records = _records({"ft": [0.8]}) * 2
     with pytest.raises(ValueError, match="seed 0"):
