@@ -123,8 +123,8 @@ def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, m
     others = [m for m in methods if m != baseline]
     kind = ""
     for k, method in enumerate(others):
-        points = sorted((x, s.difference) for s, x, _ in items
-                        if s.method == method and x is not None and s.difference is not None)
+        points = sorted(((x, s.difference) for s, x, _ in items
+                         if s.method == method and x is not None and s.difference is not None), key=lambda t: t[0])
         if not points:
             continue
         shift = 10 ** (0.012 * (k - (len(others) - 1) / 2))  # multiplicative: even spacing on the log axis
