@@ -122,6 +122,13 @@ class MidEpochResume(pl.Callback):
         _log.info("resuming epoch %d after batch %d", trainer.current_epoch + 1, done)
 
 
+def _batches_done_mid_epoch(trainer: pl.Trainer) -> int:
+    """Training batches done in the current epoch when it is partly trained; 0 before its first batch or once all
+    its batches are done (its end-of-epoch hooks and checkpoints then belong to the epoch, not to a restart)."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    return done if 0 < done < trainer.num_training_batches else 0
+
+
 class Preemption(pl.Callback):
     """On SIGTERM (or a first Ctrl-C) stop at the end of the current training batch and save a resumable checkpoint.
 
@@ -152,8 +159,8 @@ class Preemption(pl.Callback):
 
         if not isinstance(exception, SIGTERMException) or not trainer.training or trainer.sanity_checking:
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done == 0 or done >= trainer.num_training_batches:
+        done = _batches_done_mid_epoch(trainer)
+        if not done:
             # Nothing trained in this epoch yet; or all of it, with its end-of-epoch hooks (logs, checkpoints) not
             # run: the last end-of-epoch checkpoint stays, and a resume trains this epoch again to the same result.
             return
@@ -177,9 +184,7 @@ class EpochLog(pl.Callback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._start = 0.0
-        self._epoch_done = False
         self._carried = 0.0  # seconds the epoch had run before a mid-epoch checkpoint that this run resumes from
-        self._restarted: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a resumed run's checkpoint is restored, so current_epoch is the next epoch to train.
@@ -190,26 +195,21 @@ class EpochLog(pl.Callback):
         # An epoch resumed in its middle counts the time it had run before the interruption (the restart's own
         # costs are left out). Lightning does not call on_train_epoch_start for that epoch again.
         self._start = time.perf_counter() - self._carried
-        self._restarted = trainer.current_epoch if self._carried else None
         self._carried = 0.0
-        self._epoch_done = False
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch != self._restarted:  # (should a Lightning version call it, the clock runs on)
-            self._start = time.perf_counter()
-        self._restarted = None
-        self._epoch_done = False
+        self._start = time.perf_counter()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        checkpoint["regtune_epoch_elapsed_s"] = 0.0 if self._epoch_done else time.perf_counter() - self._start
+        mid_epoch = _batches_done_mid_epoch(trainer) > 0
+        checkpoint["regtune_epoch_elapsed_s"] = time.perf_counter() - self._start if mid_epoch else 0.0
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._carried = float(checkpoint.get("regtune_epoch_elapsed_s", 0.0))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_done = True  # the end-of-epoch checkpoints saved after this carry no partial epoch
         # The module's own training means (every process takes part in their reduction).
         means = pl_module.epoch_means() if hasattr(pl_module, "epoch_means") else {}
         if trainer.sanity_checking or not trainer.is_global_zero:
