@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="aggregate finished run directories into tables and plots",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    report.add_argument("run_dirs", type=Path, nargs="+", help="run directories (or folders holding them)")
+    report.add_argument("run_dirs", nargs="+", metavar="[NAME=]RUN_DIR",
+                        help="run directories (or folders holding them); NAME=DIR reports every run under DIR as "
+                             "method NAME (for runs whose configs give the same name, e.g. FT at two learning rates)")
     report.add_argument("--out", type=Path, required=True, help="where summary.md, CSVs and plots go")
     report.add_argument("--baseline", default="ft", help="method the paired differences are taken against")
     report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
@@ -255,13 +257,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from regtune.bench.aggregate import collect_runs, write_report
 
-    dirs = []
-    for path in args.run_dirs:
-        dirs += [p.parent for p in sorted(path.rglob("metrics.json"))] if not (path / "metrics.json").is_file() \
+    dirs: list[Path] = []
+    labels: dict[Path, str] = {}
+    for arg in args.run_dirs:
+        name, sep, where = arg.partition("=")
+        path = Path(where if sep and not Path(arg).exists() else arg)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run directory (give run directories, folders holding them, or "
+                                    "NAME=DIR)")
+        found = [p.parent for p in sorted(path.rglob("metrics.json"))] if not (path / "metrics.json").is_file() \
             else [path]
-    records = collect_runs(dirs)
+        if sep and path != Path(arg):
+            labels.update({run_dir: name for run_dir in found})
+        dirs += found
+    records = collect_runs(dirs, labels=labels)
     if not records:
-        raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(map(str, args.run_dirs))}")
+        raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(args.run_dirs)}")
     paths = write_report(records, args.out, baseline=args.baseline, ci=args.ci, title=args.title)
     print(paths["summary_md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -94,12 +94,15 @@ def _term_label(term: dict[str, Any]) -> str:
     return f"{term['name']}({inner})" if inner else term["name"]
 
 
-def collect_runs(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
-    """Finished runs from any run directories; the method is named from each run's config.
+def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str] | None = None) -> list[RunRecord]:
+    """Finished runs from any run directories; the method is named from each run's config unless ``labels`` names it.
 
     The cell is the dataset with its fraction (or images per class); runs that differ in other settings but share
-    a method name are flagged by :func:`summarize` through duplicate seeds.
+    a method name are flagged by :func:`summarize` through duplicate seeds. Runs that the config cannot tell apart
+    (plain fine-tuning at two learning rates is ``ft`` twice) get their names from ``labels``, which maps a run
+    directory to the method name it is reported under.
     """
+    names = {Path(k): v for k, v in (labels or {}).items()}
     records = []
     for run_dir in map(Path, run_dirs):
         metrics = _read_metrics(run_dir)
@@ -110,7 +113,8 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
         cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
         cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None
                     else ("data.per_class", data["per_class"]))
-        records.append(RunRecord(method_label(config), tuple(cell), int(config["trainer"]["seed"]), metrics, run_dir))
+        records.append(RunRecord(names.get(run_dir) or method_label(config), tuple(cell), int(config["trainer"]["seed"]),
+                                 metrics, run_dir))
     return records
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import threading
 from pathlib import Path
@@ -263,3 +264,33 @@ def test_shipped_grids_parse_and_cover_the_methods() -> None:
         # every family of regtune is compared (the grids may leave out variants such as head_l2 or zero_centroid)
         assert {"fmr", "adarand", "randreg", "fnp", "maxent", "l2_sp", "delta", "bss", "co_tuning", "lwf",
                 "stochnorm", "lm_softmax"} <= names, (path.name, names)
+
+
+def _fake_run(run_dir: Path, seed: int, acc: float, lr: float = 0.02) -> Path:
+    """A finished run as `regtune report` reads it: the config fields it names a run by, and test accuracy."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"dataset": "fashion_mnist", "fraction": 0.05}, "trainer": {"seed": seed}, "optim": {"lr": lr},
+        "criterion": {"name": "ce"}, "regularizers": []}))
+    (run_dir / "metrics.json").write_text(json.dumps({"test_acc": acc}))
+    return run_dir
+
+
+def test_report_names_runs_that_configs_cannot_tell_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # FT at two learning rates is "ft" twice by its config: unnamed, the report refuses the ambiguous pairing
+    for seed, (a, b) in enumerate([(0.70, 0.74), (0.72, 0.75), (0.71, 0.77)]):
+        _fake_run(tmp_path / "base" / f"s{seed}", seed, a)
+        _fake_run(tmp_path / "gentle" / f"s{seed}", seed, b, lr=0.005)
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "gentle"), "--out", str(tmp_path / "r0")]) == 2
+    assert "two runs of ft" in capsys.readouterr().err
+    # NAME=DIR names every run under DIR; the paired difference is then taken per seed: (4 + 3 + 6) / 3 = 4.33
+    assert main(["report", str(tmp_path / "base"), f"ft-lr0.005={tmp_path / 'gentle'}",
+                 "--out", str(tmp_path / "r1")]) == 0
+    with open(tmp_path / "r1" / "summary.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"ft", "ft-lr0.005"}
+    assert float(rows["ft-lr0.005"]["diff_mean"]) == pytest.approx(13 / 3, abs=1e-4)
+    assert float(rows["ft-lr0.005"]["mean"]) == pytest.approx(75.333333, abs=1e-4)
+    # a NAME=DIR whose folder is missing says so instead of reporting nothing
+    assert main(["report", f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
+    assert "nowhere: no such run directory" in capsys.readouterr().err
