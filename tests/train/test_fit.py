@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ import torch
 
 from regtune.regularizers import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers import base as reg_base
+from regtune.train import callbacks as callbacks_module
 from regtune.train.callbacks import read_epoch_log
 from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TermSpec, TrainerConfig, apply_overrides
 from regtune.train.fit import RunDirError, fit
@@ -208,24 +210,32 @@ class _SigtermAt(pl.Callback):
             signal.raise_signal(signal.SIGTERM)
 
 
-class _SleepAt(pl.Callback):
-    def __init__(self, epoch: int, batch: int, seconds: float) -> None:
-        self.at, self.seconds = (epoch, batch), seconds
+class _SlowBatchAt(pl.Callback):
+    """A batch that takes ``seconds`` longer, on a clock that the test moves forward (no real sleep, so the epoch
+    times compared below do not depend on how busy the machine is)."""
+
+    def __init__(self, epoch: int, batch: int, seconds: float, clock: dict[str, float]) -> None:
+        self.at, self.seconds, self.clock = (epoch, batch), seconds, clock
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
         if (trainer.current_epoch, batch_idx) == self.at:
-            time.sleep(self.seconds)
+            self.clock["offset"] += self.seconds
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_bit_identical(imagefolder: Path, tmp_path: Path) -> None:
+def test_sigterm_mid_epoch_saves_and_resumes_bit_identical(imagefolder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM after batch 2 of epoch 2 (of 3 per epoch): a checkpoint of that batch, and a resume whose every step,
     epoch mean and final number equals the uninterrupted run's. Dropout and AdaRand (which draws random features
     every step) make the model consume the global generators, so this also checks their restored state."""
     config = apply_overrides(tiny_config(imagefolder, epochs=3),
                              {"model.drop_rate": 0.3, "regularizers": [{"name": "adarand"}]})
-    # a slow first batch of the interrupted epoch: its time must count in that epoch's time after the resume
-    stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_SleepAt(1, 0, 1.0), _SigtermAt(1, 1)])
+    # a slow first batch of the interrupted epoch (100 s on the epoch log's clock): its time must count in that
+    # epoch's time after the resume, and not in the next epoch's
+    clock = {"offset": 0.0}
+    real_clock = time.perf_counter
+    monkeypatch.setattr(callbacks_module, "time", SimpleNamespace(perf_counter=lambda: real_clock() + clock["offset"]))
+    stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_SlowBatchAt(1, 0, 100.0, clock), _SigtermAt(1, 1)])
     assert stopped.interrupted and not (stopped.run_dir / "metrics.json").exists()
     checkpoint = torch.load(stopped.run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 3 + 2  # one epoch of 3 batches, then 2
@@ -238,7 +248,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_identical(imagefolder: Path, tm
                     strict=True):
         assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
     times = [r["time_s"] for r in read_epoch_log(resumed.run_dir / "epochs.csv")]
-    assert times[1] >= 1.0 and times[2] < 1.0  # the resumed epoch holds its slow batch; the next starts afresh
+    assert times[1] >= 100.0 and times[2] < 100.0  # the resumed epoch holds its slow batch; the next starts afresh
     final = [torch.load(r.run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"] for r in (whole, resumed)]
     assert final[0].keys() == final[1].keys()
     torch.testing.assert_close(final[0], final[1], rtol=0, atol=0)
