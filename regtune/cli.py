@@ -261,13 +261,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     labels: dict[Path, str] = {}
     for arg in args.run_dirs:
         name, sep, where = arg.partition("=")
-        path = Path(where if sep and not Path(arg).exists() else arg)
+        labelled = bool(sep) and not Path(arg).exists()  # a folder whose name holds "=" is still a folder
+        if labelled and not name:
+            raise ValueError(f"{arg}: NAME=DIR needs a name before the '='")
+        path = Path(where if labelled else arg)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run directory (give run directories, folders holding them, or "
                                     "NAME=DIR)")
         found = [p.parent for p in sorted(path.rglob("metrics.json"))] if not (path / "metrics.json").is_file() \
             else [path]
-        if sep and path != Path(arg):
+        if labelled:
             labels.update({run_dir: name for run_dir in found})
         dirs += found
     records = collect_runs(dirs, labels=labels)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
