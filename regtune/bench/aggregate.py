@@ -10,18 +10,21 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from regtune._io import atomic_write_text
+from regtune.bench.cells import Cell, cell_label
 from regtune.bench.grid import Grid, expand
+from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
 from regtune.bench.stats import PairedDifference, holm, mean_std, paired_difference
 
-__all__ = ["RunRecord", "CellSummary", "collect_grid", "collect_runs", "summarize", "markdown_report",
-           "write_report", "method_label"]
+__all__ = ["CellSummary", "RunRecord", "collect_grid", "collect_runs", "markdown_report", "method_label", "summarize",
+           "write_report"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class RunRecord:
     """One finished run: which method, which cell, which seed, its metrics."""
 
     method: str
-    cell: tuple[tuple[str, Any], ...]
+    cell: Cell
     seed: int
     metrics: dict[str, Any]
     run_dir: Path
@@ -40,27 +43,12 @@ class CellSummary:
     """A method in a cell over its seeds."""
 
     method: str
-    cell: tuple[tuple[str, Any], ...]
+    cell: Cell
     values: dict[int, float]  # seed -> metric
     mean: float
     std: float
     difference: PairedDifference | None  # against the baseline, on the seeds both have
     p_holm: float = math.nan  # the difference's p-value, Holm-adjusted over the methods of the cell
-
-
-def cell_label(cell: Sequence[tuple[str, Any]]) -> str:
-    """``(("data.dataset", "cub200"), ("data.fraction", 0.15))`` -> ``"cub200 15%"``."""
-    parts = []
-    for key, value in cell:
-        if key == "data.dataset":
-            parts.insert(0, str(value))
-        elif key == "data.fraction":
-            parts.append(f"{100 * float(value):g}%")
-        elif key == "data.per_class":
-            parts.append(f"{value}/class")
-        else:
-            parts.append(f"{key.split('.')[-1]}={value}")
-    return " ".join(parts) or "all"
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -175,8 +163,8 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
     unit = " (%)" if metric.endswith("acc") else ""
     header = "| method | " + " | ".join(cell_label(c) for c in cells) + " |"
     rule = "|---|" + "---:|" * len(cells)
-    lines = [f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold (where more "
-             "than one method has finished runs).", "", header, rule]
+    lines = [(f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold (where more "
+              "than one method has finished runs)."), "", header, rule]
     best = {c: max((s.mean for s in summaries if s.cell == c), default=math.nan) for c in cells
             if sum(1 for s in summaries if s.cell == c) > 1}  # one method alone is best of nothing
     for method in methods:
@@ -191,9 +179,9 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     kinds = {s.difference.method for s in summaries if s.difference is not None}
     how = {"t": "paired t over seeds", "bootstrap": "percentile bootstrap over seeds"}
-    lines += ["", f"**Paired difference to {baseline}** (points; same split and seed), mean "
-                  f"[{100 * confidence:g} % CI, {', '.join(how[k] for k in sorted(kinds)) or '-'}]; "
-                  "▲ = interval above zero, ▼ = below zero.", "", header, rule]
+    lines += ["", (f"**Paired difference to {baseline}** (points; same split and seed), mean "
+                   f"[{100 * confidence:g} % CI, {', '.join(how[k] for k in sorted(kinds)) or '-'}]; "
+                   "▲ = interval above zero, ▼ = below zero."), "", header, rule]
     for method in methods:
         if method == baseline:
             continue
@@ -210,9 +198,9 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
                 holm_mark = "†" if s.p_holm < 1.0 - confidence else ""
                 row.append(f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]{mark}{holm_mark}")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
-    lines += ["", f"† = still significant at {100 * (1 - confidence):g} % after Holm's correction over the methods "
-                  "of the cell (p-values in summary.csv: p, p_holm); an interval is per comparison, and with many "
-                  "methods some exclude zero by chance."]
+    lines += ["", (f"† = still significant at {100 * (1 - confidence):g} % after Holm's correction over the "
+                   "methods of the cell (p-values in summary.csv: p, p_holm); an interval is per comparison, and with "
+                   "many methods some exclude zero by chance.")]
     return "\n".join(lines) + "\n"
 
 
@@ -227,8 +215,6 @@ def _relative(path: Path) -> str:
 def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: str = "ft", metric: str = "test_acc",
                  ci: str = "t", title: str = "") -> dict[str, Path]:
     """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md`` and the plots into ``out_dir``."""
-    from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}

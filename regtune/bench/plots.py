@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# Figures are built as plain ``Figure`` objects, not through pyplot: importing this module (aggregate does) must not
+# switch the user's backend, and no figure is left in pyplot's global list.
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from regtune.bench.cells import cell_label, split_cell
 
 __all__ = ["plot_accuracy_vs_fraction", "plot_paired_differences"]
-
-
-def _split_cell(cell: Sequence[tuple[str, Any]]) -> tuple[tuple, Any, str]:
-    """(panel key: everything but the amount, x value: fraction or per-class count, x axis name)."""
-    rest, x, axis = [], None, ""
-    for key, value in cell:
-        if key == "data.fraction":
-            x, axis = 100 * float(value), "training data per class (%)"
-        elif key == "data.per_class":
-            x, axis = float(value), "training images per class"
-        else:
-            rest.append((key, value))
-    return tuple(rest), x, axis
-
-
-def _panel_title(panel: tuple) -> str:
-    from regtune.bench.aggregate import cell_label
-
-    return cell_label(panel)
-
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8"]
 
@@ -45,13 +30,11 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     With a single fraction the panel is a chart of the methods' means instead. Returns ``None`` when there is nothing
     to plot.
     """
-    from matplotlib.ticker import NullLocator
-
     if not summaries:
         return None
     panels: dict[tuple, list] = {}
     for s in summaries:
-        panel, x, axis = _split_cell(s.cell)
+        panel, x, axis = split_cell(s.cell)
         panels.setdefault(panel, []).append((s, x, axis))
     methods = []
     for s in summaries:
@@ -60,11 +43,11 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     if baseline in methods:
         methods.remove(baseline)
         methods.insert(0, baseline)
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    colours = {m: matplotlib.colormaps["tab20"](i % 20) for i, m in enumerate(methods)}
     markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(methods)}
     curves = any(len({x for _, x, _ in items if x is not None}) >= 2 for items in panels.values())
-    fig, axes = plt.subplots(2 if curves else 1, len(panels), figsize=(6.0 * len(panels), 8.4 if curves else 4.2),
-                             squeeze=False, sharex="col")
+    fig = Figure(figsize=(6.0 * len(panels), 8.4 if curves else 4.2))
+    axes = fig.subplots(2 if curves else 1, len(panels), squeeze=False, sharex="col")
     unit = " (%)" if metric.endswith("acc") else ""
     for column, (panel, items) in enumerate(panels.items()):
         ax = axes[0][column]
@@ -103,7 +86,7 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
             ax.set_xlabel(f"{metric}{unit}, mean ± std over seeds (dashed: {baseline})")
             if curves:
                 axes[1][column].set_visible(False)
-        title = _panel_title(panel)
+        title = cell_label(panel)
         if len(xs) == 1:
             title += f" ({items[0][2].split(' (')[0]}: {xs[0]:g}{'%' if '%' in items[0][2] else ''})"
         ax.set_title(title)
@@ -114,7 +97,6 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -143,8 +125,6 @@ def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, m
 
 def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline: str = "ft") -> Path | None:
     """Forest plot: per cell, each method's mean paired difference to the baseline with its confidence interval."""
-    from regtune.bench.aggregate import cell_label
-
     with_diff = [s for s in summaries if s.difference is not None]
     if not with_diff:
         return None
@@ -153,7 +133,8 @@ def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline
         if s.cell not in cells:
             cells.append(s.cell)
     rows_per_cell = max(sum(1 for s in with_diff if s.cell == c) for c in cells)
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 0.45 * rows_per_cell + 1.6), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(cells), 0.45 * rows_per_cell + 1.6))
+    axes = fig.subplots(1, len(cells), squeeze=False)
     for ax, cell in zip(axes[0], cells):
         items = [s for s in with_diff if s.cell == cell]
         y = list(range(len(items)))[::-1]
@@ -173,5 +154,4 @@ def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -122,13 +122,13 @@ def test_write_report_files_and_plots(tmp_path: Path) -> None:
 
 def test_accuracy_plot_draws_means_and_paired_differences_per_fraction(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import regtune.bench.plots as plots
+    from regtune.bench import plots
 
     records = _records({"ft": [0.80, 0.79, 0.81], "fmr": [0.82, 0.80, 0.84]})
     records += _records({"ft": [0.90, 0.91, 0.89], "fmr": [0.93, 0.90, 0.92]},
                         cell=(("data.dataset", "toy"), ("data.fraction", 0.05)))
     figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look inside
+    monkeypatch.setattr(plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))  # look inside
     plots.plot_accuracy_vs_fraction(summarize(records), tmp_path / "a.png", baseline="ft")
     (fig,) = figures
     top, bottom = fig.axes
