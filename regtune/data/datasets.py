@@ -89,7 +89,8 @@ With -1 the far corner is the last pixel inside the box, matching :data:`regtune
 a box 1 pixel wide has ``x1 == x0``. clovaai/wsolevaluation's CUB metadata instead stores ``x + width`` (offset 0;
 ``bounding_boxes.txt`` line ``1 60.0 27.0 325.0 304.0`` is ``60,27,385,331`` in its ``localization.txt``) while its
 IoU also counts corners inclusively (``x1 - x0 + 1``), so its boxes are one pixel wider and taller than CUB's. Set 0.0
-to reproduce its box coordinates exactly; on CUB's ~300-pixel boxes the IoU changes by well under 1%.
+to reproduce its box coordinates exactly. Measured on the 5,794 CUB test boxes scaled to 224 pixels, the IoU changes by
+0.84 % at the median, 2.15 % at the 95th percentile and 3.46 % at most.
 """
 
 
