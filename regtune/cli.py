@@ -256,6 +256,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from regtune.bench.aggregate import collect_runs, write_report
+    from regtune.train.rundir import find_runs
 
     dirs: list[Path] = []
     labels: dict[Path, str] = {}
@@ -268,8 +269,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run directory (give run directories, folders holding them, or "
                                     "NAME=DIR)")
-        found = [p.parent for p in sorted(path.rglob("metrics.json"))] if not (path / "metrics.json").is_file() \
-            else [path]
+        found = [run.path for run in find_runs([path])]
         if labelled:
             labels.update({run_dir: name for run_dir in found})
         dirs += found
@@ -283,7 +283,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from regtune.train.analyze import analyze_run
+    from regtune.posthoc.analyze import analyze_run
 
     for run_dir in args.run_dirs:
         if args.reuse and (run_dir / "analysis.json").is_file():
@@ -298,7 +298,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
               f"{te['margins']['margin_mean']:.3f}, top-10 overlap {result['topk_overlap']['10']['overlap']:.2f}; "
               f"{result['seconds']:.0f} s -> {Path(run_dir) / 'analysis.json'}, analysis.png")
     if len(args.run_dirs) > 1 or args.compare is not None:
-        from regtune.train.analyze import compare_runs
+        from regtune.posthoc.analyze import compare_runs
 
         out = args.compare or Path(os.path.commonpath([p.absolute() for p in args.run_dirs]))
         paths = compare_runs(args.run_dirs, out)
@@ -308,7 +308,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_cam(args: argparse.Namespace) -> int:
-    from regtune.train.cams import localize_run, write_cam_overlays
+    from regtune.posthoc.cams import localize_run, write_cam_overlays
 
     paths = write_cam_overlays(args.run_dir, images=args.images, indices=args.indices, split=args.split,
                                out=args.out, source=args.source, threshold=args.threshold)

@@ -72,7 +72,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     train/test overlap against k, and a PCA of test features coloured by class.
 
     Args:
-        result: :func:`regtune.train.analyze.analyze_run`'s result (with the per-sample ``_margins``).
+        result: :func:`regtune.posthoc.analyze.analyze_run`'s result (with the per-sample ``_margins``).
         test_features: (N, D) test features.
         test_labels: (N,) their classes.
         path: Output PNG.

@@ -57,7 +57,8 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from regtune._io import atomic_write_json, atomic_write_text
-from regtune.train.config import FitConfig, apply_overrides, config_from_dict
+from regtune.train.config import FitConfig, apply_overrides, check_names, config_from_dict
+from regtune.train.rundir import RunDir
 
 __all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand", "parse_shard"]
 
@@ -165,8 +166,23 @@ def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | 
     grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name), base=data.get("base") or {},
                 axes=axes, methods={str(k): dict(v or {}) for k, v in methods.items()}, baseline=str(baseline),
                 source=data, where=where)
-    list(expand(grid))  # every config is built (and validated) before anything runs
+    _check_every_config(grid)
     return grid
+
+
+def _check_every_config(grid: Grid) -> None:
+    """Build and check every run's config (keys, values, names and arguments of terms) before anything runs."""
+    checked: set[str] = set()
+    for run in expand(grid):
+        c = run.config
+        key = repr((c.data.dataset, c.model.backbone, c.criterion, c.regularizers))
+        if key in checked:
+            continue
+        try:
+            check_names(c)
+        except (KeyError, ValueError) as err:
+            raise GridError(f"method {run.method!r} at {run.cell} seed {run.seed}: {err}") from err
+        checked.add(key)
 
 
 def _method_config(base: dict[str, Any], changes: dict[str, Any], label: str) -> dict[str, Any]:
@@ -218,25 +234,17 @@ def expand(grid: Grid) -> Iterator[GridRun]:
                               run_dir=grid.out / "runs" / cell_dir / _label(label) / f"s{seed}", split_path=split)
 
 
-def _status(run: GridRun) -> str:
-    if (run.run_dir / "metrics.json").is_file():
-        return "done"
-    if (run.run_dir / "checkpoints" / "last.ckpt").is_file():
-        return "interrupted"
-    return "todo"
-
-
 def _write_split(run: GridRun) -> None:
     """The split manifest of the run's (dataset, amount, seed), made once and shared by every method."""
     if run.split_path.is_file():
         return
     from regtune.data.datasets import build_dataset
-    from regtune.data.subset import stratified_split, write_manifest
+    from regtune.data.subset import write_manifest
+    from regtune.train.rundir import make_split
 
     d = run.config.data
     train_set = build_dataset(d.dataset, d.root, "train", download=d.download)
-    split = stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction, per_class=d.per_class,
-                             val_fraction=d.val_fraction, seed=run.seed, class_names=train_set.classes)
+    split = make_split(run.config, train_set)
     run.split_path.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(run.split_path, split, train_set.ids, d.dataset)
 
@@ -323,9 +331,9 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         if (i - 1) % count != index - 1:
             counts["other_shards"] += 1
             continue
-        status = _status(run)
+        status = RunDir(run.run_dir).status
         where = f"[{i}/{len(runs)}] {run.method} {run.run_dir.parent.parent.name} seed {run.seed}"
-        if status == "done":
+        if status == "finished":
             counts["done_before"] += 1
             continue
         if dry_run:

@@ -59,6 +59,7 @@ __all__ = [
     "DatasetLayoutError",
     "UnknownDatasetError",
     "build_dataset",
+    "check_dataset_name",
     "dataset_source_hint",
     "list_datasets",
 ]
@@ -138,6 +139,11 @@ def _entry(name: str) -> _Entry:
     if name not in _READERS:
         raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
     return _READERS[name]
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise :class:`UnknownDatasetError` (listing the known names) unless ``name`` is a registered dataset."""
+    _entry(name)
 
 
 def dataset_source_hint(name: str) -> str:

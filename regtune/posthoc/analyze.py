@@ -2,7 +2,8 @@
 
 Loads the run's selected checkpoint with the run's own config, split and evaluation transform, extracts the
 penultimate features and logits, and measures feature norms, FMR entropy, MeanNN entropy and I(F;Y), margins, top-k
-train/test overlap and head-weight statistics. Writes ``analysis.json`` and ``analysis.png`` into the run directory.
+train/test overlap and head-weight statistics. Writes ``analysis.json`` and ``analysis.png`` into the run
+directory.
 """
 
 from __future__ import annotations
@@ -25,48 +26,17 @@ from regtune.analysis.features import (
     mutual_information,
     topk_overlap,
 )
-from regtune.data.datasets import build_dataset
-from regtune.data.subset import split_from_manifest
 from regtune.data.transforms import TransformedSubset, build_transforms
-from regtune.models import create_backbone, data_config, forward_parts
-from regtune.regularizers import create_criterion
-from regtune.train.config import FitConfig, load_config
+from regtune.models import forward_parts
+from regtune.train.rundir import RunDir, run_preprocessing
 
-__all__ = ["load_run_model", "extract", "analyze_run", "compare_runs"]
+__all__ = ["extract", "analyze_run", "compare_runs"]
 
 MARGIN_EDGES = torch.linspace(-1.0, 1.0, 81, dtype=torch.float64)
 """Bins of the saved margin histograms (margins outside [-1, 1] are counted in the end bins), shared by all runs so
 that runs compare bin by bin."""
 
 _log = logging.getLogger(__name__)
-
-
-def load_run_model(run_dir: str | Path, num_classes: int,
-                   checkpoint: str | None = None) -> tuple[torch.nn.Module, FitConfig, str]:
-    """The run's model with the weights of its selected checkpoint (or ``checkpoint``), in eval mode.
-
-    Returns:
-        ``(model, config, checkpoint path)``.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml")
-    if checkpoint is None:
-        metrics_path = run_dir / "metrics.json"
-        if not metrics_path.is_file():
-            raise FileNotFoundError(f"{run_dir} has no metrics.json: the run has not finished (analyze a checkpoint "
-                                    "explicitly, or finish it with regtune fit --resume)")
-        checkpoint = json.loads(metrics_path.read_text())["selected_checkpoint"]
-    path = run_dir / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    model = create_backbone(config.model.backbone, num_classes, pretrained="none").model
-    create_criterion(config.criterion.name, **config.criterion.args).adapt_model(model)  # e.g. a cosine head
-    model.load_state_dict(weights, strict=True)
-    return model.eval(), config, str(path)
 
 
 @torch.no_grad()
@@ -122,24 +92,20 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
         test_limit: Use only the first ``test_limit`` test images (a quick look; reported).
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
-    d = load_config(run_dir / "config.yaml").data
-    train_set = build_dataset(d.dataset, d.root, "train", download=False)
-    test_set = build_dataset(d.dataset, d.root, "test", download=False)
-    model, config, checkpoint = load_run_model(run_dir, train_set.num_classes)
-    split = split_from_manifest(run_dir / "split.json", train_set.ids, d.dataset)
-    preprocessing = data_config(model, d.img_size)
-    if d.crop_pct is not None:
-        preprocessing["crop_pct"] = d.crop_pct
-    _, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip)
+    run = RunDir(run_dir).require("finished")
+    config = run.config()
+    d = config.data
+    train_set = run.dataset("train", config)
+    test_set = run.dataset("test", config)
+    model, config, checkpoint = run.load_model(train_set.num_classes, config=config)
+    split = run.split(train_set)
+    _, eval_tf = build_transforms(run_preprocessing(model, config), scale=d.scale, hflip=d.hflip)
     test_items = range(len(test_set)) if test_limit is None else range(min(test_limit, len(test_set)))
     loaders = {"train": DataLoader(TransformedSubset(train_set, split.train, eval_tf), batch_size=batch_size),
                "test": DataLoader(TransformedSubset(test_set, test_items, eval_tf), batch_size=batch_size)}
     weight = model.get_classifier().weight.detach().float()
     extracted = {name: extract(model, loader) for name, loader in loaders.items()}
-    result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": checkpoint, "methods": {
+    result: dict[str, Any] = {"run_dir": str(run.path), "checkpoint": str(checkpoint), "methods": {
         "criterion": config.criterion.name, "regularizers": [r.name for r in config.regularizers]},
         "feature_dim": int(weight.shape[1]), "mi_samples_max": mi_samples, "test_limit": test_limit}
     for name, (features, logits, labels) in extracted.items():
@@ -151,11 +117,11 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     result["seconds"] = round(time.perf_counter() - started, 2)
     from regtune.analysis.plots import plot_run_analysis
 
-    plot_run_analysis(result, f_te, y_te, run_dir / "analysis.png", title=run_dir.name)
+    plot_run_analysis(result, f_te, y_te, run.analysis_png, title=run.path.name)
     payload = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
                for k, v in result.items()}
-    atomic_write_json(run_dir / "analysis.json", payload)
-    _log.info("analysis of %s written (%.0f s)", run_dir, result["seconds"])
+    atomic_write_json(run.analysis_json, payload)
+    _log.info("analysis of %s written (%.0f s)", run, result["seconds"])
     return result
 
 
@@ -171,25 +137,26 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
     from regtune.analysis.plots import plot_comparison, plot_head_sparsity
     from regtune.train.callbacks import read_epoch_log
 
-    dirs = [Path(d) for d in run_dirs]
-    names = list(names) if names is not None else [d.name for d in dirs]
-    if len(names) != len(dirs):
-        raise ValueError(f"{len(names)} names for {len(dirs)} runs")
+    runs = [RunDir(d) for d in run_dirs]
+    names = list(names) if names is not None else [run.path.name for run in runs]
+    if len(names) != len(runs):
+        raise ValueError(f"{len(names)} names for {len(runs)} runs")
     results = []
-    for d in dirs:
-        if not (d / "analysis.json").is_file():
-            raise FileNotFoundError(f"{d} has no analysis.json: run `regtune analyze {d}` first")
-        results.append(json.loads((d / "analysis.json").read_text()))
+    for run in runs:
+        if not run.analysis_json.is_file():
+            raise FileNotFoundError(f"{run} has no analysis.json: run `regtune analyze {run}` first")
+        results.append(json.loads(run.analysis_json.read_text()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    logs = [read_epoch_log(d / "epochs.csv") for d in dirs]
+    logs = [read_epoch_log(run.epochs_csv) for run in runs]
     paths = {"figure": plot_comparison(results, logs, names, out / "analysis_compare.png",
                                        title="  vs  ".join(names))}
     points, lines = [], ["| run | test acc | feature norm (train / test) | FMR entropy / log D (test) | "
                          "I(F;Y) (train / test) | mean margin (test) | class margin (deg) | weighted top-10 overlap"
                          " | head sparsity | head negative | MaxBoxAccV2 |", "|" + "---|" * 11]
-    for d, name, r in zip(dirs, names, results):
-        loc = json.loads((d / "localization.json").read_text()) if (d / "localization.json").is_file() else None
+    for run, name, r in zip(runs, names, results):
+        located_json = run.localization_json()
+        loc = json.loads(located_json.read_text()) if located_json.is_file() else None
         points.append({"name": name, "sparsity": r["head"]["sparsity"], "accuracy": r["test"]["accuracy"],
                        "localization": loc["max_box_acc_v2"] if loc else None})
         overlap = r["topk_overlap"].get("10", {}).get("weighted_overlap", float("nan"))
@@ -202,8 +169,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
             f"{overlap:.3f} | {100 * r['head']['sparsity']:.1f}% | {100 * r['head']['negative_share']:.1f}% | "
             f"{located} |")
     paths["sparsity"] = plot_head_sparsity(points, out / "head_sparsity.png")
-    atomic_write_text(out / "analysis_compare.md", 
-        "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n" + "\n".join(lines)
+    atomic_write_text(out / "analysis_compare.md",
+                      "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n" + "\n".join(lines)
         + "\n")
     paths["table"] = out / "analysis_compare.md"
     return paths

@@ -30,10 +30,8 @@ from regtune.analysis.localization import (
     normalize_cam,
 )
 from regtune.data.base import Box, ImageDataset
-from regtune.data.datasets import build_dataset
 from regtune.models import data_config
-from regtune.train.analyze import load_run_model
-from regtune.train.config import load_config
+from regtune.train.rundir import RunDir
 
 __all__ = ["SOURCES", "localization_transform", "resize_box", "cam_maps", "evaluate_localization",
            "localize_run", "write_cam_overlays"]
@@ -175,14 +173,13 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
     }
 
 
-def _load_run(run_dir: Path, split: str) -> tuple[ImageDataset, nn.Module, str, int]:
-    """The run's dataset split, its selected model, the checkpoint path and the run's input size."""
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a regtune run directory (no config.yaml)")
-    d = load_config(run_dir / "config.yaml").data
-    dataset = build_dataset(d.dataset, d.root, split, download=False)
-    model, _, checkpoint = load_run_model(run_dir, dataset.num_classes)
-    return dataset, model, checkpoint, d.img_size or int(data_config(model, None)["input_size"][-1])
+def _load_run(run_dir: str | Path, split: str) -> tuple[RunDir, ImageDataset, nn.Module, str, int]:
+    """The run, its dataset split, its selected model, the checkpoint path and the run's input size."""
+    run = RunDir(run_dir).require("finished")
+    config = run.config()
+    dataset = run.dataset(split, config)
+    model, _, checkpoint = run.load_model(dataset.num_classes, config=config)
+    return run, dataset, model, str(checkpoint), config.data.img_size or int(data_config(model, None)["input_size"][-1])
 
 
 def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", limit: int | None = None,
@@ -190,18 +187,16 @@ def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", 
     """:func:`evaluate_localization` of a finished run on its dataset's ``split``; writes
     ``localization[_<source>].json`` into the run directory."""
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    dataset, model, checkpoint, size = _load_run(run_dir, split)
+    run, dataset, model, checkpoint, size = _load_run(run_dir, split)
     if dataset.boxes is None:
         raise ValueError(f"the run's dataset {dataset.name!r} has no bounding boxes: localization needs one that has "
                          "(cub200); `regtune cam RUN --images ...` still draws the CAMs")
     items = range(len(dataset)) if limit is None else range(min(limit, len(dataset)))
     result = evaluate_localization(model, dataset, size, items, source=source, threshold=threshold,
                                    progress=progress)
-    result.update({"run_dir": str(run_dir), "checkpoint": checkpoint, "split": split,
+    result.update({"run_dir": str(run.path), "checkpoint": checkpoint, "split": split,
                    "seconds": round(time.perf_counter() - started, 2)})
-    name = "localization.json" if source == "cam" else f"localization_{source}.json"
-    atomic_write_json(run_dir / name, result)
+    atomic_write_json(run.localization_json(source), result)
     return result
 
 
@@ -232,8 +227,7 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    run_dir = Path(run_dir)
-    dataset, model, _, size = _load_run(run_dir, split)
+    run, dataset, model, _, size = _load_run(run_dir, split)
     transform = localization_transform(model, size)
     entries: list[tuple[str, Image.Image, np.ndarray | None, int | None]] = []
     for path in images:
@@ -255,7 +249,7 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
             [resize_box(b, picture.size, (size, size)) for b in dataset.boxes[int(i)]])
         entries.append((f"{split}[{i}] {dataset.ids[int(i)]}", picture, boxes, int(target)))
 
-    out = Path(out) if out is not None else run_dir / "cams"
+    out = Path(out) if out is not None else run.path / "cams"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for figure_index, start in enumerate(range(0, len(entries), per_figure)):

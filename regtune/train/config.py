@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "save_config",
     "apply_overrides",
+    "check_names",
     "SELECT_MODES",
 ]
 
@@ -275,12 +276,43 @@ def config_from_dict(data: dict[str, Any]) -> FitConfig:
     return _convert(FitConfig, data, "")
 
 
-def load_config(path: str | Path) -> FitConfig:
-    """Read a YAML config (a partial one fills the rest with defaults)."""
+def check_names(config: FitConfig) -> None:
+    """Check what the dataclasses cannot: the dataset and backbone names, and the criterion's and every
+    regularizer's name, arguments and argument values.
+
+    The criterion and each regularizer are built once, without a model (cheap), so their own checks run. Call it
+    where a config is read, so that a typo fails before any run starts or any folder is written.
+
+    Raises:
+        UnknownDatasetError, UnknownBackboneError, UnknownNameError: an unknown name or argument (the message lists
+            the valid ones).
+        ValueError: an argument value a term refuses.
+    """
+    from regtune.data.datasets import check_dataset_name
+    from regtune.models import check_backbone_name
+    from regtune.regularizers import create_criterion, create_regularizer
+
+    check_dataset_name(config.data.dataset)
+    check_backbone_name(config.model.backbone)
+    create_criterion(config.criterion.name, **config.criterion.args)
+    for term in config.regularizers:
+        create_regularizer(term.name, **term.args)
+
+
+def load_config(path: str | Path, check: bool = True) -> FitConfig:
+    """Read a YAML config (a partial one fills the rest with defaults).
+
+    Args:
+        path: The YAML file.
+        check: Also :func:`check_names` (names of dataset, backbone, criterion, regularizers and their arguments).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {})
+    config = config_from_dict(yaml.safe_load(path.read_text()) or {})
+    if check:
+        check_names(config)
+    return config
 
 
 def save_config(config: FitConfig, path: str | Path) -> None:

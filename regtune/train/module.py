@@ -70,6 +70,7 @@ class FineTuner(pl.LightningModule):
             ``/sample_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's
             steps); the others are means of per-sample values, so the batch-size-weighted epoch mean (the module's
             own sums, reduced across processes) is the exact mean over the epoch's images.
+        resuming: The fit continues from a checkpoint, which holds the terms' set-up state: no set-up pass runs.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class FineTuner(pl.LightningModule):
             channels_last: bool = True,
             train_loader: Any = None,
             feature_stats: bool = False,
+            resuming: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -101,7 +103,7 @@ class FineTuner(pl.LightningModule):
         self.train_loader = train_loader
         self.criterion_name = getattr(criterion, "registry_name", "loss")
         self.regularizers_ready = False
-        self.resuming = False  # set when the fit restores a checkpoint: the terms' state comes from there
+        self.resuming = resuming  # the fit restores a checkpoint: the terms' state comes from there
         self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
         self.feature_stats = feature_stats

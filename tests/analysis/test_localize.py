@@ -15,8 +15,8 @@ from torch import nn
 from regtune.analysis.localization import box_iou, boxes_from_cam, normalize_cam
 from regtune.cli import main
 from regtune.data.datasets import build_dataset
-from regtune.train.analyze import analyze_run, compare_runs
-from regtune.train.cams import cam_maps, evaluate_localization, localize_run, resize_box, write_cam_overlays
+from regtune.posthoc.analyze import analyze_run, compare_runs
+from regtune.posthoc.cams import cam_maps, evaluate_localization, localize_run, resize_box, write_cam_overlays
 from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TrainerConfig
 from regtune.train.fit import fit
 from tests.conftest import TINY_BACKBONE
@@ -103,7 +103,7 @@ def test_a_cam_that_is_the_object_localizes_every_image(cub: Path, monkeypatch: 
     test_set = build_dataset("cub200", cub, "test")
     assert test_set.boxes is not None and len(test_set) == 9
     model = ColourCam()
-    monkeypatch.setattr("regtune.train.cams.data_config",
+    monkeypatch.setattr("regtune.posthoc.cams.data_config",
                         lambda m, size: {"interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3})
     exact = evaluate_localization(model, test_set, size=32)
     assert exact["n"] == 9 and exact["top1_cls"] == 1.0

@@ -11,7 +11,8 @@ import torch
 from regtune.cli import main
 from torch.utils.data import DataLoader
 
-from regtune.train.analyze import analyze_run, compare_runs, extract, load_run_model
+from regtune.posthoc.analyze import analyze_run, compare_runs, extract
+from regtune.train.rundir import RunDir
 from regtune.train.callbacks import read_epoch_log
 from regtune.train.config import apply_overrides
 from regtune.train.fit import fit
@@ -38,7 +39,7 @@ def test_analyze_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture) -
         pytest.approx(1.0)
     assert "_margins" not in saved["train"] and len(result["train"]["_margins"]) == run.metrics["num_train"]
     # the analysed head is the selected checkpoint's (not the fresh model's)
-    model, _, checkpoint = load_run_model(run.run_dir, 3)
+    model, _, checkpoint = RunDir(run.run_dir).load_model(3)
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     head = state["model." + model.pretrained_cfg["classifier"] + ".weight"]
     assert saved["head"]["l1"] == pytest.approx(float(head.abs().sum()), rel=1e-6)
@@ -50,7 +51,7 @@ def test_analyze_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_analyze_refuses_unfinished_runs(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="not finished"):
-        load_run_model(tmp_path, 3)
+        RunDir(tmp_path).load_model(3)
 
 
 def test_feature_stats_per_epoch_and_side_by_side_comparison(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -69,7 +70,7 @@ def test_feature_stats_per_epoch_and_side_by_side_comparison(tmp_path: Path, cap
         assert key in rows[0], key
     assert 0 < rows[0]["train/fmr_entropy"] <= 1 and -2 <= rows[0]["val/sample_margin"] <= 2
     # the validation numbers are those of the model of that epoch on the validation images: recompute the last one
-    model, config, _ = load_run_model(runs[0], 3, checkpoint="checkpoints/last.ckpt")
+    model, config, _ = RunDir(runs[0]).load_model(3, checkpoint="checkpoints/last.ckpt")
     from regtune.analysis.features import feature_norms, fmr_entropy
     from regtune.data.datasets import build_dataset
     from regtune.data.subset import split_from_manifest
