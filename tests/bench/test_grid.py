@@ -298,3 +298,23 @@ def test_report_names_runs_that_configs_cannot_tell_apart(tmp_path: Path, capsys
     # a NAME=DIR whose folder is missing says so instead of reporting nothing
     assert main(["report", f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "r2")]) == 2
     assert "nowhere: no such run directory" in capsys.readouterr().err
+
+
+def test_a_typo_in_the_last_cell_fails_before_any_run_or_folder(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=4, test_per_class=1)
+    spec = tiny_grid(root, tmp_path / "out", where=[
+        {"match": {"data.fraction": 1.0}, "set": {"criterion": {"name": "ce", "args": {"label_smothing": 0.1}}}}])
+    with pytest.raises(GridError, match=r"method 'ft' at .*'data.fraction': 1.0.* seed 0: criterion 'ce' has no "
+                                        r"argument\(s\) label_smothing; valid: label_smoothing"):
+        grid_from_dict(spec)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "label_smothing" in err and "valid: label_smoothing" in err
+    assert not (tmp_path / "out").exists()
+    spec["where"] = []
+    spec["methods"]["fnp"]["regularizers"][0]["name"] = "fnpp"  # an unknown term in every cell
+    with pytest.raises(GridError, match="unknown regularizer 'fnpp'; known: .*fnp"):
+        grid_from_dict(spec)
