@@ -204,6 +204,78 @@ def _display(score: np.ndarray | None, size: int) -> np.ndarray | None:
     return None if score is None else normalize_cam(score, (size, size))
 
 
+_Entry = tuple[str, Image.Image, "np.ndarray | None", "int | None"]  # name, picture, boxes in the frame, target
+
+
+def _overlay_entries(dataset: ImageDataset, images: Sequence[str | Path], indices: Sequence[int], split: str,
+                     size: int, per_figure: int) -> list[_Entry]:
+    """The pictures to draw: image files (no box, no target), then items of ``split`` with their scaled boxes."""
+    entries: list[_Entry] = []
+    for path in images:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as picture:
+                entries.append((path.name, picture.convert("RGB"), None, None))
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+    if not images and not indices:
+        indices = range(min(per_figure, len(dataset)))
+    for i in indices:
+        if not 0 <= int(i) < len(dataset):
+            raise ValueError(f"index {i} is outside the {split} split (0..{len(dataset) - 1})")
+        picture, target = dataset[int(i)]
+        boxes = None if dataset.boxes is None else np.array(
+            [resize_box(b, picture.size, (size, size)) for b in dataset.boxes[int(i)]])
+        entries.append((f"{split}[{i}] {dataset.ids[int(i)]}", picture, boxes, int(target)))
+    return entries
+
+
+def _draw_row(axes: Any, entry: _Entry, maps: dict[str, Any], row: int, predicted: str, classes: Sequence[str],
+              source: str, threshold: float, size: int) -> None:
+    """One row of an overlay figure: image, map, CAM+, |CAM-|, and the map's box with the true boxes."""
+    from matplotlib.patches import Rectangle
+
+    name, picture, boxes, target = entry
+    shown = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC))
+    score = _display(maps["map"][row], size)
+    panels = [("image", None), (f"{source} (pred {predicted[:18]})",
+                                _display(maps["cam"][row], size) if maps["cam"] is not None else score),
+              ("CAM+", _display(maps["positive"][row], size) if maps["positive"] is not None else None),
+              ("|CAM-|", _display(-maps["negative"][row], size) if maps["negative"] is not None else None),
+              (f"box at tau={threshold}", None)]
+    raw = maps["map"][row]
+    constant = not np.isfinite(raw).all() or float(np.ptp(raw)) <= 0
+    if constant:  # e.g. a 1x1 feature map: no location information at all
+        panels[1] = (panels[1][0] + " - constant", panels[1][1])
+    for column, (title, heat) in enumerate(panels):
+        ax = axes[row, column]
+        ax.imshow(shown)
+        if heat is not None:
+            ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        elif column in (2, 3):
+            ax.text(0.5, 0.5, "no sign split\nfor " + source, ha="center", va="center",
+                    transform=ax.transAxes, color="white", backgroundcolor="black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title if column else name[:34], fontsize=8)
+    ax = axes[row, 4]
+    predicted_box = boxes_from_cam(score, threshold)[0]
+    x0, y0, x1, y1 = (int(v) for v in predicted_box)
+    ax.add_patch(Rectangle((x0, y0), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="red", linewidth=2))
+    label = "red: CAM box" + (" (none: constant map)" if constant else "")
+    if boxes is not None:
+        for gx0, gy0, gx1, gy1 in boxes:
+            ax.add_patch(Rectangle((gx0, gy0), gx1 - gx0 + 1, gy1 - gy0 + 1, fill=False, color="lime",
+                                   linewidth=2))
+        iou = float(box_iou(predicted_box[None], boxes).max())
+        label += f", green: truth, IoU {iou:.2f}"
+    if target is not None:
+        label += f"\ntrue {classes[target][:22]}"
+    ax.set_xlabel(label, fontsize=7)
+
+
 def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), indices: Sequence[int] = (),
                        split: str = "test", out: str | Path | None = None, source: str = "cam",
                        threshold: float = 0.2, per_figure: int = 6) -> list[Path]:
@@ -225,30 +297,10 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     run, dataset, model, _, size = _load_run(run_dir, split)
     transform = localization_transform(model, size)
-    entries: list[tuple[str, Image.Image, np.ndarray | None, int | None]] = []
-    for path in images:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        try:
-            with Image.open(path) as picture:
-                entries.append((path.name, picture.convert("RGB"), None, None))
-        except OSError as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
-    if not images and not indices:
-        indices = range(min(per_figure, len(dataset)))
-    for i in indices:
-        if not 0 <= int(i) < len(dataset):
-            raise ValueError(f"index {i} is outside the {split} split (0..{len(dataset) - 1})")
-        picture, target = dataset[int(i)]
-        boxes = None if dataset.boxes is None else np.array(
-            [resize_box(b, picture.size, (size, size)) for b in dataset.boxes[int(i)]])
-        entries.append((f"{split}[{i}] {dataset.ids[int(i)]}", picture, boxes, int(target)))
-
+    entries = _overlay_entries(dataset, images, indices, split, size, per_figure)
     out = Path(out) if out is not None else run.path / "cams"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -258,43 +310,9 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
         predicted = _predict(model, batch)
         maps = cam_maps(model, batch, predicted, source)
         figure, axes = plt.subplots(len(chunk), 5, figsize=(12.5, 3.0 * len(chunk)), squeeze=False)
-        for row, (name, picture, boxes, target) in enumerate(chunk):
-            shown = np.asarray(picture.convert("RGB").resize((size, size), Image.BICUBIC))
-            score = _display(maps["map"][row], size)
-            panels = [("image", None), (f"{source} (pred {dataset.classes[int(predicted[row])][:18]})",
-                                        _display(maps["cam"][row], size) if maps["cam"] is not None else score),
-                      ("CAM+", _display(maps["positive"][row], size) if maps["positive"] is not None else None),
-                      ("|CAM-|", _display(-maps["negative"][row], size) if maps["negative"] is not None else None),
-                      (f"box at tau={threshold}", None)]
-            raw = maps["map"][row]
-            constant = not np.isfinite(raw).all() or float(np.ptp(raw)) <= 0
-            if constant:  # e.g. a 1x1 feature map: no location information at all
-                panels[1] = (panels[1][0] + " - constant", panels[1][1])
-            for column, (title, heat) in enumerate(panels):
-                ax = axes[row, column]
-                ax.imshow(shown)
-                if heat is not None:
-                    ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-                elif column in (2, 3):
-                    ax.text(0.5, 0.5, "no sign split\nfor " + source, ha="center", va="center",
-                            transform=ax.transAxes, color="white", backgroundcolor="black")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(title if column else name[:34], fontsize=8)
-            ax = axes[row, 4]
-            predicted_box = boxes_from_cam(score, threshold)[0]
-            x0, y0, x1, y1 = (int(v) for v in predicted_box)
-            ax.add_patch(Rectangle((x0, y0), x1 - x0 + 1, y1 - y0 + 1, fill=False, color="red", linewidth=2))
-            label = "red: CAM box" + (" (none: constant map)" if constant else "")
-            if boxes is not None:
-                for gx0, gy0, gx1, gy1 in boxes:
-                    ax.add_patch(Rectangle((gx0, gy0), gx1 - gx0 + 1, gy1 - gy0 + 1, fill=False, color="lime",
-                                           linewidth=2))
-                iou = float(box_iou(predicted_box[None], boxes).max())
-                label += f", green: truth, IoU {iou:.2f}"
-            if target is not None:
-                label += f"\ntrue {dataset.classes[target][:22]}"
-            ax.set_xlabel(label, fontsize=7)
+        for row, entry in enumerate(chunk):
+            _draw_row(axes, entry, maps, row, dataset.classes[int(predicted[row])], dataset.classes, source,
+                      threshold, size)
         figure.tight_layout()
         path = out / f"cams_{figure_index:03d}.png"
         figure.savefig(path, dpi=110)
