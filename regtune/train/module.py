@@ -200,25 +200,67 @@ class FineTuner(pl.LightningModule):
         """Whether some term reads the samples' positions in the training subset (the data module yields them)."""
         return any(term.needs_indices for term in self.regularizers.values())
 
-    def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
-                      total_steps: int | None = None,
-                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
-        """One forward pass and every term of the loss, without logging (the benchmarks time exactly this).
+    def forward_step(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
+                     total_steps: int | None = None, indices: torch.Tensor | None = None) -> TrainStep:
+        """One forward pass of the model on a batch, recorded as the criterion and the regularizers read it.
+
+        The images take the module's memory layout; the outputs of the modules that some regularizer lists in
+        ``needs_feature_maps`` are captured during the same pass.
+
+        Args:
+            images: The input batch.
+            labels: Integer targets.
+            step: Global optimisation step (0-based) this batch will produce.
+            epoch: Current epoch (0-based).
+            total_steps: Planned optimisation steps of the run, when known.
+            indices: Positions of the samples in the training subset, for terms that set ``needs_indices``.
+
+        Shape:
+            images: (B, 3, H, W). labels: (B,). indices: (B,).
 
         Returns:
-            ``({name: term}, step record)``; the criterion's term first; the record holds features and logits.
+            The step record: features, logits, feature maps (``"last"`` and the captured ones), labels, images.
         """
         images = self._layout(images)
         wanted = list(dict.fromkeys(n for term in self.regularizers.values() for n in term.needs_feature_maps))
         with capture_outputs(self.model, wanted) as maps:
             feature_map, features, logits = forward_parts(self.model, images)
-        record = TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=step, epoch=epoch,
-                           total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
-                           indices=indices)
+        return TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=step, epoch=epoch,
+                         total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
+                         indices=indices)
+
+    def loss_terms(self, record: TrainStep) -> dict[str, torch.Tensor]:
+        """The criterion and every regularizer evaluated on one step record, without logging.
+
+        Args:
+            record: What :meth:`forward_step` returned, or a copy of it with other tensors (the overhead benchmark
+                times the terms alone on detached copies).
+
+        Returns:
+            ``{name: term}`` under the names the terms are logged as, the criterion's first; each a 0-dim tensor.
+        """
         terms = {self.criterion_name: self.criterion(record)}
         for name, term in self.regularizers.items():
             terms[name] = term(record)
-        return terms, record
+        return terms
+
+    def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
+                      total_steps: int | None = None,
+                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
+        """One forward pass and every term of the loss, without logging (:meth:`forward_step`, :meth:`loss_terms`).
+
+        What :meth:`training_step` runs and the overhead benchmark times; the arguments are :meth:`forward_step`'s.
+
+        Returns:
+            ``({name: term}, step record)``; the criterion's term first; the record holds features and logits.
+        """
+        record = self.forward_step(images, labels, step, epoch, total_steps, indices)
+        return self.loss_terms(record), record
+
+    @staticmethod
+    def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: the sum of the terms, each in float32 (under mixed precision a term may be half)."""
+        return torch.stack([t.float() for t in terms.values()]).sum()
 
     @torch.no_grad()
     def _log_feature_stats(self, features: torch.Tensor, labels: torch.Tensor, prefix: str) -> None:
@@ -241,7 +283,7 @@ class FineTuner(pl.LightningModule):
         logits = record.logits
         if self.feature_stats:
             self._log_feature_stats(record.features, labels, "train")
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        loss = self.total_loss(terms)
         if not torch.isfinite(loss):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
@@ -324,7 +366,12 @@ class FineTuner(pl.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------------------------
 
-    def _param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups, each with ``name`` and ``lr``; frozen parameters and empty groups left out.
+
+        ``backbone``; ``head`` at ``lr * head_lr_mult``; ``reg/<name>`` for each regularizer with learnable
+        parameters, with its ``param_group_options()`` (a term that returns ``None`` steps its own parameters).
+        """
         head = list(self.model.get_classifier().parameters())
         head_ids = {id(p) for p in head}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
@@ -341,7 +388,7 @@ class FineTuner(pl.LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = self._param_groups()
+        groups = self.param_groups()
         if self.optim.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=self.optim.lr, momentum=self.optim.momentum,
                                         nesterov=self.optim.nesterov and self.optim.momentum > 0,

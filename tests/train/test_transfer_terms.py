@@ -230,7 +230,7 @@ def test_delta_source_copy_is_frozen_and_not_optimised() -> None:
     module = FineTuner(model, CrossEntropy(), [term], OptimConfig(), TARGET_CLASSES)
     assert term.source is not None and term.source is not model
     source_ids = {id(p) for p in term.source.parameters()}
-    grouped = [p for group in module._param_groups() for p in group["params"]]
+    grouped = [p for group in module.param_groups() for p in group["params"]]
     grouped_ids = {id(p) for p in grouped}
     assert not source_ids & grouped_ids
     assert {id(p) for p in model.parameters()} <= grouped_ids  # the model being trained is all there

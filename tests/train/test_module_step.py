@@ -1,0 +1,69 @@
+"""The module's public step API: forward_step records a batch, loss_terms evaluates the terms, total_loss sums them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from regtune.regularizers import DELTA, CrossEntropy, create_regularizer
+from regtune.train.config import OptimConfig
+from regtune.train.module import FineTuner
+from tests.conftest import TINY_BACKBONE
+
+CLASSES = 3
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return images, torch.tensor([0, 1, 2, 0])
+
+
+def _cross_entropy_np(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_softmax[np.arange(len(labels)), labels].mean())
+
+
+def test_loss_terms_on_a_recorded_step_against_numpy() -> None:
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=CLASSES)
+    module = FineTuner(model, CrossEntropy(), [create_regularizer("head_l2", weight=0.1)], OptimConfig(), CLASSES)
+    module.eval()  # batch statistics aside, the same batch gives the same logits twice
+    images, labels = _batch()
+    record = module.forward_step(images, labels, step=7, epoch=2, total_steps=100)
+    assert (record.step, record.epoch, record.total_steps) == (7, 2, 100)
+    assert record.logits.shape == (4, CLASSES) and set(record.feature_maps) == {"last"}
+    terms = module.loss_terms(record)
+    assert list(terms) == ["ce", "head_l2"]  # the criterion first, under the names they are logged as
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    logits = record.logits.detach().double().numpy()
+    weight = model.get_classifier().weight.detach().double().numpy()
+    assert values["ce"] == pytest.approx(_cross_entropy_np(logits, labels.numpy()), rel=1e-5)
+    assert values["head_l2"] == pytest.approx(0.1 * float((weight ** 2).sum()), rel=1e-5)  # lambda sum w^2
+    total = module.total_loss(terms)
+    assert total.dtype == torch.float32 and total.requires_grad
+    assert float(total.detach()) == pytest.approx(values["ce"] + values["head_l2"], rel=1e-6)
+    # compute_terms is exactly forward_step then loss_terms
+    again, again_record = module.compute_terms(images, labels, step=7, epoch=2, total_steps=100)
+    torch.testing.assert_close(again_record.logits, record.logits, rtol=0, atol=0)
+    assert {k: float(v.detach()) for k, v in again.items()} == values
+
+
+def test_total_loss_sums_half_precision_terms_in_float32() -> None:
+    terms = {"ce": torch.tensor(1.0009765625, dtype=torch.float16), "reg": torch.tensor(0.5, dtype=torch.bfloat16)}
+    total = FineTuner.total_loss(terms)
+    assert total.dtype == torch.float32 and float(total) == 1.5009765625  # both exact in their formats
+
+
+def test_forward_step_captures_the_maps_a_term_asks_for() -> None:
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=CLASSES)
+    term = DELTA(layers=None, attention="uniform")
+    module = FineTuner(model, CrossEntropy(), [term], OptimConfig(), CLASSES)
+    assert term.needs_feature_maps  # DELTA names its layers once it has seen the model
+    images, labels = _batch()
+    with torch.no_grad():
+        record = module.forward_step(images, labels)
+    assert set(record.feature_maps) == {"last", *term.needs_feature_maps}
+    assert all(m.shape[0] == 4 for m in record.feature_maps.values())
+    assert record.images.is_contiguous(memory_format=torch.channels_last)  # the module's layout
