@@ -17,6 +17,7 @@ import torch
 
 from regtune.bench.overhead import (
     METHOD_SETS,
+    OverheadSettings,
     framework_table,
     measure_framework_overhead,
     measure_overhead,
@@ -29,12 +30,13 @@ from regtune.bench.overhead import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    defaults = OverheadSettings()
+    parser.add_argument("--backbone", default=defaults.backbone, help="timm model name")
+    parser.add_argument("--img-size", type=int, default=defaults.img_size, help="input resolution (pixels)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="interleaved rounds (median reported)")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--methods", choices=sorted(METHOD_SETS), default="seed",
                         help="seed: FMR, AdaRand, RandReg, FNP, MaxEnt, head penalties, margins; transfer: L2-SP, "
                              "DELTA, BSS, Co-Tuning, LwF, StochNorm")
@@ -55,11 +57,15 @@ def main() -> None:
             parser.error(f"--only: unknown label(s) {', '.join(unknown)}; known: {', '.join(m.label for m in methods)}")
         methods = tuple(m for m in methods if m.label == methods[0].label or m.label in args.only)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    try:
+        settings = OverheadSettings(backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
+                                    steps=args.steps, rounds=args.rounds, device=args.device)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
     if args.framework:
         if args.device != "cpu":
             parser.error("--framework measures the CPU loop; run regtune fit on a GPU for GPU throughput")
-        result = measure_framework_overhead(backbone=args.backbone, img_size=args.img_size,
-                                            batch_size=args.batch_size, rounds=args.rounds)
+        result = measure_framework_overhead(settings)
         table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}; "
                  f"{platform.node()}\n\n" + framework_table(result))
         print(table)
@@ -68,25 +74,22 @@ def main() -> None:
             args.out.write_text(table + "\n")
         return
     if args.terms_only:
-        terms = measure_term_cost(methods, backbone=args.backbone, img_size=args.img_size,
-                                  batch_size=args.batch_size, device=args.device)
+        terms = measure_term_cost(methods, settings)
         table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}\n\n"
                  "Milliseconds each method's own terms (criterion and regularizers, forward + backward, with whatever "
-                 "they run besides) add to one training step, timed alone on a recorded step (median of 30), minus "
-                 "plain cross-entropy's.\n\n| method | terms alone (ms / step) |\n|---|---:|\n"
+                 "they run besides) add to one training step, timed alone on a recorded step (median of "
+                 f"{settings.term_repeats}), minus plain cross-entropy's.\n\n| method | terms alone (ms / step) |\n|---|---:|\n"
                  + "\n".join(f"| {k} | {v:.2f} |" for k, v in terms.items()))
         print(table)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(table + "\n")
         return
-    results = measure_overhead(methods, backbone=args.backbone, img_size=args.img_size,
-                               batch_size=args.batch_size, steps=args.steps, rounds=args.rounds, device=args.device)
-    terms = measure_term_cost(methods, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
-                              device=args.device)
+    results = measure_overhead(methods, settings)
+    terms = measure_term_cost(methods, settings)
     rss = None
     if args.memory and args.device == "cpu":
-        rss = measure_peak_rss(methods, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size)
+        rss = measure_peak_rss(methods, settings)
     header = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}, {args.steps} steps x {args.rounds} "
               f"interleaved rounds; {device}; torch {torch.__version__}; {platform.node()}\n\n")
     table = header + overhead_table(results, rss, terms)

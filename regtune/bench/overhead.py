@@ -14,19 +14,20 @@ import logging
 import multiprocessing
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from regtune.models import create_backbone
-from regtune.regularizers import create_criterion, create_regularizer
+from regtune.regularizers import CrossEntropy, TrainStep, create_criterion, create_regularizer
 from regtune.train.config import OptimConfig, TermSpec
 from regtune.train.module import FineTuner
 
-__all__ = ["Method", "OverheadResult", "measure_overhead", "measure_peak_rss", "measure_term_cost", "overhead_table",
-           "FrameworkResult", "measure_framework_overhead", "framework_table", "SEED_METHODS", "TRANSFER_METHODS",
-           "METHOD_SETS"]
+__all__ = ["METHOD_SETS", "SEED_METHODS", "TRANSFER_METHODS", "FrameworkResult", "Method", "OverheadResult",
+           "OverheadSettings", "framework_table", "measure_framework_overhead", "measure_overhead", "measure_peak_rss",
+           "measure_term_cost", "overhead_table"]
 
 _log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Method:
 
     label: str
     regularizers: tuple[TermSpec, ...] = ()
-    criterion: TermSpec = TermSpec("ce")
+    criterion: TermSpec = field(default_factory=lambda: TermSpec("ce"))
 
 
 SEED_METHODS: tuple[Method, ...] = (
@@ -69,6 +70,66 @@ TRANSFER_METHODS: tuple[Method, ...] = (
 METHOD_SETS = {"seed": SEED_METHODS, "transfer": TRANSFER_METHODS}
 
 
+@dataclass(frozen=True)
+class OverheadSettings:
+    """What the overhead measurements build and how long they run; one object shared by every measurement.
+
+    Each measurement reads the fields it needs: all of them the model and batch fields (``backbone`` to ``seed``);
+    :func:`measure_overhead` also ``steps``, ``rounds`` and ``warmup``; :func:`measure_term_cost` ``term_repeats``;
+    :func:`measure_peak_rss` ``memory_steps``; :func:`measure_framework_overhead` ``rounds``.
+
+    Args:
+        backbone: timm model name.
+        pretrained: Weight source (see :func:`regtune.models.create_backbone`); ``"none"`` for random weights.
+        num_classes: Classes of the synthetic task (the framework benchmark's image folder has as many).
+        img_size: Input resolution (square images, pixels).
+        batch_size: Images per training step.
+        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``). The peak-memory and framework measurements are
+            CPU-only and refuse any other device.
+        seed: Seed of the synthetic batches and of the initialisations.
+        steps: Timed steps per method per round of :func:`measure_overhead`.
+        rounds: Interleaved rounds (the median over rounds is reported).
+        warmup: Untimed steps per method before the first round.
+        term_repeats: Timed evaluations of the terms per method in :func:`measure_term_cost` (the median is
+            reported; three more run untimed first).
+        memory_steps: Training steps per method in :func:`measure_peak_rss`.
+
+    Raises:
+        TypeError: A count or size that is not an ``int``.
+        ValueError: A count or size below 1 (``seed`` and ``warmup`` below 0), or a device that is neither CPU nor
+            CUDA.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = "auto"
+    num_classes: int = 10
+    img_size: int = 128
+    batch_size: int = 32
+    device: str = "cpu"
+    seed: int = 0
+    steps: int = 5
+    rounds: int = 5
+    warmup: int = 3
+    term_repeats: int = 30
+    memory_steps: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "img_size", "batch_size", "seed", "steps", "rounds", "warmup", "term_repeats",
+                     "memory_steps"):
+            value, lowest = getattr(self, name), 0 if name in ("seed", "warmup") else 1
+            if not isinstance(value, int):
+                raise TypeError(f"OverheadSettings.{name} must be an int; got {value!r}")
+            if value < lowest:
+                raise ValueError(f"OverheadSettings.{name} must be >= {lowest}; got {value}")
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"OverheadSettings.device must be 'cpu' or a CUDA device; got {self.device!r}")
+
+    def _require_cpu(self, measurement: str) -> None:
+        if torch.device(self.device).type != "cpu":
+            raise ValueError(f"{measurement} measures the CPU; got device={self.device!r}. Pass settings with "
+                             f"device='cpu' (measure_overhead reports the CUDA peak memory on GPUs).")
+
+
 @dataclass
 class OverheadResult:
     """Timing of one method."""
@@ -86,58 +147,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_overhead(
-        methods: Sequence[Method] = SEED_METHODS,
-        backbone: str = "tf_efficientnet_lite0",
-        pretrained: str = "auto",
-        num_classes: int = 10,
-        img_size: int = 128,
-        batch_size: int = 32,
-        steps: int = 5,
-        rounds: int = 5,
-        warmup: int = 3,
-        device: str = "cpu",
-        seed: int = 0,
-) -> list[OverheadResult]:
+def measure_overhead(methods: Sequence[Method] = SEED_METHODS,
+                     settings: OverheadSettings = OverheadSettings()) -> list[OverheadResult]:
     """Time one training step (forward, every term, backward, optimizer step) per method.
 
     Args:
         methods: Rows; the first is the baseline of the ratios (plain fine-tuning).
-        backbone: timm model name.
-        pretrained: Weight source (see :func:`regtune.models.create_backbone`).
-        num_classes: Classes of the synthetic task.
-        img_size: Input resolution.
-        batch_size: Batch size.
-        steps: Steps per method per round.
-        rounds: Interleaved rounds (the median over rounds is reported).
-        warmup: Untimed steps per method before the first round.
-        device: ``"cpu"`` or ``"cuda"``.
-        seed: Seed of the synthetic batches and initialisations.
+        settings: Model, batch and device; ``steps``, ``rounds`` and ``warmup`` set the timing.
 
     Returns:
         One :class:`OverheadResult` per method, in order.
     """
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    runners = [_build_runner(method, backbone, pretrained, num_classes, img_size, batch_size, dev, seed)
-               for method in methods]
+    torch.manual_seed(settings.seed)
+    dev = torch.device(settings.device)
+    runners = [_build_runner(method, settings) for method in methods]
     for _, module, optimizer, data in runners:
-        _steps(module, optimizer, *data, warmup)
+        _steps(module, optimizer, *data, settings.warmup)
     _sync(dev)
     times: dict[str, list[float]] = {m.label: [] for m in methods}
     peaks: dict[str, float] = {}
-    for r in range(rounds):
+    for r in range(settings.rounds):
         for method, module, optimizer, data in runners:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             _sync(dev)
             start = time.perf_counter()
-            _steps(module, optimizer, *data, steps)
+            _steps(module, optimizer, *data, settings.steps)
             _sync(dev)
-            times[method.label].append(1000 * (time.perf_counter() - start) / steps)
+            times[method.label].append(1000 * (time.perf_counter() - start) / settings.steps)
             if dev.type == "cuda":
                 peaks[method.label] = max(peaks.get(method.label, 0.0), torch.cuda.max_memory_allocated(dev) / 2**20)
-        _log.info("overhead round %d/%d done", r + 1, rounds)
+        _log.info("overhead round %d/%d done", r + 1, settings.rounds)
     base_times = times[methods[0].label]
     base_mem = peaks.get(methods[0].label)
     results = []
@@ -152,11 +192,12 @@ def measure_overhead(
     return results
 
 
-def _build_runner(method: Method, backbone: str, pretrained: str, num_classes: int, img_size: int, batch_size: int,
-                  device: torch.device, seed: int) -> tuple:
+def _build_runner(method: Method, settings: OverheadSettings) -> tuple:
     """A FineTuner for ``method`` on a fresh copy of the backbone, set up, with its optimizer and the fixed batch."""
+    seed, num_classes, batch_size, img_size = settings.seed, settings.num_classes, settings.batch_size, settings.img_size
+    device = torch.device(settings.device)
     torch.manual_seed(seed)
-    built = create_backbone(backbone, num_classes, pretrained=pretrained)
+    built = create_backbone(settings.backbone, num_classes, pretrained=settings.pretrained)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
     labels = torch.arange(batch_size) % num_classes
     count = max(2 * num_classes, batch_size)  # set-up passes see every class; LwF caches one output per image
@@ -170,82 +211,84 @@ def _build_runner(method: Method, backbone: str, pretrained: str, num_classes: i
                        OptimConfig(), num_classes, setup_loader=lambda: batches, train_loader=lambda: batches).to(device)
     module.train()
     module.prepare_regularizers()
-    optimizer = torch.optim.SGD(module._param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(module.param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
     indices = torch.arange(batch_size).to(device) if module.needs_indices else None
     return method, module, optimizer, (images.to(device), labels.to(device), indices)
 
 
 def _steps(module: FineTuner, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
            indices: torch.Tensor | None, count: int) -> None:
+    """``count`` training steps on one batch: the module's own forward pass, terms and loss, then the update."""
     for i in range(count):
         terms, _ = module.compute_terms(x, y, step=i, epoch=1, total_steps=10_000, indices=indices)
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        loss = module.total_loss(terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
-def measure_term_cost(
-        methods: Sequence[Method] = SEED_METHODS,
-        backbone: str = "tf_efficientnet_lite0",
-        pretrained: str = "auto",
-        num_classes: int = 10,
-        img_size: int = 128,
-        batch_size: int = 32,
-        repeats: int = 30,
-        device: str = "cpu",
-        seed: int = 0,
-) -> dict[str, float]:
+def measure_term_cost(methods: Sequence[Method] = SEED_METHODS,
+                      settings: OverheadSettings = OverheadSettings()) -> dict[str, float]:
     """Milliseconds that each method's own terms add to a step, timed alone (the profile behind a ratio).
 
-    One forward pass of the method's model gives a :class:`~regtune.regularizers.TrainStep` whose features, logits
-    and captured maps are detached leaves; then the criterion and every regularizer are evaluated on it and
-    back-propagated ``repeats`` times (median reported), minus the same for plain cross-entropy. What remains is the
-    work of the terms themselves, including what they run besides (DELTA's frozen source forward, LwF's online
-    teacher), without the noise of timing whole steps. Model-changing methods (StochNorm) cost inside the forward
-    pass and show here as about 0.
-    """
-    from regtune.models import forward_parts
-    from regtune.regularizers import CrossEntropy, TrainStep, capture_outputs
+    One forward pass of the method's module (:meth:`~regtune.train.module.FineTuner.forward_step`) records a
+    :class:`~regtune.regularizers.TrainStep`; its features, logits and feature maps are copied as detached leaves, and
+    the module's terms (:meth:`~regtune.train.module.FineTuner.loss_terms`: the criterion and every regularizer) are
+    evaluated on the copy and back-propagated ``settings.term_repeats`` times (median reported), minus the same for
+    plain cross-entropy. What remains is the work of the terms themselves, including what they run besides (DELTA's
+    frozen source forward, LwF's online teacher), without the noise of timing whole steps. Model-changing methods
+    (StochNorm) cost inside the forward pass and show here as about 0.
 
-    dev = torch.device(device)
+    Args:
+        methods: Rows to time.
+        settings: Model, batch and device; ``term_repeats`` sets the timing.
+
+    Returns:
+        ``{label: milliseconds}``.
+    """
     costs: dict[str, float] = {}
     for method in methods:
-        _, module, _, (x, y, indices) = _build_runner(method, backbone, pretrained, num_classes, img_size, batch_size,
-                                                       dev, seed)
-        images = module._layout(x)
-        wanted = list(dict.fromkeys(n for t in module.regularizers.values() for n in t.needs_feature_maps))
-        with torch.no_grad(), capture_outputs(module.model, wanted) as maps:
-            feature_map, features, logits = forward_parts(module.model, images)
-
-        def leaf(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().clone().requires_grad_(True)
-
-        def step() -> TrainStep:
-            return TrainStep(features=leaf(features), logits=leaf(logits), labels=y, model=module.model,
-                             step=1, epoch=1, total_steps=10_000,
-                             feature_maps={"last": leaf(feature_map), **{k: leaf(v) for k, v in maps.items()}},
-                             images=images, indices=indices)
-
-        def timed(terms: Sequence[torch.nn.Module]) -> float:
-            samples = []
-            for i in range(repeats + 3):
-                record = step()
-                _sync(dev)
-                start = time.perf_counter()
-                total = torch.stack([t(record).float() for t in terms]).sum()
-                if total.requires_grad:
-                    total.backward()
-                _sync(dev)
-                if i >= 3:
-                    samples.append(1000 * (time.perf_counter() - start))
-            return statistics.median(samples)
-
-        own = timed([module.criterion, *module.regularizers.values()])
-        costs[method.label] = own - timed([CrossEntropy()])
-        module.model.zero_grad(set_to_none=True)
+        costs[method.label] = _term_cost(method, settings)
         _log.info("%s: terms add %.2f ms per step", method.label, costs[method.label])
     return costs
+
+
+def _term_cost(method: Method, settings: OverheadSettings) -> float:
+    """Milliseconds of ``method``'s terms on a recorded step, minus plain cross-entropy's on the same step."""
+    device = torch.device(settings.device)
+    _, module, _, (x, y, indices) = _build_runner(method, settings)
+    with torch.no_grad():
+        recorded = module.forward_step(x, y, step=1, epoch=1, total_steps=10_000, indices=indices)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    def fresh() -> TrainStep:  # each repeat back-propagates into its own leaves
+        return replace(recorded, features=leaf(recorded.features), logits=leaf(recorded.logits),
+                       feature_maps={k: leaf(v) for k, v in recorded.feature_maps.items()})
+
+    plain = CrossEntropy()
+    own_ms = _time_terms(module.loss_terms, fresh, settings.term_repeats, device)
+    plain_ms = _time_terms(lambda record: {"ce": plain(record)}, fresh, settings.term_repeats, device)
+    module.model.zero_grad(set_to_none=True)
+    return own_ms - plain_ms
+
+
+def _time_terms(evaluate: Callable[[TrainStep], dict[str, torch.Tensor]], make_record: Callable[[], TrainStep],
+                repeats: int, device: torch.device) -> float:
+    """Median milliseconds of ``evaluate`` on a fresh record and the backward pass of its terms' sum."""
+    samples = []
+    for i in range(repeats + 3):  # the first three warm up
+        record = make_record()
+        _sync(device)
+        start = time.perf_counter()
+        total = FineTuner.total_loss(evaluate(record))
+        if total.requires_grad:
+            total.backward()
+        _sync(device)
+        if i >= 3:
+            samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(samples)
 
 
 def _status_kib(field: str) -> int:
@@ -256,51 +299,51 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _peak_rss_child(queue: Any, method: Method, kwargs: dict[str, Any], steps: int) -> None:
+def _peak_rss_child(queue: Any, method: Method, settings: OverheadSettings) -> None:
     try:
-        _, module, optimizer, (x, y, indices) = _build_runner(method, device=torch.device("cpu"), **kwargs)
+        _, module, optimizer, (x, y, indices) = _build_runner(method, settings)
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand memory freed by the set-up back, so training must re-grow it
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # reset the peak-RSS high-water mark (Linux >= 4.0)
         before = _status_kib("VmRSS")
-        _steps(module, optimizer, x, y, indices, steps)
-        queue.put((before / 1024, _status_kib("VmHWM") / 1024))
+        _steps(module, optimizer, x, y, indices, settings.memory_steps)
+        queue.put(("ok", (before / 1024, _status_kib("VmHWM") / 1024)))
     except Exception as err:  # noqa: BLE001 - reported to the parent
-        queue.put(err)
+        queue.put(("error", err))
 
 
-def measure_peak_rss(
-        methods: Sequence[Method] = SEED_METHODS,
-        backbone: str = "tf_efficientnet_lite0",
-        pretrained: str = "auto",
-        num_classes: int = 10,
-        img_size: int = 128,
-        batch_size: int = 32,
-        steps: int = 3,
-        seed: int = 0,
-) -> dict[str, tuple[float, float]]:
-    """Memory that ``steps`` training steps of each method add on top of the built, set-up model (MiB), on CPU.
+def measure_peak_rss(methods: Sequence[Method] = SEED_METHODS,
+                     settings: OverheadSettings = OverheadSettings()) -> dict[str, tuple[float, float]]:
+    """Memory that each method's training steps add on top of its built, set-up model (MiB), on the CPU.
 
     The CPU counterpart of CUDA's peak-allocation counter (PyTorch keeps none on the CPU): each method runs alone in
     a spawned child process, which builds the model and runs the regularizers' set-up, then resets the kernel's
-    peak-RSS mark (``/proc/self/clear_refs``) after returning freed heap to the system (``malloc_trim``), trains, and reports ``VmHWM - VmRSS_before``: the peak of gradients,
-    optimizer state, activations and whatever the terms add (DELTA's source forward, LwF's teacher), without the
-    interpreter, torch and the model itself. Linux with glibc only.
+    peak-RSS mark (``/proc/self/clear_refs``) after returning freed heap to the system (``malloc_trim``), trains,
+    and reports ``VmHWM - VmRSS_before``: the peak of gradients, optimizer state, activations and whatever the terms
+    add (DELTA's source forward, LwF's teacher), without the interpreter, torch and the model itself. Linux with
+    glibc only.
+
+    Args:
+        methods: Rows to measure.
+        settings: Model and batch; ``memory_steps`` training steps per method. The device must be the CPU.
 
     Returns:
         ``{label: (rss_before_mib, peak_increase_mib)}``.
+
+    Raises:
+        ValueError: ``settings.device`` is not the CPU.
+        RuntimeError: A child process failed (its error is chained).
     """
+    settings._require_cpu("measure_peak_rss")
     context = multiprocessing.get_context("spawn")
-    kwargs = dict(backbone=backbone, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
-                  batch_size=batch_size, seed=seed)
     peaks = {}
     for method in methods:
         queue = context.Queue()
-        child = context.Process(target=_peak_rss_child, args=(queue, method, kwargs, steps))
+        child = context.Process(target=_peak_rss_child, args=(queue, method, settings))
         child.start()
-        result = queue.get()
+        outcome, result = queue.get()
         child.join()
-        if isinstance(result, Exception):
+        if outcome == "error":
             raise RuntimeError(f"peak-memory run of {method.label} failed: {result}") from result
         before, peak = result
         peaks[method.label] = (before, peak - before)
@@ -391,8 +434,7 @@ def _write_synthetic_imagefolder(root: Any, classes: int, total: int, size: int,
             root / "test" / f"class_{c:02d}" / "0.png")
 
 
-def _bare_epochs(root: Any, backbone: str, pretrained: str, img_size: int, batch_size: int, epochs: int,
-                 clock: _StepClock, seed: int) -> None:
+def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _StepClock) -> None:
     """The loop a user writes by hand: timm model and transform, torchvision ImageFolder, SGD, cosine schedule."""
     import math
 
@@ -400,15 +442,15 @@ def _bare_epochs(root: Any, backbone: str, pretrained: str, img_size: int, batch
     import torchvision
 
     torch.use_deterministic_algorithms(False)
-    torch.manual_seed(seed)
-    built = create_backbone(backbone, 10, pretrained=pretrained)
+    torch.manual_seed(settings.seed)
+    built = create_backbone(settings.backbone, settings.num_classes, pretrained=settings.pretrained)
     model = built.model.to(memory_format=torch.channels_last).train()
     config = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(input_size=(3, img_size, img_size), is_training=True, scale=(0.5, 1.0),
+    transform = timm.data.create_transform(input_size=(3, settings.img_size, settings.img_size), is_training=True, scale=(0.5, 1.0),
                                            hflip=0.5, color_jitter=None, interpolation=config["interpolation"],
                                            mean=config["mean"], std=config["std"])
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True)
     head = list(model.get_classifier().parameters())
     head_ids = {id(p) for p in head}
     optim = OptimConfig()
@@ -430,17 +472,31 @@ def _bare_epochs(root: Any, backbone: str, pretrained: str, img_size: int, batch
         clock.epoch_end()
 
 
-def measure_framework_overhead(backbone: str = "tf_efficientnet_lite0", pretrained: str = "auto", img_size: int = 128,
-                               batch_size: int = 32, steps_per_epoch: int = 12, epochs: int = 2, rounds: int = 3,
-                               seed: int = 0) -> FrameworkResult:
+def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), steps_per_epoch: int = 12,
+                               epochs: int = 2) -> FrameworkResult:
     """``regtune fit`` (Lightning, regtune's callbacks, per-step CSV log, checkpoints each epoch) against a bare loop.
 
-    Both train the same backbone (channels-last in both) on the same synthetic 10-class image folder with the same
-    augmentation, batch size, optimizer and schedule, single process, no validation. They alternate, ``rounds``
-    times each. Per step: the median iteration-to-iteration time (data loading, forward, backward, optimizer and
-    every hook), first step of each epoch excluded; per epoch: the median epoch wall time (the first step, the
-    epoch's hooks and regtune's checkpoints included). Ratios are medians over rounds of regtune / bare.
+    Both train the same backbone (channels-last in both) on the same synthetic image folder (``settings.num_classes``
+    classes) with the same augmentation, batch size, optimizer and schedule, single process, no validation. They
+    alternate, ``settings.rounds`` times each. Per step: the median iteration-to-iteration time (data loading,
+    forward, backward, optimizer and every hook), first step of each epoch excluded; per epoch: the median epoch wall
+    time (the first step, the epoch's hooks and regtune's checkpoints included). Ratios are medians over rounds of
+    regtune / bare.
+
+    Args:
+        settings: Model, batch and ``rounds``; the device must be the CPU.
+        steps_per_epoch: Training steps per epoch (the image folder holds that many batches).
+        epochs: Epochs of each loop per round.
+
+    Returns:
+        Both loops' median times and their ratios.
+
+    Raises:
+        ValueError: ``settings.device`` is not the CPU, or fewer than one step per epoch or epoch.
     """
+    settings._require_cpu("measure_framework_overhead")
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(f"steps_per_epoch and epochs must be >= 1; got {steps_per_epoch} and {epochs}")
     import tempfile
     from pathlib import Path
 
@@ -465,17 +521,20 @@ def measure_framework_overhead(backbone: str = "tf_efficientnet_lite0", pretrain
 
     with tempfile.TemporaryDirectory(prefix="regtune-framework-") as tmp:
         root = Path(tmp) / "data"
-        _write_synthetic_imagefolder(root, 10, max(steps_per_epoch * batch_size, 10), img_size, seed)
+        classes = settings.num_classes
+        _write_synthetic_imagefolder(root, classes, max(steps_per_epoch * settings.batch_size, classes),
+                                     settings.img_size, settings.seed)
         config = FitConfig(
             data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, per_class=None, val_fraction=0.0,
-                            img_size=img_size, batch_size=batch_size, num_workers=0),
-            model=ModelConfig(backbone=backbone, pretrained=pretrained),
-            trainer=TrainerConfig(epochs=epochs, seed=seed, select="last", progress_bar=False, accelerator="cpu"),
+                            img_size=settings.img_size, batch_size=settings.batch_size, num_workers=0),
+            model=ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained),
+            trainer=TrainerConfig(epochs=epochs, seed=settings.seed, select="last", progress_bar=False,
+                                  accelerator="cpu"),
         )
         bare_steps, bare_epochs, ours_steps, ours_epochs, fit_seconds = [], [], [], [], []
-        for r in range(rounds):
+        for r in range(settings.rounds):
             bare_clock = _StepClock()
-            _bare_epochs(root, backbone, pretrained, img_size, batch_size, epochs, bare_clock, seed)
+            _bare_epochs(root, settings, epochs, bare_clock)
             bare_steps.append(statistics.median(bare_clock.steps))
             bare_epochs.append(statistics.median(bare_clock.epochs))
             clock = _StepClock()
@@ -487,14 +546,15 @@ def measure_framework_overhead(backbone: str = "tf_efficientnet_lite0", pretrain
                                    f"{len(bare_clock.steps)}); the comparison would be unfair")
             ours_steps.append(statistics.median(clock.steps))
             ours_epochs.append(statistics.median(clock.epochs))
-            _log.info("framework round %d/%d: bare %.0f ms/step, regtune %.0f ms/step", r + 1, rounds,
+            _log.info("framework round %d/%d: bare %.0f ms/step, regtune %.0f ms/step", r + 1, settings.rounds,
                       1000 * bare_steps[-1], 1000 * ours_steps[-1])
     return FrameworkResult(
         bare_ms_per_step=1000 * statistics.median(bare_steps), regtune_ms_per_step=1000 * statistics.median(ours_steps),
         step_ratio=statistics.median(o / b for o, b in zip(ours_steps, bare_steps)),
         bare_s_per_epoch=statistics.median(bare_epochs), regtune_s_per_epoch=statistics.median(ours_epochs),
         epoch_ratio=statistics.median(o / b for o, b in zip(ours_epochs, bare_epochs)),
-        steps_per_epoch=len(bare_clock.steps) // epochs + 1, rounds=rounds, regtune_fit_s=statistics.median(fit_seconds))
+        steps_per_epoch=len(bare_clock.steps) // epochs + 1, rounds=settings.rounds,
+        regtune_fit_s=statistics.median(fit_seconds))
 
 
 def framework_table(result: FrameworkResult) -> str:
