@@ -101,8 +101,16 @@ def mutual_information(features: torch.Tensor, labels: torch.Tensor, eps: float 
 
 
 def fmr_entropy(features: torch.Tensor, tau: float = 1.0) -> dict[str, float]:
-    """FMR's channel-softmax entropy, mean over samples, and its value over H_max = log D (methods.md §9.4)."""
+    """FMR's channel-softmax entropy, mean over samples, and its value over H_max = log D (methods.md §9.4).
+
+    Raises:
+        ValueError: D = 1: the softmax over one channel is 1, its entropy 0 and H_max = log 1 = 0, so the normalised
+            value is undefined.
+    """
     f = _matrix(features)
+    if f.shape[1] < 2:
+        raise ValueError(f"fmr_entropy needs features with at least 2 channels, got shape {tuple(f.shape)}: over one "
+                         "channel the softmax is 1, its entropy 0 and H_max = log 1 = 0, so entropy / H_max is undefined")
     value = float(channel_entropy(f, tau).mean())
     return {"entropy": value, "normalized": value / math.log(f.shape[1]), "h_max": math.log(f.shape[1])}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable
 
@@ -10,36 +11,45 @@ from torch import nn
 
 from regtune.regularizers._utils import all_reduce_sum, check_choice, check_positive, model_device, penultimate
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import channel_entropy
+from regtune.regularizers.functional import channel_entropy, fmr_weight
 
 __all__ = ["FeatureMagnitudeRegularization", "FMR_MODES"]
 
 FMR_MODES = ("meta", "provided", "dynamic", "static")
+
+_log = logging.getLogger(__name__)
 
 
 @register_regularizer("fmr")
 class FeatureMagnitudeRegularization(Regularizer):
     """Maximise the entropy of the softmax over feature channels, with a weight that adapts to it.
 
-    Per sample, p_i = softmax(f / tau)_i over the D channels of the penultimate feature f, H = -sum_i p_i log p_i,
-    and the term is L_FMR = -lambda_t * mean_b H(x_b). The weight (no gradient through it) depends on ``mode``:
+    The term is L_FMR = -lambda_t * mean_b H_b, with H_b the channel-softmax entropy of sample b's penultimate feature
+    at temperature tau (:func:`~regtune.regularizers.functional.channel_entropy`). The weight lambda_t carries no
+    gradient and depends on ``mode``:
 
-    - ``"meta"`` (META_CALCULATED, every published config): lambda_t = beta (H_max - H_t) / (H_max - H_init), with
-      H_max = log D, H_t the running mean of the last ``window`` batch-mean entropies (at tau = 1, detached, the
-      current batch included) and H_init that running mean at the end of a statistics pass over the training loader
-      before any update (see :meth:`setup`). No clamp, as in the code (``lambda_max`` adds one).
+    - ``"meta"`` (META_CALCULATED, every published config): :func:`~regtune.regularizers.functional.fmr_weight`
+      with H_t the running mean of the last ``window`` batch-mean entropies (at tau = 1, detached, the current batch
+      included) and H_init that running mean at the end of the statistics pass (see :meth:`setup`). No clamp, as in
+      the code (``lambda_max`` adds one).
     - ``"provided"``: a fixed lambda (the paper suggests a sweep over 10, 100, 1000).
-    - ``"dynamic"`` (DYNAMICALLY_CALCULATED): lambda_t = max_coef (H_max - H_t) / H_max.
+    - ``"dynamic"`` (DYNAMICALLY_CALCULATED): lambda_t = max_coef (H_max - H_t) / H_max, i.e. ``fmr_weight`` with
+      H_init = 0 and beta = ``max_coef``. Its running window starts filled by the statistics pass, as in the code.
     - ``"static"`` (STATICALLY_CALCULATED, which crashes in the official code; its intended formula):
       lambda = 10^(a N_train + b), N_train the size of the training subset.
 
-    lambda_t is recomputed at every step of the first epoch and afterwards every ``update_every`` steps (at global
-    steps 0, 5, 10, ...: the code's 1-based ``iteration % 5 == 1``).
+    Schedule, as the official training loop runs it (its iteration counter is 0 at the first update): lambda_t is
+    recomputed at every step of the first epoch, and afterwards at the global steps s with
+    s % ``update_every`` == 1 (1, 6, 11, ... for the code's 5; every step for ``update_every=1``). The statistics
+    pass before the first update reads every batch of one pass over the training loader but the last (the code's
+    statistics epoch ends when its counter reaches 0, one batch before the loader is exhausted); H_init is the mean
+    of the last min(``window``, batches read) of them, and the window carries on into training. Between updates
+    lambda_t keeps its value while H_t moves.
 
     Ambiguities (methods.md §1.7, §10): the weight's entropy uses tau = 1 whatever the loss temperature
     (``weight_uses_tau=False``, the code); H_init is measured in train mode, so BatchNorm statistics move during the
     statistics pass (``init_mode="train"``, the code; ``"eval"`` freezes them), on augmented training images
-    (``setup_transform="train"``); the running window continues from the statistics pass into training.
+    (``setup_transform="train"``).
 
     Args:
         mode: ``"meta"`` | ``"provided"`` | ``"dynamic"`` | ``"static"``.
@@ -50,13 +60,14 @@ class FeatureMagnitudeRegularization(Regularizer):
         static_b: Intercept ``b`` of ``static``.
         tau: Softmax temperature of the loss.
         weight_uses_tau: Compute H_t / H_init / H_max at ``tau`` instead of 1.
-        window: Batches in the running mean of H_t.
-        update_every: Steps between weight updates after the first epoch.
+        window: Batches in the running mean of H_t (50 in the code).
+        update_every: Steps between weight updates after the first epoch (5 in the code).
         lambda_max: Optional upper clamp of lambda_t.
         target: ``"features"`` (penultimate, the paper) or ``"logits"`` (H_max = log C; with ``provided`` this is
             MaxEnt).
         init_mode: ``"train"`` or ``"eval"``: the model's mode during the statistics pass.
-        init_batches: Batches of the statistics pass; ``None`` for one epoch.
+        init_batches: Batches the statistics pass reads; ``None`` for the code's: all batches of the loader but the
+            last (a loader of one batch is read whole: the code's statistics epoch would read none).
 
     Shape:
         step.features (B, D) or step.logits (B, C) -> scalar.
@@ -65,7 +76,8 @@ class FeatureMagnitudeRegularization(Regularizer):
         Entropy summed over channels, averaged over the batch.
 
     Raises:
-        ValueError: unknown mode / target, or H_init == H_max (features already uniform: the weight is undefined).
+        ValueError: unknown mode / target, or H_init == H_max in ``meta`` mode (features already uniform: the weight
+            is undefined).
 
     Example:
         >>> fmr = FeatureMagnitudeRegularization(mode="provided", lambda_=10.0)
@@ -102,16 +114,18 @@ class FeatureMagnitudeRegularization(Regularizer):
         check_positive("tau", tau, allow_zero=False)
         if window < 1 or update_every < 1:
             raise ValueError(f"window and update_every must be >= 1, got {window}, {update_every}")
+        if init_batches is not None and init_batches < 1:
+            raise ValueError(f"init_batches must be >= 1 or None (the code's statistics epoch), got {init_batches}")
         self.mode, self.beta, self.lambda_, self.max_coef = mode, beta, lambda_, max_coef
         self.static_a, self.static_b = static_a, static_b
         self.tau, self.weight_uses_tau, self.window_size, self.update_every = tau, weight_uses_tau, window, update_every
         self.lambda_max, self.target, self.init_mode, self.init_batches = lambda_max, target, init_mode, init_batches
-        self.needs_setup_pass = mode in ("meta", "static")
+        self.needs_setup_pass = mode != "provided"
         self.register_buffer("window", torch.zeros(window, dtype=torch.float64))
         self.register_buffer("window_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("h_init", torch.tensor(float("nan"), dtype=torch.float64))
         self.register_buffer("h_max", torch.tensor(float("nan"), dtype=torch.float64))
-        # NaN until known: "meta" and "static" set it in setup() (meta again during training), "dynamic" at step 0.
+        # NaN until known: "static" sets it in setup(), "meta" and "dynamic" at their first update.
         self.register_buffer("lambda_t", torch.tensor(lambda_ if mode == "provided" else float("nan"),
                                                       dtype=torch.float64))
         self._entropy: torch.Tensor | None = None
@@ -140,13 +154,29 @@ class FeatureMagnitudeRegularization(Regularizer):
         filled = torch.arange(self.window_size, device=self.window.device) < self.window_count
         return (self.window * filled).sum() / filled.sum()  # no host sync
 
-    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
-        """Measure H_init (``meta``) or N_train (``static``) over ``loader`` before the first update.
+    def _statistics_batches(self, loader: Iterable[Any]) -> int:
+        """How many batches the statistics pass reads (see ``init_batches``)."""
+        if self.init_batches is not None:
+            return self.init_batches
+        try:
+            batches = len(loader)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise ValueError("FMR's statistics pass reads all batches of the training loader but the last, so it needs "
+                             f"the loader's length; {type(loader).__name__} has none: pass init_batches") from err
+        if batches == 1:
+            _log.warning("FMR: the training loader has a single batch; the statistics pass reads it (the official "
+                         "statistics epoch, one batch shorter than the loader, would read none)")
+        return max(batches - 1, 1)
 
-        The statistics pass runs forward passes without gradient in ``init_mode`` (train mode by default, so
-        BatchNorm running statistics move, as in the official code) and never steps an optimizer.
+    def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
+        """The statistics pass before the first update: H_init and a filled window (``meta``, ``dynamic``), or
+        N_train (``static``).
+
+        The pass runs forward passes without gradient in ``init_mode`` (train mode by default, so BatchNorm running
+        statistics move, as in the official code) over all batches of ``loader`` but the last (``init_batches``),
+        and never steps an optimizer.
         """
-        if self.mode not in ("meta", "static"):
+        if self.mode == "provided":
             return
         if loader is None:
             raise ValueError(f"FMR mode {self.mode!r} needs the training loader in setup()")
@@ -154,12 +184,15 @@ class FeatureMagnitudeRegularization(Regularizer):
             n_train = len(loader.dataset)  # type: ignore[attr-defined]
             self.lambda_t.fill_(10.0 ** (self.static_a * n_train + self.static_b))
             return
+        limit = self._statistics_batches(loader)
         device, was_training = model_device(model), model.training
         model.train(self.init_mode == "train")
         batches = 0
         try:
             with torch.no_grad():
-                for images, _labels in loader:
+                for images, *_ in loader:
+                    if batches == limit:
+                        break
                     features, logits = penultimate(model, images.to(device))
                     target = self._target(features, logits)
                     self.h_max.fill_(math.log(target.shape[1]))
@@ -170,15 +203,13 @@ class FeatureMagnitudeRegularization(Regularizer):
                     entropy = channel_entropy(target.double(), self.tau if self.weight_uses_tau else 1.0)
                     h_t = self._push(self._weight_entropy(target.double(), entropy))
                     batches += 1
-                    if self.init_batches is not None and batches >= self.init_batches:
-                        break
         finally:
             model.train(was_training)
         if batches == 0:
             raise ValueError("FMR statistics pass saw no batch: the training loader is empty")
         self.h_init.copy_(h_t)
         # Uniform features give H_init = log D up to rounding; any gap below 1e-6 relative is "no gap".
-        if float(self.h_max - self.h_init) <= 1e-6 * float(self.h_max):
+        if self.mode == "meta" and float(self.h_max - self.h_init) <= 1e-6 * float(self.h_max):
             raise ValueError(
                 f"FMR: H_init = {float(self.h_init):.6g} equals H_max = log D = {float(self.h_max):.6g}: the features "
                 "are already uniform over channels, so the meta weight beta (H_max - H_t) / (H_max - H_init) is "
@@ -187,6 +218,13 @@ class FeatureMagnitudeRegularization(Regularizer):
 
     # -- training -----------------------------------------------------------------------------------------------------
 
+    def _updates_weight(self, step: TrainStep) -> bool:
+        """Whether lambda_t is recomputed at this step: every step of epoch 0, then at global steps s with
+        s % update_every == 1 (the official loop's ``iteration % 5 == 1``, its counter 0 at the first update)."""
+        if step.epoch == 0 or step.step % self.update_every == 1 % self.update_every:
+            return True
+        return bool(torch.isnan(self.lambda_t))  # a run started after epoch 0 has no weight yet
+
     def forward(self, step: TrainStep) -> torch.Tensor:
         target = self._target(step.features, step.logits)
         entropy = channel_entropy(target, self.tau)
@@ -194,14 +232,13 @@ class FeatureMagnitudeRegularization(Regularizer):
         if self.training:
             self.h_max.fill_(math.log(target.shape[1]))  # log D from the shape: no host sync
             h_t = self._push(self._weight_entropy(target, entropy))
-            if self.mode in ("meta", "dynamic") and (
-                    step.epoch == 0 or step.step % self.update_every == 0 or torch.isnan(self.lambda_t)):
+            if self.mode in ("meta", "dynamic") and self._updates_weight(step):
+                if torch.isnan(self.h_init):
+                    raise RuntimeError(f"FMR mode {self.mode!r} needs setup() (the statistics pass) before training")
                 if self.mode == "meta":
-                    if torch.isnan(self.h_init):
-                        raise RuntimeError("FMR mode 'meta' needs setup() (the statistics pass) before training")
-                    weight = self.beta * (self.h_max - h_t) / (self.h_max - self.h_init)
-                else:
-                    weight = self.max_coef * (self.h_max - h_t) / self.h_max
+                    weight = fmr_weight(h_t, self.h_init, self.h_max, self.beta)
+                else:  # DYNAMICALLY_CALCULATED: the same expression with c_max given (see fmr_weight)
+                    weight = fmr_weight(h_t, torch.zeros_like(self.h_max), self.h_max, self.max_coef)
                 if self.lambda_max is not None:
                     weight = torch.clamp(weight, max=self.lambda_max)
                 self.lambda_t.copy_(weight)

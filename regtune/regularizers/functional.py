@@ -46,7 +46,7 @@ _RANDOM_FEATURE_REDUCTIONS = ("mean", "sum_dim")
 _INTRA_DISTANCES = ("cosine_sq", "l2")
 _INTER_SIMILARITIES = ("cosine_sq", "cosine")
 _FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
-_CENTROID_REDUCTIONS = ("mean", "sum")
+_CENTROID_REDUCTIONS = ("sum", "mean")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -160,7 +160,8 @@ def channel_entropy(features: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1)
 
 
-def fmr_weight(h_t: float, h_init: float, h_max: float, beta: float) -> float:
+def fmr_weight(h_t: torch.Tensor | float, h_init: torch.Tensor | float, h_max: torch.Tensor | float,
+               beta: float) -> torch.Tensor | float:
     r"""The dynamic FMR weight lambda_t, "META_CALCULATED" mode (methods.md §1.1).
 
     Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672.
@@ -171,8 +172,11 @@ def fmr_weight(h_t: float, h_init: float, h_max: float, beta: float) -> float:
 
     with H_max = log D (entropy of the uniform channel distribution), H_t the running mean of recent batch-mean
     channel entropies, H_init that running mean at the end of the statistics pass, and beta the desired initial
-    weight (50 in the published configs). No clamp is applied (the official code has none, methods.md §10 #1): the
-    weight exceeds beta once H_t < H_init. A clamp, if wanted, belongs to the caller (``lambda_max``).
+    weight (50 in the published configs). The official code writes it as c_max (H_max - H_t) / H_max with
+    c_max = beta H_max / (H_max - H_init); its DYNAMICALLY_CALCULATED mode is the same expression with a given c_max,
+    i.e. this function with ``h_init = 0`` and ``beta = c_max``. No clamp is applied (the official code has none,
+    methods.md §10 #1): the weight exceeds beta once H_t < H_init. A clamp, if wanted, belongs to the caller
+    (``lambda_max``).
 
     Args:
         h_t: Current running entropy H_t (nats).
@@ -181,27 +185,31 @@ def fmr_weight(h_t: float, h_init: float, h_max: float, beta: float) -> float:
         beta: Desired initial weight beta.
 
     Shape:
-        Scalars (Python numbers, or 0-dim tensors, which are read with ``float``).
+        Scalars: Python numbers, or 0-dim tensors (then the result is a 0-dim tensor, computed without reading its
+        value on the host).
 
     Reduction:
         None.
 
     Returns:
-        lambda_t as a Python float (no gradient flows through the weight, as in the code).
+        lambda_t (no gradient flows through the weight in the FMR term: it is computed from detached entropies).
 
     Raises:
-        ValueError: ``h_max == h_init`` (features already uniform at initialisation: the weight is undefined).
+        ValueError: ``h_max == h_init`` for Python numbers (features already uniform at initialisation: the weight is
+            undefined). With tensors the check is the caller's (:class:`~regtune.regularizers.fmr.
+            FeatureMagnitudeRegularization` checks H_init once, after its statistics pass).
 
     Example:
         >>> round(fmr_weight(h_t=7.3, h_init=7.0, h_max=math.log(2048), beta=50.0), 3)
         25.985
     """
-    h_t, h_init, h_max, beta = float(h_t), float(h_init), float(h_max), float(beta)
-    if h_max == h_init:
-        raise ValueError(
-            f"fmr_weight is undefined when h_max == h_init (both {h_max}): the initial features are already uniform "
-            "over the channels, so (H_max - H_init) = 0 divides by zero; use a fixed weight instead"
-        )
+    if not any(isinstance(v, torch.Tensor) for v in (h_t, h_init, h_max)):
+        h_t, h_init, h_max, beta = float(h_t), float(h_init), float(h_max), float(beta)
+        if h_max == h_init:
+            raise ValueError(
+                f"fmr_weight is undefined when h_max == h_init (both {h_max}): the initial features are already "
+                "uniform over the channels, so (H_max - H_init) = 0 divides by zero; use a fixed weight instead"
+            )
     return beta * (h_max - h_t) / (h_max - h_init)
 
 
@@ -734,7 +742,7 @@ def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -sample_margins(cos, labels).mean()
 
 
-def zero_centroid_loss(weight: torch.Tensor, reduce: str = "mean", squared: bool = True,
+def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool = True,
                        eps: float = 1e-8) -> torch.Tensor:
     r"""Zero-centroid regularization of normalised class prototypes (methods.md §5.5).
 
@@ -742,18 +750,18 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "mean", squared: bool
 
     .. math::
 
-        R_{zc} = \Bigl\lVert \frac{1}{C} \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('mean')}
-        \quad\text{or}\quad \Bigl\lVert \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('sum')}
+        R_{zc} = \Bigl\lVert \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('sum')}
+        \quad\text{or}\quad \Bigl\lVert \frac{1}{C} \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('mean')}
 
     with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c and C the number of classes; 0 for a
-    regular simplex (the max-class-margin configuration). UNVERIFIED (methods.md §5.5): the form is inferred from the
-    method's name; whether the paper averages or sums, and squares or not, is exposed as ``reduce`` and
-    ``squared`` (defaults 'mean', True). With ``squared=False`` the norm is returned (its gradient at a zero centroid
-    is taken as 0).
+    regular simplex (the max-class-margin configuration). The default sums: the only public code found for the term
+    (a training script's ``norm_weights`` step, next to the paper's loss classes) penalises the squared norm of the
+    sum of the normalised prototypes. The paper's own form is UNVERIFIED (methods.md §5.5); ``'mean'`` is C^2 times
+    smaller, and ``squared=False`` returns the norm (its gradient at a zero centroid is taken as 0).
 
     Args:
         weight: Head weight W, one prototype per row.
-        reduce: ``'mean'`` or ``'sum'`` over classes.
+        reduce: ``'sum'`` (the code found) or ``'mean'`` over classes.
         squared: Return the squared norm (True) or the norm (False).
         eps: Lower bound on a row norm.
 
@@ -761,7 +769,7 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "mean", squared: bool
         weight: (C, D). Output: scalar.
 
     Reduction:
-        Averaged (or summed) over classes, then a norm over D.
+        Summed (or averaged) over classes, then a norm over D.
 
     Returns:
         The 0-dim penalty.
@@ -771,9 +779,9 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "mean", squared: bool
         TypeError: ``weight`` is not a floating tensor.
 
     Example:
-        >>> w = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit rows (1, 0), (0, 1): centroid (1/2, 1/2)
-        >>> zero_centroid_loss(w).item(), zero_centroid_loss(w, reduce="sum").item()
-        (0.5, 2.0)
+        >>> w = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit rows (1, 0), (0, 1): sum (1, 1), mean (1/2, 1/2)
+        >>> zero_centroid_loss(w).item(), zero_centroid_loss(w, reduce="mean").item()
+        (2.0, 0.5)
     """
     _check_float_matrix("weight", weight, "(C, D)")
     if weight.shape[0] == 0:

@@ -131,24 +131,28 @@ class SampleMarginRegularizer(Regularizer):
 
 @register_regularizer("zero_centroid")
 class ZeroCentroidRegularizer(Regularizer):
-    """Zero-centroid regularization (methods.md §5.5): lambda * ||(1/C) sum_c w~_c||^2.
+    """Zero-centroid regularization (methods.md §5.5): lambda * :func:`~regtune.regularizers.functional.
+    zero_centroid_loss` of the head's weight.
 
     Pulls the centroid of the normalised prototypes to the origin (the max-class-margin simplex has zero centroid).
-    Whether the paper uses the mean or the sum, squared or not, is UNVERIFIED: both are parameters.
+    By default the squared norm of the SUM of the normalised prototypes, as the only public code found for the term
+    computes it; ``reduce="mean"`` (C^2 times smaller) and ``squared=False`` are the other readings.
 
     Args:
-        weight: lambda_zc (UNVERIFIED).
-        reduce: ``"mean"`` or ``"sum"`` over classes.
+        weight: lambda_zc (UNVERIFIED). The default 1.0 was chosen when the term averaged over classes; with the sum
+            the same weight pulls C^2 times harder, so it is to be chosen again on validation data
+            (``benchmarks/zero_centroid_tuning.yaml``).
+        reduce: ``"sum"`` or ``"mean"`` over classes.
         squared: Square the norm.
 
     Reduction:
         One value for the head.
     """
 
-    def __init__(self, weight: float = 1.0, reduce: str = "mean", squared: bool = True) -> None:
+    def __init__(self, weight: float = 1.0, reduce: str = "sum", squared: bool = True) -> None:
         super().__init__()
         check_positive("weight", weight)
-        check_choice("reduce", reduce, ("mean", "sum"))
+        check_choice("reduce", reduce, ("sum", "mean"))
         self.weight, self.reduce, self.squared = weight, reduce, squared
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 

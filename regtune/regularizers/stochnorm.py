@@ -77,6 +77,13 @@ class StochNorm(Regularizer):
     draws it with numpy, unseeded, and moves it with ``.cuda()``). It changes the model and adds no loss: the term's
     value is 0.
 
+    Gradients differ from TLlib's, and regtune's are the exact ones (a test compares them with autograd through
+    plain BatchNorm): TLlib computes the moving-statistics branch first and the batch-statistics branch second, and
+    the second call updates the moving statistics in place; the backward pass of the first branch then reads the
+    already updated statistics, so its gradient is off by one momentum update (1-5 % for realistic gaps between the
+    batch and the moving statistics). The forward values agree. This alone can move results away from TLlib's
+    numbers.
+
     Args:
         p: Probability of the batch-statistics branch (TLlib ``--prob`` 0.5).
     """

@@ -65,6 +65,11 @@ def test_fmr_entropy_uniform_and_spec_case() -> None:
     assert fmr_entropy(torch.tensor([[0.0, math.log(3.0)]]))["entropy"] == pytest.approx(0.562335, abs=1e-6)
 
 
+def test_fmr_entropy_of_one_channel_raises_clearly() -> None:
+    with pytest.raises(ValueError, match="at least 2 channels.*log 1 = 0"):
+        fmr_entropy(torch.ones(3, 1))
+
+
 def test_topk_overlap_hand_case() -> None:
     weight = torch.ones(1, 4)
     train = torch.tensor([[4.0, 3.0, 2.0, 1.0]])

@@ -70,16 +70,17 @@ def loader_of(batches: list[np.ndarray], dtype: torch.dtype = torch.float64) -> 
     return DataLoader(TensorDataset(data, labels), batch_size=len(batches[0]), shuffle=False)
 
 
-# (step, epoch, a-values of the batch's two-channel features): epoch 0 then epoch 1 with update_every = 2.
+# (step, epoch, a-values of the batch's two-channel features): epoch 0 then epoch 1 with update_every = 2, so after
+# epoch 0 lambda is recomputed at the odd steps (step % 2 == 1, the official loop's cadence).
 SCRIPT = [
     (0, 0, [math.log(3.0), math.log(3.0)]),
     (1, 0, [0.0, math.log(3.0)]),
     (2, 0, [2.0, 1.0]),
-    (3, 1, [4.0, 6.0]),  # 3 % 2 != 0: lambda kept although H drops
-    (4, 1, [0.1, 4.0]),  # update
-    (5, 1, [0.0, 0.0]),  # kept
-    (6, 1, [3.0, 0.5]),  # update
-    (7, 1, [1.0, 2.0]),  # kept
+    (3, 1, [4.0, 6.0]),  # update
+    (4, 1, [0.1, 4.0]),  # 4 % 2 != 1: lambda kept although H moves
+    (5, 1, [0.0, 0.0]),  # update
+    (6, 1, [3.0, 0.5]),  # kept
+    (7, 1, [1.0, 2.0]),  # update
 ]
 
 
@@ -92,7 +93,7 @@ def reference_lambdas(weight: Any, window: int = 3, update_every: int = 2,
         h = float(np_entropy(two_channel(a)).mean())
         history.append(h)
         h_t = float(np.mean(history[-window:]))  # running mean INCLUDING the current batch
-        if epoch == 0 or step % update_every == 0:
+        if epoch == 0 or step % update_every == 1:
             lam = weight(h_t)
             if lambda_max is not None:
                 lam = min(lam, lambda_max)
@@ -111,6 +112,85 @@ def run_script(fmr: FeatureMagnitudeRegularization) -> list[tuple[float, float, 
 
 # ----------------------------------------------------------------------------------------------------------------
 # lambda_t over a scripted sequence
+
+
+# A hand-worked trace of the official training loop (train.py's FMRTrainer with models/task_fmr.py's FMRTask, read at
+# commit 5dd5e26). Its loop counter runs from 1 - N to the planned iterations (N = batches of the loader): the
+# statistics epoch is the N - 1 batches before the counter reaches 0, then the counter is 0 at the first update and
+# the epoch 0 begins; lambda is recomputed at every iteration of epoch 0 and afterwards when iteration % 5 == 1.
+# The running entropy window is shared by the statistics epoch and training and includes the current batch.
+#
+# Entropies of one-sample batches with D = 2 features (0, ln r), p = (1 / (1 + r), r / (1 + r)):
+#   a: r = 3  H = -(1/4 ln 1/4 + 3/4 ln 3/4)  = 0.346574 + 0.215762 = 0.562335
+#   b: r = 4  H = -(1/5 ln 1/5 + 4/5 ln 4/5)  = 0.321888 + 0.178515 = 0.500402
+#   c: r = 2  H = -(1/3 ln 1/3 + 2/3 ln 2/3)  = 0.366204 + 0.270310 = 0.636514
+#   d: r = 9  H = -(1/10 ln 1/10 + 9/10 ln 9/10) = 0.230259 + 0.094824 = 0.325083
+#   u: r = 1  H = ln 2 = H_max = 0.693147
+HAND_A = [math.log(3.0), math.log(4.0), math.log(2.0), math.log(9.0), 0.0]
+HAND_H = [0.562335, 0.500402, 0.636514, 0.325083, 0.693147]
+A, B, C, D, U = range(5)
+
+
+def test_meta_lambda_sequence_follows_the_official_loop_by_hand() -> None:
+    # beta = 50, window = 3, update_every = 3; the loader holds N = 4 batches [a, b, c, d].
+    # Statistics pass: a, b, c (the official statistics epoch stops one batch short of the loader, d is not read).
+    #   H_init = (a + b + c) / 3 = (0.562335 + 0.500402 + 0.636514) / 3 = 0.566417
+    #   lambda = 50 (H_max - H_t) / (H_max - H_init) = 50 (0.693147 - H_t) / 0.126730
+    # Training, epoch = step // 4; lambda updated at steps 0-3 (epoch 0) and then where step % 3 == 1 (4 and 7):
+    #   step 0, e0, d: window [b c d] H_t = (0.500402 + 0.636514 + 0.325083) / 3 = 0.487333  update -> 81.2018
+    #   step 1, e0, a: window [c d a] H_t = (0.636514 + 0.325083 + 0.562335) / 3 = 0.507977  update -> 73.0568
+    #   step 2, e0, c: window [d a c] H_t = 0.507977                                         update -> 73.0568
+    #   step 3, e0, b: window [a c b] H_t = 0.566417 = H_init                                 update -> 50 (= beta)
+    #   step 4, e1, d: window [c b d] H_t = 0.487333                              4 % 3 == 1: update -> 81.2018
+    #   step 5, e1, a: window [b d a] H_t = 0.462607                                           kept -> 81.2018
+    #   step 6, e1, u: window [d a u] H_t = 0.526855                                           kept -> 81.2018
+    #   step 7, e1, c: window [a u c] H_t = (0.562335 + 0.693147 + 0.636514) / 3 = 0.630665 update -> 24.6515
+    #   step 8, e2, d: window [u c d] H_t = 0.551581                                           kept -> 24.6515
+    #   step 9, e2, b: window [c d b] H_t = 0.487333                                           kept -> 24.6515
+    # (regtune before this change read all four batches, H_init = (b + c + d) / 3 = 0.487333, and updated at steps 6
+    # and 9 instead of 4 and 7: 64.2, 70.2, 45.0, 30.8, 30.8, 30.8, 40.4, 40.4, 40.4, 50.0.)
+    for letter, a in enumerate(HAND_A):
+        assert np_entropy(two_channel([a]))[0] == pytest.approx(HAND_H[letter], abs=1e-6)
+    fmr = FeatureMagnitudeRegularization(mode="meta", beta=50.0, window=3, update_every=3)
+    fmr.setup(FeatureNet(2), loader_of([two_channel([HAND_A[x]]) for x in (A, B, C, D)]))
+    h_init = (HAND_H[A] + HAND_H[B] + HAND_H[C]) / 3
+    assert float(fmr.h_init) == pytest.approx(h_init, abs=1e-6)
+    trace = [D, A, C, B, D, A, U, C, D, B]
+    expected = [81.2018, 73.0568, 73.0568, 50.0, 81.2018, 81.2018, 81.2018, 24.6515, 24.6515, 24.6515]
+    got = []
+    for step, letter in enumerate(trace):
+        fmr(make_step(two_channel([HAND_A[letter]]), step=step, epoch=step // 4))
+        got.append(float(fmr.lambda_t))
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert got[3] == pytest.approx(50.0, rel=1e-12)  # H_t equals H_init exactly: lambda = beta
+
+
+def test_update_every_one_updates_at_every_step() -> None:
+    fmr = FeatureMagnitudeRegularization(mode="meta", beta=50.0, window=1, update_every=1)
+    fmr.h_init.fill_(0.5)
+    fmr.h_max.fill_(LOG2)
+    for step, a in enumerate(HAND_A[:4]):
+        fmr(make_step(two_channel([a]), step=10 + step, epoch=3))  # window 1: H_t is this batch's entropy
+        h = float(np_entropy(two_channel([a]))[0])
+        assert float(fmr.lambda_t) == pytest.approx(50.0 * (LOG2 - h) / (LOG2 - 0.5), rel=1e-12)
+
+
+def test_single_batch_loader_is_read_whole(caplog: pytest.LogCaptureFixture) -> None:
+    fmr = FeatureMagnitudeRegularization(mode="meta", window=3)
+    with caplog.at_level("WARNING"):
+        fmr.setup(FeatureNet(2), loader_of([two_channel([HAND_A[A], HAND_A[D]])]))
+    assert float(fmr.h_init) == pytest.approx((HAND_H[A] + HAND_H[D]) / 2, abs=1e-6)
+    assert "single batch" in caplog.text
+
+
+def test_statistics_pass_needs_a_length_or_init_batches() -> None:
+    batches = iter([(torch.tensor(two_channel([a])), torch.zeros(1).long()) for a in HAND_A[:3]])
+    with pytest.raises(ValueError, match="init_batches"):
+        FeatureMagnitudeRegularization(mode="meta").setup(FeatureNet(2), batches)
+    fmr = FeatureMagnitudeRegularization(mode="meta", window=5, init_batches=2)
+    fmr.setup(FeatureNet(2), iter([(torch.tensor(two_channel([a])), torch.zeros(1).long()) for a in HAND_A[:3]]))
+    assert float(fmr.h_init) == pytest.approx((HAND_H[A] + HAND_H[B]) / 2, abs=1e-6)
+
 
 
 def test_meta_first_step_hand_value() -> None:
@@ -134,8 +214,9 @@ def test_meta_lambda_over_scripted_steps() -> None:
         assert lam == pytest.approx(ref_lam, rel=1e-12)
         assert logged == pytest.approx(ref_lam, rel=1e-12)
         assert loss == pytest.approx(-ref_lam * ref_h, rel=1e-12)  # L = -lambda_t * mean_b H
-    # The script does exercise the cadence: lambda is kept at steps 3, 5, 7 though the entropy moved.
-    assert got[3][0] == got[2][0] and got[5][0] == got[4][0] and got[7][0] == got[6][0]
+    # The script does exercise the cadence: lambda is kept at steps 4 and 6 though the entropy moved.
+    assert got[4][0] == got[3][0] and got[6][0] == got[5][0]
+    assert got[3][0] != got[2][0] and got[5][0] != got[4][0] and got[7][0] != got[6][0]
     assert len({round(g[0], 9) for g in got}) >= 5
     # No clamp by default: lambda exceeds beta once H_t < H_init.
     assert max(g[0] for g in got) > 50.0
@@ -154,11 +235,33 @@ def test_lambda_max_clamps() -> None:
 
 def test_dynamic_mode() -> None:
     fmr = FeatureMagnitudeRegularization(mode="dynamic", max_coef=200.0, window=3, update_every=2)
+    assert fmr.needs_setup_pass
+    fmr.h_init.fill_(0.0)  # as if set up by a statistics pass that left the window empty
     expected = reference_lambdas(lambda h_t: 200.0 * (LOG2 - h_t) / LOG2)  # max_coef (H_max - H_t) / H_max
     for (lam, loss, _), (ref_lam, ref_h) in zip(run_script(fmr), expected):
         assert lam == pytest.approx(ref_lam, rel=1e-12)
         assert loss == pytest.approx(-ref_lam * ref_h, rel=1e-12)
     assert float(fmr.h_max) == pytest.approx(LOG2, rel=1e-15)
+
+
+def test_dynamic_window_starts_filled_by_the_statistics_pass() -> None:
+    # The official loop pushes the statistics epoch's entropies into the same 50-batch window that drives the dynamic
+    # weight. Loader [a, b, c, d] (the HAND_H entropies below): the pass reads a, b, c; the first training batch d
+    # gives H_t = (b + c + d) / 3 = (0.500402 + 0.636514 + 0.325083) / 3 = 0.487333 and
+    # lambda = 200 (0.693147 - 0.487333) / 0.693147 = 59.385; from an empty window it would be
+    # 200 (0.693147 - 0.325083) / 0.693147 = 106.20.
+    fmr = FeatureMagnitudeRegularization(mode="dynamic", max_coef=200.0, window=3)
+    fmr.setup(FeatureNet(2), loader_of([two_channel([a]) for a in HAND_A[:4]]))
+    fmr(make_step(two_channel([HAND_A[3]])))
+    h_t = float(np.mean([np_entropy(two_channel([a]))[0] for a in HAND_A[1:4]]))
+    assert float(fmr.lambda_t) == pytest.approx(200.0 * (LOG2 - h_t) / LOG2, rel=1e-12)
+    assert float(fmr.lambda_t) == pytest.approx(59.385, abs=1e-3)
+
+
+def test_dynamic_without_setup_raises() -> None:
+    fmr = FeatureMagnitudeRegularization(mode="dynamic")
+    with pytest.raises(RuntimeError, match="setup"):
+        fmr(make_step(two_channel([1.0, 2.0])))
 
 
 def test_provided_mode_is_fixed() -> None:
@@ -220,10 +323,11 @@ BATCH_H = [float(np_entropy(b).mean()) for b in ENTROPY_BATCHES]
 
 
 @pytest.mark.parametrize(("window", "init_batches", "expected"), [
-    (3, None, float(np.mean(BATCH_H[-3:]))),  # last min(window, n) = 3 batches
-    (10, None, float(np.mean(BATCH_H))),  # window > batches: all 5
+    (3, None, float(np.mean(BATCH_H[1:4]))),  # 5 batches, the last unread: the last min(window, 4) = 3 of 4
+    (10, None, float(np.mean(BATCH_H[:4]))),  # window > batches read: all 4
     (3, 2, float(np.mean(BATCH_H[:2]))),  # only the first 2 batches are read
-], ids=["window3", "window10", "init_batches2"])
+    (10, 5, float(np.mean(BATCH_H))),  # every batch, when asked
+], ids=["window3", "window10", "init_batches2", "init_batches5"])
 def test_setup_h_init(window: int, init_batches: int | None, expected: float) -> None:
     fmr = FeatureMagnitudeRegularization(mode="meta", window=window, init_batches=init_batches)
     fmr.setup(FeatureNet(2), loader_of(ENTROPY_BATCHES))
@@ -237,8 +341,8 @@ def test_window_continues_from_setup_into_training() -> None:
     fmr.setup(FeatureNet(2), loader_of(ENTROPY_BATCHES))
     f = two_channel([2.0, 2.0])
     fmr(make_step(f))
-    h_t = np.mean([BATCH_H[3], BATCH_H[4], np_entropy(f).mean()])
-    h_init = np.mean(BATCH_H[-3:])
+    h_t = np.mean([BATCH_H[2], BATCH_H[3], np_entropy(f).mean()])  # the pass read batches 0-3
+    h_init = np.mean(BATCH_H[1:4])
     assert fmr.stats()["h_t"] == pytest.approx(h_t, rel=1e-12)
     assert float(fmr.lambda_t) == pytest.approx(50.0 * (LOG2 - h_t) / (LOG2 - h_init), rel=1e-12)
 
@@ -248,7 +352,7 @@ def test_setup_entropy_temperature(weight_uses_tau: bool) -> None:
     fmr = FeatureMagnitudeRegularization(mode="meta", window=10, tau=2.0, weight_uses_tau=weight_uses_tau)
     fmr.setup(FeatureNet(2), loader_of(ENTROPY_BATCHES))
     tau = 2.0 if weight_uses_tau else 1.0
-    expected = np.mean([np_entropy(b, tau).mean() for b in ENTROPY_BATCHES])
+    expected = np.mean([np_entropy(b, tau).mean() for b in ENTROPY_BATCHES[:4]])
     assert float(fmr.h_init) == pytest.approx(expected, rel=1e-12)
 
 
@@ -265,7 +369,7 @@ def test_setup_mode_and_batchnorm(init_mode: str, was_training: bool) -> None:
     after = model.norm.state_dict()
     moved = not torch.equal(after["running_mean"], before["running_mean"])
     assert moved is (init_mode == "train")
-    assert int(after["num_batches_tracked"]) == (3 if init_mode == "train" else 0)
+    assert int(after["num_batches_tracked"]) == (2 if init_mode == "train" else 0)  # 3 batches, the last unread
 
 
 def test_setup_restores_mode_on_error() -> None:
@@ -336,6 +440,7 @@ def test_gradient_does_not_flow_through_lambda(dtype: torch.dtype, tau: float) -
 def test_weight_temperature(weight_uses_tau: bool) -> None:
     f = np.random.default_rng(4).normal(1.0, 2.0, size=(3, 4))
     fmr = FeatureMagnitudeRegularization(mode="dynamic", max_coef=10.0, tau=2.0, weight_uses_tau=weight_uses_tau)
+    fmr.h_init.fill_(0.0)  # as if set up by a statistics pass that left the window empty
     loss = fmr(make_step(f))
     h_weight = np_entropy(f, 2.0 if weight_uses_tau else 1.0).mean()
     lam = 10.0 * (math.log(4.0) - h_weight) / math.log(4.0)
@@ -382,7 +487,7 @@ def test_buffers_survive_state_dict_round_trip() -> None:
 
 @pytest.mark.parametrize("kwargs", [
     {"mode": "adaptive"}, {"target": "maps"}, {"init_mode": "test"}, {"tau": 0.0}, {"tau": -1.0},
-    {"window": 0}, {"update_every": 0},
+    {"window": 0}, {"update_every": 0}, {"init_batches": 0},
 ], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_bad_arguments_raise(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -174,7 +174,18 @@ def test_fmr_weight_limits_and_no_clamp() -> None:
     assert Fn.fmr_weight(h_max, 7.0, h_max, 50.0) == 0.0  # uniform features: no pressure
     assert Fn.fmr_weight(7.0, 7.0, h_max, 50.0) == pytest.approx(50.0)  # at H_init: beta
     assert Fn.fmr_weight(6.0, 7.0, h_max, 50.0) > 50.0  # below H_init: above beta, no clamp (§10 #1)
-    assert Fn.fmr_weight(torch.tensor(7.3), 7, h_max, 50) == pytest.approx(25.985, abs=5e-4)  # 0-dim tensors, ints
+    assert Fn.fmr_weight(7.3, 7, h_max, 50) == pytest.approx(25.985, abs=5e-4)  # ints
+
+
+def test_fmr_weight_on_tensors_stays_a_tensor() -> None:
+    # The module calls it on its float64 buffers at every update: a 0-dim tensor back, no value read on the host.
+    h_max = torch.tensor(math.log(2048), dtype=torch.float64)
+    weight = Fn.fmr_weight(torch.tensor(7.3, dtype=torch.float64), torch.tensor(7.0, dtype=torch.float64), h_max, 50.0)
+    assert isinstance(weight, torch.Tensor) and weight.dim() == 0 and weight.dtype == torch.float64
+    assert float(weight) == pytest.approx(50.0 * (math.log(2048) - 7.3) / (math.log(2048) - 7.0), rel=1e-12)
+    # dynamic mode: H_init = 0, beta = max_coef gives max_coef (H_max - H_t) / H_max
+    dynamic = Fn.fmr_weight(torch.tensor(7.3, dtype=torch.float64), torch.zeros((), dtype=torch.float64), h_max, 200.0)
+    assert float(dynamic) == pytest.approx(200.0 * (math.log(2048) - 7.3) / math.log(2048), rel=1e-12)
 
 
 def test_fmr_weight_undefined_when_h_init_equals_h_max() -> None:
@@ -452,16 +463,17 @@ def test_sample_margins_rejects_single_class() -> None:
 
 @DTYPES
 def test_zero_centroid_loss(dtype: torch.dtype) -> None:
-    # Rows (2, 0), (0, 3) -> unit (1, 0), (0, 1): mean (1/2, 1/2) -> 1/4 + 1/4 = 0.5 (norm 0.707107);
-    # sum (1, 1) -> 2 (norm 1.414214).
+    # Rows (2, 0), (0, 3) -> unit (1, 0), (0, 1): sum (1, 1) -> 2 (norm 1.414214), the default;
+    # mean (1/2, 1/2) -> 1/4 + 1/4 = 0.5 (norm 0.707107).
     w = t([[2.0, 0.0], [0.0, 3.0]], dtype)
-    assert_close(Fn.zero_centroid_loss(w), 0.5, dtype)
-    assert_close(Fn.zero_centroid_loss(w, reduce="sum"), 2.0, dtype)
-    assert_close(Fn.zero_centroid_loss(w, squared=False), math.sqrt(0.5), dtype)
-    assert_close(Fn.zero_centroid_loss(w, reduce="sum", squared=False), math.sqrt(2.0), dtype)
+    assert_close(Fn.zero_centroid_loss(w), 2.0, dtype)
+    assert_close(Fn.zero_centroid_loss(w, reduce="mean"), 0.5, dtype)
+    assert_close(Fn.zero_centroid_loss(w, reduce="mean", squared=False), math.sqrt(0.5), dtype)
+    assert_close(Fn.zero_centroid_loss(w, squared=False), math.sqrt(2.0), dtype)
     w = randn(5, 3)
-    centroid = np_unit_rows(w.numpy()).mean(0)
-    assert_close(Fn.zero_centroid_loss(w.to(dtype)), (centroid**2).sum(), dtype)
+    unit = np_unit_rows(w.numpy())
+    assert_close(Fn.zero_centroid_loss(w.to(dtype)), (unit.sum(0) ** 2).sum(), dtype)
+    assert_close(Fn.zero_centroid_loss(w.to(dtype), reduce="mean"), (unit.mean(0) ** 2).sum(), dtype)  # C^2 = 25 x
 
 
 @DTYPES
@@ -479,7 +491,7 @@ def test_zero_centroid_loss_gradcheck(reduce: str, squared: bool) -> None:
 
 
 def test_zero_centroid_loss_rejects_bad_reduce() -> None:
-    with pytest.raises(ValueError, match="'mean', 'sum'"):
+    with pytest.raises(ValueError, match="'sum', 'mean'"):
         Fn.zero_centroid_loss(torch.ones(3, 2), reduce="max")
 
 

@@ -223,10 +223,10 @@ def test_zero_centroid_hand_values(reduce: str, squared: bool, expected: float, 
 @DTYPES
 def test_zero_centroid_matches_numpy_and_class_margin(dtype: torch.dtype) -> None:
     w = np.random.default_rng(3).normal(size=(5, 4))
-    term = ZeroCentroidRegularizer(weight=1.0)
+    term = ZeroCentroidRegularizer(weight=1.0)  # default: squared norm of the sum of the normalised prototypes
     value = term(make_step(np.ones((1, 4)), [0], HeadNet(w, dtype), dtype))
     unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-    check(value, float((unit.mean(0) ** 2).sum()), dtype)
+    check(value, float((unit.sum(0) ** 2).sum()), dtype)
     cos = unit @ unit.T
     margin = np.degrees(np.arccos(cos[~np.eye(5, dtype=bool)].max()))
     assert term.stats()["class_margin_deg"] == pytest.approx(margin, rel=1e-5)

@@ -484,3 +484,25 @@ def test_stochastic_batch_norm_gradients() -> None:
     reference = torch.autograd.grad(nn.functional.batch_norm(x, None, None, gamma, beta, True, 0.1, 1e-5).pow(2).sum(),
                                     x)[0]
     torch.testing.assert_close(ours, reference)
+
+
+def test_stochastic_batch_norm_moving_branch_gradient_uses_the_statistics_before_the_update() -> None:
+    # Moving branch only (s = 0): y = gamma (x - mu_run) / sqrt(var_run + eps) + beta with the statistics from before
+    # this batch, so dy/dx = gamma / sqrt(var_run + eps) = 2 / sqrt(1 + 1e-5) = 1.99999 per element, although the call
+    # moves var_run towards the batch variance (~2.25). Calling batch_norm with the moving statistics and then with
+    # the batch statistics (TLlib's order) makes the first branch's backward read the updated var_run instead.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=g) * 1.5 + 0.3).requires_grad_(True)
+    gamma, beta = torch.full((3,), 2.0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = Fn.stochastic_batch_norm(x, running_mean, running_var, gamma, beta, torch.zeros(3), 0.1, 1e-5)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert not torch.allclose(running_var, torch.ones(3, dtype=torch.float64))  # the moving statistics did move
+    torch.testing.assert_close(grad, torch.full_like(x, 2.0 / (1.0 + 1e-5) ** 0.5), rtol=1e-12, atol=0)
+
+    mean0, var0 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    z0 = nn.functional.batch_norm(x, mean0, var0, gamma, beta, False, 0.1, 1e-5)
+    nn.functional.batch_norm(x, mean0, var0, gamma, beta, True, 0.1, 1e-5)  # updates mean0, var0 in place
+    (stale,) = torch.autograd.grad(z0.sum(), x)
+    error = (stale[0, :, 0, 0] / grad[0, :, 0, 0] - 1).abs()
+    assert (error > 0.01).all()  # the stale gradient is off by several percent at this shift
