@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from regtune.bench.cells import Cell, cell_label
 from regtune.bench.grid import Grid, expand
 from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
 from regtune.bench.stats import PairedDifference, holm, mean_std, paired_difference
+from regtune.train.rundir import RunDir
 
 __all__ = ["CellSummary", "RunRecord", "collect_grid", "collect_runs", "markdown_report", "method_label", "summarize",
            "write_report"]
@@ -51,18 +51,13 @@ class CellSummary:
     p_holm: float = math.nan  # the difference's p-value, Holm-adjusted over the methods of the cell
 
 
-def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def collect_grid(grid: Grid) -> list[RunRecord]:
     """The finished runs of a grid (unfinished ones are left out, so a partial grid can be reported)."""
     records = []
     for run in expand(grid):
-        metrics = _read_metrics(run.run_dir)
-        if metrics is not None:
-            records.append(RunRecord(run.method, tuple(run.cell.items()), run.seed, metrics, run.run_dir))
+        run_dir = RunDir(run.run_dir)
+        if run_dir.finished:
+            records.append(RunRecord(run.method, tuple(run.cell.items()), run.seed, run_dir.metrics(), run.run_dir))
     return records
 
 
@@ -93,10 +88,12 @@ def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str
     names = {Path(k): v for k, v in (labels or {}).items()}
     records = []
     for run_dir in map(Path, run_dirs):
-        metrics = _read_metrics(run_dir)
-        if metrics is None or not (run_dir / "config.yaml").is_file():
+        run = RunDir(run_dir)
+        if not run.finished or not run.config_path.is_file():
             continue
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        metrics = run.metrics()
+        # The config as plain YAML, not checked against this version's names: reports also read older runs.
+        config = yaml.safe_load(run.config_path.read_text())
         data = config["data"]
         cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
         cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None
