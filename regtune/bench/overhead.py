@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 from regtune.models import create_backbone
@@ -472,6 +473,23 @@ def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _Ste
         clock.epoch_end()
 
 
+class _Clocked(pl.Callback):
+    """Feeds ``regtune fit``'s step and epoch ends to a :class:`_StepClock`."""
+
+    def __init__(self, clock: _StepClock) -> None:
+        self.clock = clock
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.epoch_start()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.clock.step_end(first_of_epoch=batch_idx == 0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clock.epoch_end()
+
+
 def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), steps_per_epoch: int = 12,
                                epochs: int = 2) -> FrameworkResult:
     """``regtune fit`` (Lightning, regtune's callbacks, per-step CSV log, checkpoints each epoch) against a bare loop.
@@ -500,24 +518,8 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
     import tempfile
     from pathlib import Path
 
-    import lightning.pytorch as pl
-
     from regtune.train.config import DataConfig, FitConfig, ModelConfig, TrainerConfig
     from regtune.train.fit import fit
-
-    class Clocked(pl.Callback):
-        def __init__(self, clock: _StepClock) -> None:
-            self.clock = clock
-
-        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.clock.epoch_start()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            self.clock.step_end(first_of_epoch=batch_idx == 0)
-
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.clock.epoch_end()
 
     with tempfile.TemporaryDirectory(prefix="regtune-framework-") as tmp:
         root = Path(tmp) / "data"
@@ -539,7 +541,7 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
             bare_epochs.append(statistics.median(bare_clock.epochs))
             clock = _StepClock()
             started = time.perf_counter()
-            fit(config, run_dir=Path(tmp) / f"run{r}", callbacks=[Clocked(clock)])
+            fit(config, run_dir=Path(tmp) / f"run{r}", callbacks=[_Clocked(clock)])
             fit_seconds.append(time.perf_counter() - started)
             if len(clock.steps) != len(bare_clock.steps):
                 raise RuntimeError(f"the loops ran different step counts ({len(clock.steps)} vs "

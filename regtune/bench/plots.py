@@ -21,6 +21,43 @@ __all__ = ["plot_accuracy_vs_fraction", "plot_paired_differences"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8"]
 
 
+def _curves_panel(ax: Any, below: Any, items: list, xs: list[float], methods: list[str], colours: dict,
+                  markers: dict, baseline: str, quantity: str) -> None:
+    """Mean ± std against the fraction, a line per method; below, each paired difference to the baseline."""
+    for method in methods:
+        points = sorted((x, s.mean, s.std) for s, x, _ in items if s.method == method and x is not None)
+        if not points:
+            continue
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                    marker=markers[method], capsize=3, label=method, color=colours[method],
+                    linewidth=2.2 if method == baseline else 1.3, linestyle="--" if method == baseline else "-")
+    ax.set_ylabel(f"{quantity}, mean ± std over seeds")
+    _difference_panel(below, items, methods, colours, markers, baseline)
+    for a in (ax, below):
+        a.set_xscale("log")
+        a.xaxis.set_minor_locator(NullLocator())  # only the grid's fractions as ticks
+        a.set_xticks(xs)
+        a.set_xticklabels([f"{x:g}" for x in xs])
+    below.set_xlabel(items[0][2])
+
+
+def _means_panel(ax: Any, items: list, methods: list[str], colours: dict, baseline: str, quantity: str) -> None:
+    """One fraction: each method's mean ± std as a point with an error bar, the baseline's mean dashed."""
+    # Points with error bars, not bars: a bar's length would start at an arbitrary axis limit.
+    rows = sorted(((s.mean, s.std, s.method) for s, _, _ in items), key=lambda r: methods.index(r[2]))
+    y = list(range(len(rows)))[::-1]
+    for yi, (mean, std, method) in zip(y, rows):
+        ax.errorbar([mean], [yi], xerr=[std], fmt="o", capsize=4, color=colours[method], markersize=7)
+        ax.annotate(f"{mean:.2f}", (mean, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    base = next((r[0] for r in rows if r[2] == baseline), None)
+    if base is not None:
+        ax.axvline(base, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r[2] for r in rows])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"{quantity}, mean ± std over seeds (dashed: {baseline})")
+
+
 def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseline: str = "ft",
                               metric: str = "test_acc") -> Path | None:
     """One column per dataset (and other axes): mean ± std against the fraction, a line per method; below it, each
@@ -53,37 +90,9 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
         ax = axes[0][column]
         xs = sorted({x for _, x, _ in items if x is not None})
         if len(xs) >= 2:
-            for method in methods:
-                points = sorted((x, s.mean, s.std) for s, x, _ in items if s.method == method and x is not None)
-                if not points:
-                    continue
-                ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                            marker=markers[method], capsize=3, label=method, color=colours[method],
-                            linewidth=2.2 if method == baseline else 1.3,
-                            linestyle="--" if method == baseline else "-")
-            ax.set_ylabel(f"{metric}{unit}, mean ± std over seeds")
-            _difference_panel(axes[1][column], items, methods, colours, markers, baseline)
-            for a in (ax, axes[1][column]):
-                a.set_xscale("log")
-                a.xaxis.set_minor_locator(NullLocator())  # only the grid's fractions as ticks
-                a.set_xticks(xs)
-                a.set_xticklabels([f"{x:g}" for x in xs])
-            axes[1][column].set_xlabel(items[0][2])
+            _curves_panel(ax, axes[1][column], items, xs, methods, colours, markers, baseline, f"{metric}{unit}")
         else:
-            # Points with error bars, not bars: a bar's length would start at an arbitrary axis limit.
-            rows = sorted(((s.mean, s.std, s.method) for s, _, _ in items), key=lambda r: methods.index(r[2]))
-            y = list(range(len(rows)))[::-1]
-            for yi, (mean, std, method) in zip(y, rows):
-                ax.errorbar([mean], [yi], xerr=[std], fmt="o", capsize=4, color=colours[method], markersize=7)
-                ax.annotate(f"{mean:.2f}", (mean, yi), textcoords="offset points", xytext=(0, 7), ha="center",
-                            fontsize=8)
-            base = next((r[0] for r in rows if r[2] == baseline), None)
-            if base is not None:
-                ax.axvline(base, color="gray", linestyle="--", linewidth=0.8)
-            ax.set_yticks(y)
-            ax.set_yticklabels([r[2] for r in rows])
-            ax.set_ylim(-0.7, len(rows) - 0.3)
-            ax.set_xlabel(f"{metric}{unit}, mean ± std over seeds (dashed: {baseline})")
+            _means_panel(ax, items, methods, colours, baseline, f"{metric}{unit}")
             if curves:
                 axes[1][column].set_visible(False)
         title = cell_label(panel)
