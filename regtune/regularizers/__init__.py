@@ -1,13 +1,19 @@
 """Regularization terms and criteria (pure PyTorch; importing this package needs nothing but ``torch``).
 
 Every term follows one contract (:class:`Regularizer`: ``setup(model, loader)``, ``forward(step) -> Tensor``,
-``stats()``) and is built by name with :func:`create_regularizer`.
+``stats()``) and is built by name with :func:`create_regularizer`. Importing the package imports each of its public
+modules (every ``*.py`` here whose name does not start with ``_``), so a new module's ``@register_regularizer``
+runs without being listed anywhere.
 """
+
+import importlib
+import pkgutil
 
 from regtune.regularizers.base import (
     Criterion,
     CrossEntropy,
     Regularizer,
+    SourceHeadRegularizer,
     TrainStep,
     UnknownNameError,
     create_criterion,
@@ -18,24 +24,44 @@ from regtune.regularizers.base import (
     register_regularizer,
 )
 
-# Importing the method modules registers them.
-from regtune.regularizers import adarand, bss, cotuning, delta, fmr, l2sp, lwf, margins, penalties, stochnorm  # noqa
+
+def import_modules() -> list[str]:
+    """Import every public module of this package (registering its terms); return their names.
+
+    Private modules (``_utils``) are skipped. Called once when the package is imported; calling it again imports
+    modules that appeared on the package's ``__path__`` since (already imported ones are not re-run).
+    """
+    names = [info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
+    return names
+
+
+import_modules()
+
+# The public classes and helpers, re-exported for convenience (registration does not depend on this list).
 from regtune.regularizers.adarand import AdaRand, RandomFeatureRegularizer  # noqa: E402
 from regtune.regularizers.bss import BatchSpectralShrinkage  # noqa: E402
 from regtune.regularizers.cotuning import CoTuning  # noqa: E402
 from regtune.regularizers.delta import DELTA  # noqa: E402
+from regtune.regularizers.fmr import FeatureMagnitudeRegularization  # noqa: E402
 from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers  # noqa: E402
 from regtune.regularizers.l2sp import L2SP  # noqa: E402
 from regtune.regularizers.lwf import LearningWithoutForgetting  # noqa: E402
-from regtune.regularizers.stochnorm import StochNorm, convert_stochnorm  # noqa: E402
-from regtune.regularizers.fmr import FeatureMagnitudeRegularization  # noqa: E402
 from regtune.regularizers.margins import (  # noqa: E402
     CosineClassifier,
     LMSoftmax,
     SampleMarginRegularizer,
     ZeroCentroidRegularizer,
 )
-from regtune.regularizers.penalties import FeatureNormPenalty, HeadL1, HeadL2, HeadNegativePenalty, MaxEntropy  # noqa
+from regtune.regularizers.penalties import (  # noqa: E402
+    FeatureNormPenalty,
+    HeadL1,
+    HeadL2,
+    HeadNegativePenalty,
+    MaxEntropy,
+)
+from regtune.regularizers.stochnorm import StochNorm, convert_stochnorm  # noqa: E402
 
 __all__ = [
     "AdaRand",
@@ -63,10 +89,12 @@ __all__ = [
     "Criterion",
     "CrossEntropy",
     "Regularizer",
+    "SourceHeadRegularizer",
     "TrainStep",
     "UnknownNameError",
     "create_criterion",
     "create_regularizer",
+    "import_modules",
     "list_criteria",
     "list_regularizers",
     "register_criterion",

@@ -8,6 +8,86 @@ from torch import nn
 from regtune._dist import rank_and_world as _rank_and_world
 
 
+# -- argument and input checks (the messages name what was received and what was expected) ---------------------------
+
+
+def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
+    """Raise ValueError unless ``value`` is >= 0 (or > 0)."""
+    if value < 0 or (not allow_zero and value == 0):
+        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``valid`` (an option string)."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+
+
+def check_float_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Raise TypeError unless ``tensor`` is a floating-point tensor."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
+
+
+def check_float_matrix(name: str, tensor: torch.Tensor, expected: str) -> None:
+    """Raise unless ``tensor`` is a 2-D floating-point tensor; ``expected`` names its shape, e.g. ``"(B, D)"``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must have shape {expected}, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}; cast it with .float()")
+
+
+def check_labels(labels: torch.Tensor, batch: int, classes: int, scores_name: str) -> None:
+    """Raise unless ``labels`` are ``batch`` integer class indices in ``[0, classes)``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must have shape (B,) = ({batch},) to match {scores_name}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    # Checked here because an out-of-range index in gather/one_hot is a device-side assert on CUDA (unrecoverable).
+    if batch > 0:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"labels must lie in [0, {classes - 1}] for {classes} classes, got values in [{low}, {high}]"
+            )
+
+
+def check_at_least_two_classes(cos: torch.Tensor, what: str) -> None:
+    """Raise ValueError unless the (B, C) scores have C >= 2 (a non-target class must exist)."""
+    if cos.shape[1] < 2:
+        raise ValueError(f"{what} needs at least 2 classes (a non-target class must exist), got C = {cos.shape[1]}")
+
+
+# -- small tensor helpers ---------------------------------------------------------------------------------------------
+
+
+def normalize_rows(matrix: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows divided by max(||row||_2, eps)."""
+    # x / max(||x||, eps): a zero row stays zero (cosine 0 with everything) instead of producing NaN.
+    return matrix / torch.linalg.vector_norm(matrix, dim=1, keepdim=True).clamp_min(eps)
+
+
+def off_diagonal(square: torch.Tensor) -> torch.Tensor:
+    """The C(C-1) off-diagonal entries of a (C, C) matrix, row-major, as a 1-D tensor (empty for C = 1)."""
+    mask = ~torch.eye(square.shape[0], dtype=torch.bool, device=square.device)
+    return square[mask]
+
+
+def without_target(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``scores`` with each row's target entry set to -inf (out of place), so max/logsumexp skip it."""
+    target = torch.nn.functional.one_hot(labels, num_classes=scores.shape[1]).bool()
+    return scores.masked_fill(target, float("-inf"))
+
+
+# -- models and processes ---------------------------------------------------------------------------------------------
+
+
 def classifier_of(model: nn.Module) -> nn.Module:
     """The model's final classifier (timm's ``get_classifier()``), which must have a ``weight`` (C, D)."""
     getter = getattr(model, "get_classifier", None)
@@ -19,18 +99,6 @@ def classifier_of(model: nn.Module) -> nn.Module:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"the classifier {type(head).__name__} has no (C, D) weight matrix")
     return head
-
-
-def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
-    """Raise ValueError unless ``value`` is >= 0 (or > 0)."""
-    if value < 0 or (not allow_zero and value == 0):
-        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0, got {value}")
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    """Raise ValueError unless ``value`` is one of ``valid``."""
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 def replace_classifier(model: nn.Module, new_head: nn.Module) -> None:

@@ -19,16 +19,152 @@ from regtune.regularizers._utils import (
     LazyShapeMixin,
     all_reduce_sum,
     check_choice,
+    check_float_matrix,
     check_positive,
     model_device,
+    normalize_rows,
+    off_diagonal,
     penultimate,
 )
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import adarand_prior_losses, random_feature_loss
 
-__all__ = ["RandomFeatureRegularizer", "AdaRand", "RANDREG_PRIORS", "feature_statistics"]
+__all__ = ["RandomFeatureRegularizer", "AdaRand", "RANDREG_PRIORS", "feature_statistics", "random_feature_loss", "adarand_prior_losses"]
 
 RANDREG_PRIORS = ("uniform", "normal", "pretrained", "class")
+
+
+_RANDOM_FEATURE_REDUCTIONS = ("mean", "sum_dim")
+_INTRA_DISTANCES = ("cosine_sq", "l2")
+_INTER_SIMILARITIES = ("cosine_sq", "cosine")
+
+
+def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    r"""Squared distance between features and random targets (AdaRand / RandReg, methods.md §2.1, §3.1).
+
+    Yamaguchi, Kanai, Adachi, Chijiwa, "Adaptive Random Feature Regularization on Fine-tuning Deep Neural
+    Networks", CVPR 2024, arXiv 2403.10097; Zhong & Maki, "Regularizing CNN Transfer Learning with Randomised
+    Regression", CVPR 2020, arXiv 1908.05997.
+
+    .. math::
+
+        \text{mean:}\ \frac{1}{BD} \sum_{b,d} (f_{b,d} - z_{b,d})^2, \qquad
+        \text{sum\_dim:}\ \frac{1}{B} \sum_b \lVert f_b - z_b \rVert_2^2
+
+    with f the penultimate features and z the targets (a sample from the class prior for AdaRand, from U(0,1) or
+    N(0,1) for RandReg). AMBIGUITY (methods.md §2.1, §10 #5): the official code uses ``F.mse_loss`` (mean over all
+    B*D entries, the default here, for which lambda = 1 was tuned); a paper written with ||f - z||^2 sums over D
+    ('sum_dim' = D times 'mean'). Gradients flow into ``features`` and, if it requires them, ``reference``.
+
+    Args:
+        features: Penultimate features f.
+        reference: Targets z, same shape (detach them first if they must not receive gradients).
+        reduction: ``'mean'`` (code) or ``'sum_dim'`` (paper's norm).
+
+    Shape:
+        features, reference: (B, D). Output: scalar.
+
+    Reduction:
+        'mean': averaged over batch and channels. 'sum_dim': summed over channels, averaged over the batch.
+
+    Returns:
+        The 0-dim loss.
+
+    Raises:
+        ValueError: Shapes differ or are not 2-D, or ``reduction`` is unknown.
+        TypeError: A non-floating input.
+
+    Example:
+        >>> f, z = torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)
+        >>> random_feature_loss(f, z).item(), random_feature_loss(f, z, reduction="sum_dim").item()
+        (2.5, 5.0)
+    """
+    check_float_matrix("features", features, "(B, D)")
+    check_float_matrix("reference", reference, "(B, D)")
+    if features.shape != reference.shape:
+        raise ValueError(
+            f"features and reference must have the same shape (B, D), got {tuple(features.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    check_choice("reduction", reduction, _RANDOM_FEATURE_REDUCTIONS)
+    squared = (features - reference).pow(2)
+    if reduction == "mean":
+        return squared.mean()
+    return squared.sum(dim=1).mean()
+
+
+def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: str = "cosine_sq",
+                         inter: str = "cosine_sq", eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The two terms of AdaRand's prior-update objective, minimised over the class means mu (methods.md §2.1).
+
+    Yamaguchi, Kanai, Adachi, Chijiwa, "Adaptive Random Feature Regularization on Fine-tuning Deep Neural
+    Networks", CVPR 2024, arXiv 2403.10097.
+
+    .. math::
+
+        L_{intra} = \frac{1}{C} \sum_c \bigl(1 - \cos(\mu_c, \bar m_c)\bigr)^2 \ \text{('cosine\_sq')}
+        \quad\text{or}\quad \frac{1}{C} \sum_c \lVert \mu_c - \bar m_c \rVert_2^2 \ \text{('l2')}
+
+        L_{inter} = \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'})^2 \ \text{('cosine\_sq')}
+        \quad\text{or}\quad \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'}) \ \text{('cosine')}
+
+    with mu_c the prior mean of class c, mbar_c the running (EMA) mean of class c's features and C the number of
+    classes; the inter sum runs over the C(C-1) ordered pairs. AMBIGUITY (methods.md §2.1, §10 #6, #7): the paper
+    speaks of a "distance" and a cosine; the defaults are the released code's squared forms. Cosines use safe
+    normalisation: each row is divided by max(||row||_2, eps), so a zero row has cosine 0 with everything instead
+    of NaN (its gradient is then of order 1/eps, as with ``F.normalize``). With C = 1 there is no pair and
+    L_inter = 0 (still attached to the graph). The caller should pass ``running_mean`` detached (it is a statistic,
+    not a parameter).
+
+    Args:
+        mu: Prior class means mu.
+        running_mean: Running class means mbar.
+        intra: ``'cosine_sq'`` (code) or ``'l2'``.
+        inter: ``'cosine_sq'`` (code) or ``'cosine'``.
+        eps: Lower bound on a row norm in the cosine.
+
+    Shape:
+        mu, running_mean: (C, D). Outputs: two scalars.
+
+    Reduction:
+        L_intra averaged over classes; L_inter averaged over the C(C-1) ordered off-diagonal pairs.
+
+    Returns:
+        ``(l_intra, l_inter)``, both 0-dim; the objective is their sum.
+
+    Raises:
+        ValueError: Shapes differ or are not 2-D, C = 0, or an option string is unknown.
+        TypeError: A non-floating input.
+
+    Example:
+        >>> mu = torch.tensor([[1.0, 0.0], [1.0, 1.0]]) / torch.tensor([[1.0], [math.sqrt(2.0)]])
+        >>> l_intra, l_inter = adarand_prior_losses(mu, torch.eye(2))
+        >>> round(l_intra.item(), 6), round(l_inter.item(), 6)
+        (0.042893, 0.5)
+    """
+    check_float_matrix("mu", mu, "(C, D)")
+    check_float_matrix("running_mean", running_mean, "(C, D)")
+    if mu.shape != running_mean.shape:
+        raise ValueError(
+            f"mu and running_mean must have the same shape (C, D), got {tuple(mu.shape)} and "
+            f"{tuple(running_mean.shape)}"
+        )
+    if mu.shape[0] == 0:
+        raise ValueError("mu must hold at least one class, got C = 0")
+    check_choice("intra", intra, _INTRA_DISTANCES)
+    check_choice("inter", inter, _INTER_SIMILARITIES)
+
+    mu_unit = normalize_rows(mu, eps)
+    if intra == "cosine_sq":
+        cos_intra = (mu_unit * normalize_rows(running_mean, eps)).sum(dim=1)  # (C,)
+        l_intra = (1.0 - cos_intra).pow(2).mean()
+    else:
+        l_intra = (mu - running_mean).pow(2).sum(dim=1).mean()
+
+    pair_cos = off_diagonal(mu_unit @ mu_unit.T)  # (C(C-1),)
+    pair_terms = pair_cos.pow(2) if inter == "cosine_sq" else pair_cos
+    # Sum / count rather than .mean(): for C = 1 the empty sum gives 0 (mean of nothing would be NaN).
+    l_inter = pair_terms.sum() / max(pair_terms.numel(), 1)
+    return l_intra, l_inter
 
 
 def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int) -> tuple[torch.Tensor, ...]:
@@ -80,7 +216,7 @@ def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int
 
 @register_regularizer("randreg")
 class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
-    """RandReg: lambda * mean_{b,d} (f_{b,d} - z_{b,d})^2 with z drawn afresh each step from a fixed prior.
+    """RandReg: lambda * :func:`random_feature_loss` (f, z) with z drawn afresh each step from a fixed prior.
 
     Priors (methods.md §2.5, the AdaRand repository's re-implementation; the original PtR paper's details are
     UNVERIFIED): ``"uniform"`` z ~ U(low, high)^D (0, 1), ``"normal"`` z ~ N(0, 1)^D, ``"pretrained"``
@@ -121,7 +257,7 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
         super().__init__()
         check_positive("weight", weight)
         check_choice("prior", prior, RANDREG_PRIORS)
-        check_choice("reduction", reduction, ("mean", "sum_dim"))
+        check_choice("reduction", reduction, _RANDOM_FEATURE_REDUCTIONS)
         if high <= low:
             raise ValueError(f"uniform prior needs low < high, got {low}, {high}")
         self.weight, self.prior, self.reduction = weight, prior, reduction
@@ -177,12 +313,11 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
 class AdaRand(RandomFeatureRegularizer):
     """AdaRand: class-conditional random-feature regularization with adaptive prior means (methods.md §2.1).
 
-    z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * mean_{b,d} (f - z)^2. After the
-    term is computed, within the same :meth:`forward` (training mode only), the running class means move,
+    z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * :func:`random_feature_loss` (f, z).
+    After the term is computed, within the same :meth:`forward` (training mode only), the running class means move,
     mbar_c <- alpha mbar_c + (1 - alpha) mean_{b: y_b = c} f_b for the classes present in the batch (absent classes
-    keep theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter, with
-    L_intra = mean_c (1 - cos(mu_c, mbar_c))^2 and L_inter = mean_{c != c'} cos(mu_c, mu_c')^2. Since L_prior does
-    not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma stays at
+    keep theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter of :func:`adarand_prior_losses`.
+    Since L_prior does not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma stays at
     its initial per-class value, as in the code.
 
     The Adam optimizer of mu lives inside the module (torch optimizers cannot mix SGD for the network with Adam for
@@ -223,8 +358,8 @@ class AdaRand(RandomFeatureRegularizer):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         check_positive("prior_lr", prior_lr)
         check_choice("prior_schedule", prior_schedule, ("cosine", "constant"))
-        check_choice("intra", intra, ("cosine_sq", "l2"))
-        check_choice("inter", inter, ("cosine_sq", "cosine"))
+        check_choice("intra", intra, _INTRA_DISTANCES)
+        check_choice("inter", inter, _INTER_SIMILARITIES)
         self.alpha, self.prior_lr, self.prior_schedule = alpha, prior_lr, prior_schedule
         self.intra, self.inter, self.update_prior = intra, inter, update_prior
         # mu is a parameter (Adam, checkpoints, .to() keep it) that only its own update step differentiates: it asks
@@ -286,7 +421,7 @@ class AdaRand(RandomFeatureRegularizer):
         optimizer = self._prior_optimizer()
         if self.prior_schedule == "cosine" and step.total_steps:
             for group in optimizer.param_groups:
-                group["lr"] = self.prior_lr * math.cos(7 * math.pi * step.step / (16 * step.total_steps))
+                group["lr"] = self.prior_lr * math.cos(7 * math.pi * step.global_step / (16 * step.total_steps))
         # Full precision and autograd on, whatever the trainer's autocast or no_grad context.
         self.mu.requires_grad_(True)
         try:

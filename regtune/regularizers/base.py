@@ -5,8 +5,11 @@ Imports nothing but ``torch``: a user of another training loop can take a regula
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -17,6 +20,7 @@ __all__ = [
     "TrainStep",
     "in_float32",
     "Regularizer",
+    "SourceHeadRegularizer",
     "Criterion",
     "CrossEntropy",
     "UnknownNameError",
@@ -38,7 +42,8 @@ class TrainStep:
         logits: Classifier outputs.
         labels: Integer targets.
         model: The model being trained (backbone with its head).
-        step: Global optimisation step (0-based) this batch will produce.
+        global_step: Global optimisation step (0-based) this batch will produce, counted over the whole run (the
+            first update is 0). ``step`` is its former name, still accepted (deprecated).
         epoch: Current epoch (0-based).
         total_steps: Planned number of optimisation steps of the run, when known (for schedules inside a term).
         feature_maps: Last feature map ``forward_features(x)`` under ``"last"`` and, for the module names that terms
@@ -56,12 +61,35 @@ class TrainStep:
     logits: torch.Tensor
     labels: torch.Tensor
     model: nn.Module
-    step: int = 0
+    global_step: int = 0
     epoch: int = 0
     total_steps: int | None = None
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     images: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`global_step`."""
+        warnings.warn("TrainStep.step is deprecated: read TrainStep.global_step", DeprecationWarning, stacklevel=2)
+        return self.global_step
+
+
+_dataclass_init = TrainStep.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_accepting_step(self: TrainStep, *args: Any, step: int | None = None, **kwargs: Any) -> None:
+    # Code written before the rename passes step=; it keeps working, with a warning, until it says global_step=.
+    if step is not None:
+        if "global_step" in kwargs:
+            raise TypeError("TrainStep got both step= and global_step=; pass global_step= only")
+        warnings.warn("TrainStep(step=...) is deprecated: pass global_step=...", DeprecationWarning, stacklevel=2)
+        kwargs["global_step"] = step
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainStep.__init__ = _init_accepting_step  # type: ignore[method-assign]
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -115,6 +143,7 @@ class Regularizer(nn.Module):
         needs_indices: Whether the term reads ``TrainStep.indices`` (the trainer then yields them).
         needs_source_head: Whether the term needs the backbone's pretrained source classifier (e.g. ImageNet's
             1000-way head); the trainer hands it over with :meth:`attach_source_head` before :meth:`adapt_model`.
+            Such terms subclass :class:`SourceHeadRegularizer`, which does both.
         needs_setup_pass: Whether :meth:`setup` iterates the training loader (the trainer then runs it before the
             first update).
         setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
@@ -134,7 +163,7 @@ class Regularizer(nn.Module):
         """
 
     def attach_source_head(self, head: nn.Module | None) -> None:
-        """Receive the backbone's pretrained source classifier (only for terms with ``needs_source_head``)."""
+        """Receive the backbone's pretrained source classifier (see :class:`SourceHeadRegularizer`)."""
 
     def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
         """Called once before the first optimisation step (pretrained statistics, snapshots, ...)."""
@@ -162,6 +191,47 @@ class Regularizer(nn.Module):
         :meth:`forward`), and the trainer keeps them out of its optimizer.
         """
         return {}
+
+
+class SourceHeadRegularizer(Regularizer):
+    """Base class of the terms that train a copy of the backbone's pretrained source classifier (Co-Tuning, LwF).
+
+    The head comes from one of two places: the ``source_head`` argument, or the trainer, which hands over the
+    backbone's own pretrained classifier (e.g. ImageNet's 1000-way head) with :meth:`attach_source_head` before
+    :meth:`adapt_model` (a given head wins). :meth:`adapt_model` then installs ``self.source_head``, a trainable copy
+    that the trainer optimises with the backbone's learning rate; a subclass that overrides it calls
+    ``super().adapt_model(model)`` first.
+
+    Args:
+        source_head: The source classifier on the penultimate features, or ``None`` for the backbone's.
+    """
+
+    needs_source_head = True
+
+    def __init__(self, source_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self._given_head = source_head
+        self.source_head: nn.Module | None = None
+
+    def attach_source_head(self, head: nn.Module | None) -> None:
+        """Receive the backbone's pretrained source classifier (ignored when one was given to the constructor)."""
+        if self._given_head is None:
+            self._given_head = head
+
+    def adapt_model(self, model: nn.Module) -> None:
+        """Install ``self.source_head``, a trainable copy of the source classifier.
+
+        Raises:
+            ValueError: no source classifier was given nor attached (the backbone has no pretrained one).
+        """
+        if self._given_head is None:
+            raise ValueError(
+                f"{getattr(self, 'registry_name', type(self).__name__)} needs the backbone's pretrained source "
+                "classifier (e.g. the 1000-way ImageNet head). This backbone has none: it was built without "
+                "pretrained weights, or its weights carry no classifier. Use a backbone with pretrained weights, or "
+                "pass source_head=<nn.Module mapping features to source logits>."
+            )
+        self.source_head = copy.deepcopy(self._given_head).requires_grad_(True)
 
 
 class Criterion(nn.Module):

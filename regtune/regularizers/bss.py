@@ -4,25 +4,56 @@ from __future__ import annotations
 
 import torch
 
-from regtune.regularizers._utils import check_positive
+from regtune.regularizers._utils import check_float_matrix, check_positive
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import batch_spectral_shrinkage
 
-__all__ = ["BatchSpectralShrinkage"]
+__all__ = ["BatchSpectralShrinkage", "batch_spectral_shrinkage"]
+
+
+def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    r"""Sum of the k smallest squared singular values of the batch feature matrix (BSS, methods.md §6.3).
+
+    Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
+    Transfer Learning", NeurIPS 2019.
+
+    .. math::
+
+        L_{BSS} = \sum_{i=1}^{k} \sigma_{m+1-i}^2, \qquad \sigma_1 \ge \dots \ge \sigma_m \text{ the singular values
+        of } F,\ m = \min(B, D)
+
+    Computed as the smallest eigenvalues of the m x m Gram matrix (F F^T, or F^T F when D < B) in float64: the
+    eigenvalue gradient V diag(g) V^T needs no eigen-gaps, unlike the SVD's, and float64 keeps the small end of the
+    spectrum accurate. The result is cast back to the features' dtype.
+
+    Args:
+        features: Batch feature matrix F.
+        k: How many of the smallest singular values (1 <= k <= min(B, D)).
+
+    Shape:
+        features: (B, D). Output: scalar.
+
+    Example:
+        >>> batch_spectral_shrinkage(torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item()  # F = diag(3, 1)
+        1.0
+    """
+    check_float_matrix("features", features, "(B, D)")
+    batch, dim = features.shape
+    if not 1 <= k <= min(batch, dim):
+        raise ValueError(f"k must be in [1, min(batch, D)] = [1, {min(batch, dim)}] for a batch of {batch} features "
+                         f"of dimension {dim}, got k = {k}")
+    f = features.double()
+    gram = f @ f.T if batch <= dim else f.T @ f
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return eigenvalues[:k].sum().to(features.dtype)
 
 
 @register_regularizer("bss")
 class BatchSpectralShrinkage(Regularizer):
-    r"""Batch Spectral Shrinkage: penalise the k smallest singular values of the batch feature matrix.
-
-    .. math::
-
-        L = \eta \sum_{i=1}^{k} \sigma_{m+1-i}^2(F), \qquad F \in \mathbb{R}^{B \times D},\ m = \min(B, D)
+    """Batch Spectral Shrinkage: L = eta * :func:`batch_spectral_shrinkage` of the batch's penultimate features.
 
     Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
     Transfer Learning", NeurIPS 2019. The small singular directions carry the features that do not transfer; TLlib
-    defaults k = 1, eta = 0.001. Computed from the eigenvalues of the B x B Gram matrix in float64 (see
-    :func:`~regtune.regularizers.functional.batch_spectral_shrinkage`), not with an SVD per step.
+    defaults k = 1, eta = 0.001.
 
     Args:
         eta: Weight (TLlib ``--trade-off`` 0.001).

@@ -2,49 +2,102 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from regtune.regularizers._utils import (
     LazyShapeMixin,
     all_reduce_sum,
+    check_float_matrix,
+    check_labels,
     check_positive,
     classifier_of,
     model_device,
     penultimate,
 )
-from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import co_tuning_loss, relationship_from_sums
+from regtune.regularizers.base import SourceHeadRegularizer, TrainStep, register_regularizer
 
-__all__ = ["CoTuning", "trainable_source_head"]
-
-
-def trainable_source_head(head: nn.Module | None, method: str) -> nn.Module:
-    """A trainable copy of the pretrained source classifier, or a clear error when there is none."""
-    if head is None:
-        raise ValueError(
-            f"{method} needs the backbone's pretrained source classifier (e.g. the 1000-way ImageNet head). This "
-            "backbone has none: it was built without pretrained weights, or its weights carry no classifier. Use a "
-            "backbone with pretrained weights, or pass source_head=<nn.Module mapping features to source logits>."
-        )
-    head = copy.deepcopy(head)
-    head.requires_grad_(True)
-    return head
+__all__ = ["CoTuning", "class_relationship", "relationship_from_sums", "co_tuning_loss"]
 
 
-@register_regularizer("co_tuning")
-class CoTuning(LazyShapeMixin, Regularizer):
-    r"""Co-Tuning: soft cross-entropy of the source head to the target-to-source class relationship.
+def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    r"""Co-Tuning's target-to-source relationship: the mean source-class distribution per target class (§6.4).
+
+    You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020.
 
     .. math::
 
-        L = \lambda \frac{1}{B} \sum_b \Big[ -\sum_{s=1}^{C_s} R[y_b, s] \log \mathrm{softmax}(g(f_b))_s \Big],
-        \qquad R[t] = \mathrm{mean}_{i: y_i = t}\ \mathrm{softmax}(g_0(f^0_i))
+        R[t] = \frac{1}{|\{b : y_b = t\}|} \sum_{b : y_b = t} \mathrm{softmax}(g(f_b))
 
-    You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020. g is a trainable copy of the backbone's
+    ("direct approach"; every row sums to 1).
+
+    Args:
+        source_probs: Source-head probabilities of the training images (rows sum to 1).
+        labels: Their target classes.
+        num_classes: C_t.
+
+    Shape:
+        source_probs: (N, C_s). labels: (N,). Output: (C_t, C_s).
+
+    Raises:
+        ValueError: a target class has no image (its row would be undefined).
+    """
+    check_float_matrix("source_probs", source_probs, "(N, C_s)")
+    check_labels(labels, source_probs.shape[0], num_classes, "source_probs rows / num_classes")
+    sums = source_probs.new_zeros(num_classes, source_probs.shape[1]).index_add_(0, labels, source_probs)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return relationship_from_sums(sums, counts)
+
+
+def relationship_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`class_relationship` from per-class sums of source probabilities (C_t, C_s) and counts (C_t,), e.g.
+    accumulated batch by batch, or all-reduced over processes that each saw a share of the data.
+
+    Raises:
+        ValueError: a target class has no image.
+    """
+    if (counts == 0).any():
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"target classes {missing} have no image; the relationship needs every class")
+    return sums / counts.unsqueeze(1).to(sums.dtype)
+
+
+def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor, relationship: torch.Tensor) -> torch.Tensor:
+    r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning, §6.4).
+
+    .. math::
+
+        L = \frac{1}{B} \sum_b \Big[ -\sum_{s} R[y_b, s] \log \mathrm{softmax}(g(f_b))_s \Big]
+
+    Shape:
+        source_logits: (B, C_s). labels: (B,). relationship: (C_t, C_s). Output: scalar.
+
+    Reduction:
+        Mean over the batch.
+
+    Example:
+        >>> round(co_tuning_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([[0.5, 0.5]])).item(), 6)  # log 2
+        0.693147
+    """
+    check_float_matrix("source_logits", source_logits, "(B, C_s)")
+    check_float_matrix("relationship", relationship, "(C_t, C_s)")
+    if relationship.shape[1] != source_logits.shape[1]:
+        raise ValueError(f"relationship has {relationship.shape[1]} source classes, the logits "
+                         f"{source_logits.shape[1]}")
+    check_labels(labels, source_logits.shape[0], relationship.shape[0], "source_logits / relationship rows")
+    targets = relationship.detach()[labels].to(source_logits.dtype)
+    return -(targets * F.log_softmax(source_logits, dim=1)).sum(1).mean()
+
+
+@register_regularizer("co_tuning")
+class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
+    """Co-Tuning: soft cross-entropy of the source head to the target-to-source class relationship.
+
+    L = lambda * :func:`co_tuning_loss` (g(f), y, R), with R the :func:`class_relationship` of the pretrained model's
+    source predictions g0(f0) on the training subset. You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020. g is a trainable copy of the backbone's
     pretrained source classifier (trained with the backbone's learning rate, as TLlib); R is computed once by
     :meth:`setup` from the pretrained model (eval mode) over the training subset with the deterministic evaluation
     transform ("direct approach"; the paper's calibrated "reverse approach" is not in TLlib either) and written to
@@ -61,26 +114,16 @@ class CoTuning(LazyShapeMixin, Regularizer):
         step.features (B, D), step.labels (B,) -> scalar.
     """
 
-    needs_source_head = True
     needs_setup_pass = True
 
     def __init__(self, weight: float = 2.3, source_head: nn.Module | None = None,
                  relationship_file: str | None = None) -> None:
-        super().__init__()
+        super().__init__(source_head)
         check_positive("weight", weight)
         self.weight = weight
-        self._given_head = source_head
         self.relationship_file = relationship_file
-        self.source_head: nn.Module | None = None
         self.register_buffer("relationship", torch.zeros(0, 0))
         self._value: torch.Tensor | None = None
-
-    def attach_source_head(self, head: nn.Module | None) -> None:
-        if self._given_head is None:
-            self._given_head = head
-
-    def adapt_model(self, model: nn.Module) -> None:
-        self.source_head = trainable_source_head(self._given_head, "co_tuning")
 
     def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
         if self.source_head is None:

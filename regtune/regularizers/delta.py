@@ -13,17 +13,110 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import (LazyShapeMixin, all_reduce_sum, check_choice, check_positive, gather_shards,
-                                         model_device, shard_positions)
+from regtune.regularizers._utils import (
+    LazyShapeMixin,
+    all_reduce_sum,
+    check_choice,
+    check_float_tensor,
+    check_positive,
+    gather_shards,
+    model_device,
+    shard_positions,
+)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import channel_attention, delta_penalty, l2_penalty
 from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers
-from regtune.regularizers.l2sp import split_backbone_head
+from regtune.regularizers.l2sp import l2_penalty, split_backbone_head
 
-__all__ = ["DELTA", "layer_loss_increase"]
+__all__ = ["DELTA", "layer_loss_increase", "delta_penalty", "channel_attention"]
 
 _log = logging.getLogger(__name__)
 _ATTENTION = ("ablation", "uniform", "none")
+
+
+_DELTA_BATCH_REDUCTIONS = ("sum", "mean")
+
+
+def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torch.Tensor | None = None,
+                  normalize: bool = True, batch_reduction: str = "sum") -> torch.Tensor:
+    r"""Behavioural distance of one layer's feature maps to the frozen source network's (DELTA, methods.md §6.2).
+
+    Li, Xiong, Wang, Huan, Chen, Dou, "DELTA: Deep Learning Transfer using Feature Map with Attention for
+    Convolutional Networks", ICLR 2019, arXiv 1901.09229.
+
+    .. math::
+
+        \Omega_j = \tfrac12 \sum_b \sum_{c=1}^{C} C\,a_c\,\frac{\lVert FM(x_b)_c - FM^0(x_b)_c \rVert_2^2}{S}
+
+    with S = H W spatial positions (or tokens) and a the channel attention (uniform a_c = 1/C when ``None``, which
+    makes the term the per-position mean squared distance summed over channels). ``normalize=False`` is TLlib's
+    unweighted ``feature_map`` variant, 1/2 sum_b ||FM(x_b) - FM0(x_b)||^2 (no attention, no division by S).
+
+    Args:
+        maps: Feature maps of the network being trained, as ``(B, C, S)`` (see
+            :func:`regtune.regularizers.hooks.as_channel_maps`).
+        source_maps: The frozen source network's maps of the same images (detached here).
+        attention: Channel attention a (non-negative, summing to 1), or ``None``.
+        normalize: Weight by C a_c and divide by S (DELTA); ``False`` gives the plain squared distance.
+        batch_reduction: ``"sum"`` over the batch (TLlib: the term grows with the batch size) or ``"mean"``.
+
+    Shape:
+        maps, source_maps: (B, C, S). attention: (C,). Output: scalar.
+
+    Returns:
+        The 0-dim penalty of this layer.
+
+    Example:
+        >>> fm, fm0 = torch.ones(1, 2, 4), torch.zeros(1, 2, 4)  # every position differs by 1 in both channels
+        >>> delta_penalty(fm, fm0).item()  # 1/2 * (1 + 1)
+        1.0
+    """
+    check_choice("batch_reduction", batch_reduction, _DELTA_BATCH_REDUCTIONS)
+    check_float_tensor("maps", maps)
+    if maps.dim() != 3 or maps.shape != source_maps.shape:
+        raise ValueError(f"maps and source_maps must both be (B, C, S), got {tuple(maps.shape)} and "
+                         f"{tuple(source_maps.shape)}")
+    squared = (maps - source_maps.detach()).pow(2).sum(-1)  # (B, C)
+    if normalize:
+        channels, positions = maps.shape[1], maps.shape[2]
+        if attention is None:
+            weights = squared.new_full((channels,), 1.0 / channels)
+        else:
+            if attention.shape != (channels,):
+                raise ValueError(f"attention must have shape ({channels},), got {tuple(attention.shape)}")
+            weights = attention.to(squared.dtype)
+        squared = squared * (channels * weights) / positions
+    elif attention is not None:
+        raise ValueError("attention needs normalize=True (TLlib's unweighted feature_map variant has none)")
+    per_sample = 0.5 * squared.sum(-1)
+    return per_sample.sum() if batch_reduction == "sum" else per_sample.mean()
+
+
+def channel_attention(loss_increase: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    r"""DELTA's channel attention from the loss increase when each channel is zeroed (methods.md §6.2).
+
+    .. math::
+
+        a = \mathrm{softmax}\!\left(\frac{z}{T}\right), \qquad z_c = \frac{\Delta_c - \mathrm{mean}(\Delta)}
+        {\mathrm{std}(\Delta)}
+
+    with the population standard deviation (numpy's ``std``, as TLlib). A layer whose channels all give the same
+    increase (std 0) gets uniform attention.
+
+    Args:
+        loss_increase: Delta_c, mean increase of the loss when channel c is zeroed.
+        temperature: T (5 in TLlib).
+
+    Shape:
+        loss_increase: (C,). Output: (C,), summing to 1.
+    """
+    check_float_tensor("loss_increase", loss_increase)
+    if loss_increase.dim() != 1 or loss_increase.numel() == 0:
+        raise ValueError(f"loss_increase must be a non-empty vector, got shape {tuple(loss_increase.shape)}")
+    std = loss_increase.std(unbiased=False)
+    if not std > 0:
+        return torch.full_like(loss_increase, 1.0 / loss_increase.numel())
+    z = (loss_increase - loss_increase.mean()) / std
+    return torch.softmax(z / temperature, dim=0)
 
 
 def _layer_format(model: nn.Module) -> dict[str, Any]:
@@ -107,14 +200,10 @@ def layer_loss_increase(model: nn.Module, head: nn.Module, layer: str, images: t
 
 @register_regularizer("delta")
 class DELTA(LazyShapeMixin, Regularizer):
-    r"""DELTA: attention-weighted distance of intermediate feature maps to the frozen pretrained network's.
+    """DELTA: attention-weighted distance of intermediate feature maps to the frozen pretrained network's.
 
-    .. math::
-
-        L = \alpha \sum_j \tfrac12 \sum_b \sum_{c} C_j\,a_{j,c}\,
-        \frac{\lVert FM_j(x_b)_c - FM^0_j(x_b)_c \rVert_2^2}{S_j} + \beta \cdot \tfrac12 \lVert w_{head} \rVert_2^2
-
-    FM_j are the outputs of the layers chosen from the model's own ``feature_info`` (default: its last four entries,
+    L = alpha * sum_j :func:`delta_penalty` (FM_j, FM0_j, a_j) + beta * :func:`~regtune.regularizers.l2sp.l2_penalty`
+    (head weights). FM_j are the outputs of the layers chosen from the model's own ``feature_info`` (default: its last four entries,
     e.g. ``layer1..4`` of a ResNet, ``blocks.1, 2, 4, 6`` of EfficientNet-Lite0, the last four blocks of a ViT with
     the class / register tokens dropped); FM0_j the same layers of a frozen eval-mode copy of the pretrained
     network, run on the same batch every step (no gradient, kept out of the optimizer and of DDP's gradient sync, its
@@ -165,7 +254,7 @@ class DELTA(LazyShapeMixin, Regularizer):
         check_positive("alpha", alpha)
         check_positive("beta", beta)
         check_choice("attention", attention, _ATTENTION)
-        check_choice("batch_reduction", batch_reduction, ("sum", "mean"))
+        check_choice("batch_reduction", batch_reduction, _DELTA_BATCH_REDUCTIONS)
         check_positive("num_layers", num_layers, allow_zero=False)
         check_positive("attention_samples", attention_samples, allow_zero=False)
         check_positive("attention_chunk", attention_chunk, allow_zero=False)

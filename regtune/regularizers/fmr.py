@@ -7,17 +7,121 @@ import math
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from regtune.regularizers._utils import all_reduce_sum, check_choice, check_positive, model_device, penultimate
+from regtune.regularizers._utils import (
+    all_reduce_sum,
+    check_choice,
+    check_float_matrix,
+    check_positive,
+    model_device,
+    penultimate,
+)
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import channel_entropy, fmr_weight
 
-__all__ = ["FeatureMagnitudeRegularization", "FMR_MODES"]
+__all__ = ["FeatureMagnitudeRegularization", "FMR_MODES", "channel_entropy", "fmr_weight"]
 
 FMR_MODES = ("meta", "provided", "dynamic", "static")
 
 _log = logging.getLogger(__name__)
+
+
+def channel_entropy(features: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    r"""Per-sample entropy of the softmax across feature channels (FMR, methods.md §1.1).
+
+    Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672. The FMR loss is
+    ``-lambda_t * channel_entropy(features, tau).mean()``; the weight comes from :func:`fmr_weight`.
+
+    .. math::
+
+        p_{b,i} = \frac{\exp(f_{b,i} / \tau)}{\sum_{j=1}^{D} \exp(f_{b,j} / \tau)}, \qquad
+        H_b = -\sum_{i=1}^{D} p_{b,i} \log p_{b,i}
+
+    with f_b the raw (unnormalised, post-ReLU GAP) penultimate feature of sample b, D its number of channels, tau the
+    softmax temperature and log the natural logarithm. Computed from ``log_softmax`` (no overflow for large f, no
+    ``log 0``). The gradient is the exact gradient of H (nothing is detached), as in the official code.
+
+    Args:
+        features: Penultimate features f.
+        tau: Softmax temperature, > 0.
+
+    Shape:
+        features: (B, D). Output: (B,).
+
+    Reduction:
+        Summed over the D channels; none over the batch (one value per sample).
+
+    Returns:
+        H_b in nats, between 0 and log D.
+
+    Raises:
+        ValueError: ``features`` is not 2-D, or ``tau`` is not positive.
+        TypeError: ``features`` is not a floating tensor.
+
+    Example:
+        >>> f = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+        >>> [round(h, 6) for h in channel_entropy(f).tolist()]  # p = (1/4, 3/4); uniform -> log 2
+        [0.562335, 0.693147]
+    """
+    check_float_matrix("features", features, "(B, D)")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    log_p = F.log_softmax(features / tau, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def fmr_weight(h_t: torch.Tensor | float, h_init: torch.Tensor | float, h_max: torch.Tensor | float,
+               beta: float) -> torch.Tensor | float:
+    r"""The dynamic FMR weight lambda_t, "META_CALCULATED" mode (methods.md §1.1).
+
+    Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672.
+
+    .. math::
+
+        \lambda_t = \beta \, \frac{H_{max} - H_t}{H_{max} - H_{init}}
+
+    with H_max = log D (entropy of the uniform channel distribution), H_t the running mean of recent batch-mean
+    channel entropies, H_init that running mean at the end of the statistics pass, and beta the desired initial
+    weight (50 in the published configs). The official code writes it as c_max (H_max - H_t) / H_max with
+    c_max = beta H_max / (H_max - H_init); its DYNAMICALLY_CALCULATED mode is the same expression with a given c_max,
+    i.e. this function with ``h_init = 0`` and ``beta = c_max``. No clamp is applied (the official code has none,
+    methods.md §10 #1): the weight exceeds beta once H_t < H_init. A clamp, if wanted, belongs to the caller
+    (``lambda_max``).
+
+    Args:
+        h_t: Current running entropy H_t (nats).
+        h_init: Initial running entropy H_init (nats).
+        h_max: Maximum entropy H_max = log D (nats).
+        beta: Desired initial weight beta.
+
+    Shape:
+        Scalars: Python numbers, or 0-dim tensors (then the result is a 0-dim tensor, computed without reading its
+        value on the host).
+
+    Reduction:
+        None.
+
+    Returns:
+        lambda_t (no gradient flows through the weight in the FMR term: it is computed from detached entropies).
+
+    Raises:
+        ValueError: ``h_max == h_init`` for Python numbers (features already uniform at initialisation: the weight is
+            undefined). With tensors the check is the caller's (:class:`~regtune.regularizers.fmr.
+            FeatureMagnitudeRegularization` checks H_init once, after its statistics pass).
+
+    Example:
+        >>> round(fmr_weight(h_t=7.3, h_init=7.0, h_max=math.log(2048), beta=50.0), 3)
+        25.985
+    """
+    if not any(isinstance(v, torch.Tensor) for v in (h_t, h_init, h_max)):
+        h_t, h_init, h_max, beta = float(h_t), float(h_init), float(h_max), float(beta)
+        if h_max == h_init:
+            raise ValueError(
+                f"fmr_weight is undefined when h_max == h_init (both {h_max}): the initial features are already "
+                "uniform over the channels, so (H_max - H_init) = 0 divides by zero; use a fixed weight instead"
+            )
+    return beta * (h_max - h_t) / (h_max - h_init)
 
 
 @register_regularizer("fmr")
@@ -25,10 +129,10 @@ class FeatureMagnitudeRegularization(Regularizer):
     """Maximise the entropy of the softmax over feature channels, with a weight that adapts to it.
 
     The term is L_FMR = -lambda_t * mean_b H_b, with H_b the channel-softmax entropy of sample b's penultimate feature
-    at temperature tau (:func:`~regtune.regularizers.functional.channel_entropy`). The weight lambda_t carries no
+    at temperature tau (:func:`channel_entropy`). The weight lambda_t carries no
     gradient and depends on ``mode``:
 
-    - ``"meta"`` (META_CALCULATED, every published config): :func:`~regtune.regularizers.functional.fmr_weight`
+    - ``"meta"`` (META_CALCULATED, every published config): :func:`fmr_weight`
       with H_t the running mean of the last ``window`` batch-mean entropies (at tau = 1, detached, the current batch
       included) and H_init that running mean at the end of the statistics pass (see :meth:`setup`). No clamp, as in
       the code (``lambda_max`` adds one).
@@ -221,7 +325,7 @@ class FeatureMagnitudeRegularization(Regularizer):
     def _updates_weight(self, step: TrainStep) -> bool:
         """Whether lambda_t is recomputed at this step: every step of epoch 0, then at global steps s with
         s % update_every == 1 (the official loop's ``iteration % 5 == 1``, its counter 0 at the first update)."""
-        if step.epoch == 0 or step.step % self.update_every == 1 % self.update_every:
+        if step.epoch == 0 or step.global_step % self.update_every == 1 % self.update_every:
             return True
         return bool(torch.isnan(self.lambda_t))  # a run started after epoch 0 has no weight yet
 

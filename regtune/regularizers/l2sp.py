@@ -2,16 +2,70 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from regtune.regularizers._utils import check_positive, classifier_of
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import l2_penalty, l2_sp_penalty
 
-__all__ = ["L2SP", "split_backbone_head"]
+__all__ = ["L2SP", "split_backbone_head", "l2_sp_penalty", "l2_penalty"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def _check_pairs(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> None:
+    if len(params) != len(anchors):
+        raise ValueError(f"got {len(params)} parameters but {len(anchors)} anchors")
+    for i, (p, a) in enumerate(zip(params, anchors)):
+        if p.shape != a.shape:
+            raise ValueError(f"parameter {i} has shape {tuple(p.shape)} but its anchor {tuple(a.shape)}")
+
+
+def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""Squared distance to the starting point, 1/2 sum_i ||w_i - w0_i||^2 (L2-SP, methods.md §6.1).
+
+    Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018,
+    arXiv 1802.01483.
+
+    .. math::
+
+        \Omega_{SP}(w) = \tfrac12 \sum_i \lVert w_i - w^0_i \rVert_2^2
+
+    Args:
+        params: Current parameters w_i (any shapes).
+        anchors: Their pretrained values w0_i (same shapes; no gradient flows into them).
+
+    Reduction:
+        Summed over every entry of every parameter.
+
+    Returns:
+        The 0-dim penalty; its gradient with respect to w_i is w_i - w0_i.
+
+    Example:
+        >>> l2_sp_penalty([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 0.0])]).item()
+        2.0
+    """
+    _check_pairs(params, anchors)
+    if not params:
+        raise ValueError("l2_sp_penalty needs at least one parameter")
+    return 0.5 * sum((p - a.detach()).pow(2).sum() for p, a in zip(params, anchors))
+
+
+def l2_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    r"""1/2 sum_i ||w_i||^2: the head term of L2-SP and DELTA (methods.md §6.1, Omega_head).
+
+    Reduction:
+        Summed over every entry of every parameter.
+
+    Example:
+        >>> l2_penalty([torch.tensor([1.0, 2.0]), torch.tensor([2.0])]).item()
+        4.5
+    """
+    if not params:
+        raise ValueError("l2_penalty needs at least one parameter")
+    return 0.5 * sum(p.pow(2).sum() for p in params)
 
 
 def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
@@ -40,14 +94,10 @@ def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
 
 @register_regularizer("l2_sp")
 class L2SP(Regularizer):
-    r"""L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head (methods.md §6.1).
+    """L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head (methods.md §6.1).
 
-    .. math::
-
-        L = \alpha \cdot \tfrac12 \sum_{backbone} \lVert w - w^0 \rVert_2^2 + \beta \cdot \tfrac12
-        \sum_{head} \lVert w \rVert_2^2
-
-    The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update) into
+    L = alpha * :func:`l2_sp_penalty` (backbone parameters, their starting values w0) + beta * :func:`l2_penalty`
+    (head parameters). The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update) into
     buffers, so it is saved in checkpoints and follows ``.to()`` (TLlib keeps it in a plain dict: lost on resume,
     left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included
     (TLlib); BatchNorm running statistics are buffers and never count.

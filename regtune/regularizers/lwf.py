@@ -6,27 +6,58 @@ import copy
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from regtune.regularizers._utils import (LazyShapeMixin, check_choice, check_positive, gather_shards, model_device,
-                                         penultimate)
-from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.cotuning import trainable_source_head
-from regtune.regularizers.functional import distillation_loss
+from regtune.regularizers._utils import (
+    LazyShapeMixin,
+    check_choice,
+    check_float_matrix,
+    check_positive,
+    gather_shards,
+    model_device,
+    penultimate,
+)
+from regtune.regularizers.base import SourceHeadRegularizer, TrainStep, register_regularizer
 
-__all__ = ["LearningWithoutForgetting"]
+__all__ = ["LearningWithoutForgetting", "distillation_loss"]
 
 
-@register_regularizer("lwf")
-class LearningWithoutForgetting(LazyShapeMixin, Regularizer):
-    r"""Learning without Forgetting: keep the source head's tempered predictions close to the pretrained model's.
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 3.0) -> torch.Tensor:
+    r"""KL divergence of the student's tempered distribution from the teacher's (LwF, methods.md §6.7).
+
+    Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282.
 
     .. math::
 
-        L = \lambda \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(g_0(f^0(x_b)) / T) \,\Vert\,
-        \mathrm{softmax}(g(f(x_b)) / T)\big)
+        L = \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(t_b / T) \,\Vert\, \mathrm{softmax}(s_b / T)\big)
 
-    Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4,
+    (KLDivLoss 'batchmean', no T^2 factor, as TLlib).
+
+    Shape:
+        student_logits, teacher_logits: (B, C). Output: scalar.
+
+    Example:
+        >>> distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2)).item()
+        0.0
+    """
+    check_float_matrix("student_logits", student_logits, "(B, C)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
+                         f"{tuple(student_logits.shape)} differ in shape")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits.detach().to(student_logits.dtype) / temperature, dim=1)
+    return F.kl_div(log_student, teacher, reduction="batchmean")
+
+
+@register_regularizer("lwf")
+class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
+    """Learning without Forgetting: keep the source head's tempered predictions close to the pretrained model's.
+
+    L = lambda * :func:`distillation_loss` (g(f(x)), g0(f0(x)), T). Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4,
     T = 3. g is a trainable copy of the pretrained source head on the fine-tuned features (backbone learning rate);
     the teacher g0(f0(x)) is the pretrained model's source output.
 
@@ -48,11 +79,9 @@ class LearningWithoutForgetting(LazyShapeMixin, Regularizer):
         step.features (B, D), step.indices (B,) (cached) or step.images (online) -> scalar.
     """
 
-    needs_source_head = True
-
     def __init__(self, weight: float = 4.0, temperature: float = 3.0, teacher: str = "cached",
                  source_head: nn.Module | None = None) -> None:
-        super().__init__()
+        super().__init__(source_head)
         check_positive("weight", weight)
         check_positive("temperature", temperature, allow_zero=False)
         check_choice("teacher", teacher, ("cached", "online"))
@@ -61,18 +90,12 @@ class LearningWithoutForgetting(LazyShapeMixin, Regularizer):
         self.teacher = teacher
         self.needs_indices = teacher == "cached"
         self.needs_setup_pass = teacher == "cached"
-        self._given_head = source_head
-        self.source_head: nn.Module | None = None
         self.frozen: nn.Module | None = None  # online teacher: pretrained model, its head swapped for the source head
         self.register_buffer("teacher_logits", torch.zeros(0, 0))
         self._value: torch.Tensor | None = None
 
-    def attach_source_head(self, head: nn.Module | None) -> None:
-        if self._given_head is None:
-            self._given_head = head
-
     def adapt_model(self, model: nn.Module) -> None:
-        self.source_head = trainable_source_head(self._given_head, "lwf")
+        super().adapt_model(model)  # self.source_head: the trainable copy
         if self.teacher == "online":
             frozen = nn.ModuleDict({"model": copy.deepcopy(model), "head": copy.deepcopy(self.source_head)})
             self.frozen = frozen.requires_grad_(False).eval()

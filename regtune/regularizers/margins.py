@@ -11,24 +11,296 @@ import logging
 import torch
 from torch import nn
 
-from regtune.regularizers._utils import check_choice, check_positive, classifier_of, replace_classifier
-from regtune.regularizers.base import Criterion, Regularizer, TrainStep, register_criterion, register_regularizer
-from regtune.regularizers.functional import (
-    class_margin,
-    cosine_logits,
-    lm_softmax_loss,
-    sample_margin_loss,
-    sample_margins,
-    zero_centroid_loss,
+from regtune.regularizers._utils import (
+    check_at_least_two_classes,
+    check_choice,
+    check_float_matrix,
+    check_labels,
+    check_positive,
+    classifier_of,
+    normalize_rows,
+    off_diagonal,
+    replace_classifier,
+    without_target,
 )
+from regtune.regularizers.base import Criterion, Regularizer, TrainStep, register_criterion, register_regularizer
 
-__all__ = ["CosineClassifier", "LMSoftmax", "SampleMarginRegularizer", "ZeroCentroidRegularizer"]
+__all__ = ["CosineClassifier", "LMSoftmax", "SampleMarginRegularizer", "ZeroCentroidRegularizer", "cosine_logits", "lm_softmax_loss", "sample_margins", "sample_margin_loss", "zero_centroid_loss", "class_margin"]
 
 _log = logging.getLogger(__name__)
 
 
+_CENTROID_REDUCTIONS = ("sum", "mean")
+
+
+def cosine_logits(features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""Cosines between normalised features and normalised class prototypes (methods.md §5.1).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        \cos_{b,c} = \langle \tilde f_b, \tilde w_c \rangle, \qquad
+        \tilde f_b = f_b / \lVert f_b \rVert_2, \quad \tilde w_c = w_c / \lVert w_c \rVert_2
+
+    with f_b the feature of sample b and w_c the row of the head for class c (no bias). Norms are bounded below by
+    ``eps``, so a zero feature or row gives cosine 0 instead of NaN. Multiply by a scale s for the logits.
+
+    Args:
+        features: Features f.
+        weight: Class prototypes W (head weight rows).
+        eps: Lower bound on a norm.
+
+    Shape:
+        features: (B, D). weight: (C, D). Output: (B, C).
+
+    Reduction:
+        None.
+
+    Returns:
+        The cosine matrix, entries in [-1, 1].
+
+    Raises:
+        ValueError: Inputs are not 2-D or their D differ.
+        TypeError: A non-floating input.
+
+    Example:
+        >>> cosine_logits(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -3.0]])).tolist()
+        [[1.0, 0.7071067690849304, 0.0]]
+    """
+    check_float_matrix("features", features, "(B, D)")
+    check_float_matrix("weight", weight, "(C, D)")
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"features (B, D) and weight (C, D) must share D, got {tuple(features.shape)} and {tuple(weight.shape)}"
+        )
+    return normalize_rows(features, eps) @ normalize_rows(weight, eps).T
+
+
+def lm_softmax_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) -> torch.Tensor:
+    r"""Largest-margin softmax (LM-Softmax) loss on cosine logits (methods.md §5.4).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        L_{LM} = \frac{1}{s} \cdot \frac{1}{B} \sum_b \log \sum_{j \ne y_b}
+        \exp\bigl(s (\cos_{b,j} - \cos_{b,y_b})\bigr)
+
+    with cos_{b,j} the cosine of sample b to class j (:func:`cosine_logits`), y_b its label and s the scale: a
+    softmax cross-entropy whose denominator omits the target, divided by s. As s grows it tends to the negative
+    sample margin (:func:`sample_margin_loss`). Computed with ``logsumexp`` over the differences with the target
+    masked to -inf (stable for s = 64; the third-party copy exponentiates directly). The default s = 64 is copied from
+    that code; the paper's per-task values are UNVERIFIED (methods.md §10 #13). Per-class weights are not applied.
+
+    Args:
+        cos: Cosine logits (unscaled).
+        labels: Integer targets y.
+        s: Scale, > 0.
+
+    Shape:
+        cos: (B, C) with C >= 2. labels: (B,). Output: scalar.
+
+    Reduction:
+        Log-sum-exp over the C - 1 non-target classes, averaged over the batch.
+
+    Returns:
+        The 0-dim loss (may be negative).
+
+    Raises:
+        ValueError: Wrong shapes, C < 2, labels out of range, or ``s`` not positive.
+        TypeError: Non-floating cos or non-integer labels.
+
+    Example:
+        >>> round(lm_softmax_loss(torch.tensor([[0.9, 0.1, 0.0]]), torch.tensor([0]), s=1.0).item(), 4)
+        -0.1556
+    """
+    check_float_matrix("cos", cos, "(B, C)")
+    check_at_least_two_classes(cos, "lm_softmax_loss")
+    check_labels(labels, cos.shape[0], cos.shape[1], "cos")
+    if not s > 0:
+        raise ValueError(f"s must be positive, got {s}")
+    target_cos = cos.gather(1, labels.unsqueeze(1))  # (B, 1)
+    scaled_gap = without_target(s * (cos - target_cos), labels)  # (B, C), target entry -inf
+    return torch.logsumexp(scaled_gap, dim=1).mean() / s
+
+
+def sample_margins(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample margin gamma(x, y) = cos_y - max_{j != y} cos_j (methods.md §5.2).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        \gamma_b = \cos_{b,y_b} - \max_{j \ne y_b} \cos_{b,j}
+
+    with cos_{b,j} the cosine of sample b to class j and y_b its label; positive iff the sample is classified
+    correctly by the cosine head. The target is excluded by masking it to -inf (the third-party copy sets it to -1,
+    the same for cosines); the gradient goes to the target entry and to the arg-max non-target entry (split evenly
+    between tied maxima).
+
+    Args:
+        cos: Cosine logits (any scores work).
+        labels: Integer targets y.
+
+    Shape:
+        cos: (B, C) with C >= 2. labels: (B,). Output: (B,).
+
+    Reduction:
+        None (one margin per sample).
+
+    Returns:
+        The margins, in [-2, 2] for cosines.
+
+    Raises:
+        ValueError: Wrong shapes, C < 2, or labels out of range.
+        TypeError: Non-floating cos or non-integer labels.
+
+    Example:
+        >>> [round(m, 4) for m in sample_margins(torch.tensor([[0.9, 0.1, 0.0]]), torch.tensor([1])).tolist()]
+        [-0.8]
+    """
+    check_float_matrix("cos", cos, "(B, C)")
+    check_at_least_two_classes(cos, "sample_margins")
+    check_labels(labels, cos.shape[0], cos.shape[1], "cos")
+    target_cos = cos.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B,)
+    best_other = without_target(cos, labels).amax(dim=1)  # (B,)
+    return target_cos - best_other
+
+
+def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Sample-margin regularization R_sm = mean_b (max_{j != y_b} cos_{b,j} - cos_{b,y_b}) (methods.md §5.3).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        R_{sm} = \frac{1}{B} \sum_b \bigl(\max_{j \ne y_b} \cos_{b,j} - \cos_{b,y_b}\bigr)
+               = -\frac{1}{B} \sum_b \gamma_b
+
+    with gamma_b the sample margin of :func:`sample_margins`; no scale s. The weight lambda_sm (UNVERIFIED default)
+    is applied by the caller.
+
+    Args:
+        cos: Cosine logits.
+        labels: Integer targets y.
+
+    Shape:
+        cos: (B, C) with C >= 2. labels: (B,). Output: scalar.
+
+    Reduction:
+        Averaged over the batch.
+
+    Returns:
+        The 0-dim loss (negative when every sample has a positive margin).
+
+    Raises:
+        ValueError: Wrong shapes, C < 2, or labels out of range.
+        TypeError: Non-floating cos or non-integer labels.
+
+    Example:
+        >>> round(sample_margin_loss(torch.tensor([[0.9, 0.1, 0.0]]), torch.tensor([1])).item(), 4)
+        0.8
+    """
+    return -sample_margins(cos, labels).mean()
+
+
+def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool = True,
+                       eps: float = 1e-8) -> torch.Tensor:
+    r"""Zero-centroid regularization of normalised class prototypes (methods.md §5.5).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        R_{zc} = \Bigl\lVert \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('sum')}
+        \quad\text{or}\quad \Bigl\lVert \frac{1}{C} \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('mean')}
+
+    with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c and C the number of classes; 0 for a
+    regular simplex (the max-class-margin configuration). The default sums: the only public code found for the term
+    (a training script's ``norm_weights`` step, next to the paper's loss classes) penalises the squared norm of the
+    sum of the normalised prototypes. The paper's own form is UNVERIFIED (methods.md §5.5); ``'mean'`` is C^2 times
+    smaller, and ``squared=False`` returns the norm (its gradient at a zero centroid is taken as 0).
+
+    Args:
+        weight: Head weight W, one prototype per row.
+        reduce: ``'sum'`` (the code found) or ``'mean'`` over classes.
+        squared: Return the squared norm (True) or the norm (False).
+        eps: Lower bound on a row norm.
+
+    Shape:
+        weight: (C, D). Output: scalar.
+
+    Reduction:
+        Summed (or averaged) over classes, then a norm over D.
+
+    Returns:
+        The 0-dim penalty.
+
+    Raises:
+        ValueError: ``weight`` is not 2-D, C = 0, or ``reduce`` is unknown.
+        TypeError: ``weight`` is not a floating tensor.
+
+    Example:
+        >>> w = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit rows (1, 0), (0, 1): sum (1, 1), mean (1/2, 1/2)
+        >>> zero_centroid_loss(w).item(), zero_centroid_loss(w, reduce="mean").item()
+        (2.0, 0.5)
+    """
+    check_float_matrix("weight", weight, "(C, D)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must hold at least one class prototype, got C = 0")
+    check_choice("reduce", reduce, _CENTROID_REDUCTIONS)
+    unit = normalize_rows(weight, eps)
+    centroid = unit.mean(dim=0) if reduce == "mean" else unit.sum(dim=0)  # (D,)
+    if squared:
+        return centroid.pow(2).sum()
+    return torch.linalg.vector_norm(centroid)
+
+
+def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""Class margin: the smallest angle between two normalised class prototypes (methods.md §5.2).
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
+
+    .. math::
+
+        m_{cls} = \min_{i \ne j} \arccos \langle \tilde w_i, \tilde w_j \rangle
+
+    with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c. Its maximum for C <= D + 1 is
+    arccos(-1/(C-1)), reached by a regular simplex. The cosine is clamped to [-1, 1] before arccos (rounding can push
+    it just outside). Meant as an analysis metric: the gradient of arccos is infinite at +-1.
+
+    Args:
+        weight: Head weight W, one prototype per row.
+        eps: Lower bound on a row norm.
+
+    Shape:
+        weight: (C, D) with C >= 2. Output: scalar.
+
+    Reduction:
+        Minimum over the C(C-1) ordered pairs.
+
+    Returns:
+        The 0-dim angle in radians, in [0, pi].
+
+    Raises:
+        ValueError: ``weight`` is not 2-D or has fewer than 2 rows.
+        TypeError: ``weight`` is not a floating tensor.
+
+    Example:
+        >>> round(class_margin(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])).item(), 6)  # pi / 4
+        0.785398
+    """
+    check_float_matrix("weight", weight, "(C, D)")
+    if weight.shape[0] < 2:
+        raise ValueError(f"class_margin needs at least 2 class prototypes, got C = {weight.shape[0]}")
+    unit = normalize_rows(weight, eps)
+    largest_cos = off_diagonal(unit @ unit.T).amax()  # arccos is decreasing: the smallest angle
+    return torch.arccos(largest_cos.clamp(-1.0, 1.0))
+
+
 class CosineClassifier(nn.Module):
-    """Bias-free classifier on normalised features and prototypes: logits = s * cos(w_c, f) (methods.md §5.1).
+    """Bias-free classifier on normalised features and prototypes: logits = s * :func:`cosine_logits` (methods.md §5.1).
 
     Args:
         in_features: D.
@@ -55,7 +327,7 @@ class CosineClassifier(nn.Module):
 class LMSoftmax(Criterion):
     """Largest-margin softmax (methods.md §5.4); replaces cross-entropy and the head.
 
-    L_LM = (1/s) * mean_b log sum_{j != y_b} exp(s (cos_bj - cos_b,y_b)),  cos_bj = <w~_j, f~_b>
+    L = :func:`lm_softmax_loss` of the :func:`cosine_logits` between the penultimate features and the head's rows.
 
     The model's classifier is replaced by a :class:`CosineClassifier` with the same prototypes (bias dropped), so
     that predictions at test time are the argmax of the cosines the loss trains.
@@ -100,7 +372,7 @@ class LMSoftmax(Criterion):
 
 @register_regularizer("sample_margin")
 class SampleMarginRegularizer(Regularizer):
-    """Sample-margin regularization (methods.md §5.3): lambda * mean_b (max_{j != y} cos_j - cos_y).
+    """Sample-margin regularization (methods.md §5.3): lambda * :func:`sample_margin_loss` of the cosines.
 
     Cosines are between the normalised penultimate feature and the normalised rows of the head's weight, whatever
     the head (plain linear or cosine).
@@ -131,8 +403,7 @@ class SampleMarginRegularizer(Regularizer):
 
 @register_regularizer("zero_centroid")
 class ZeroCentroidRegularizer(Regularizer):
-    """Zero-centroid regularization (methods.md §5.5): lambda * :func:`~regtune.regularizers.functional.
-    zero_centroid_loss` of the head's weight.
+    """Zero-centroid regularization (methods.md §5.5): lambda * :func:`zero_centroid_loss` of the head's weight.
 
     Pulls the centroid of the normalised prototypes to the origin (the max-class-margin simplex has zero centroid).
     By default the squared norm of the SUM of the normalised prototypes, as the only public code found for the term
@@ -152,7 +423,7 @@ class ZeroCentroidRegularizer(Regularizer):
     def __init__(self, weight: float = 1.0, reduce: str = "sum", squared: bool = True) -> None:
         super().__init__()
         check_positive("weight", weight)
-        check_choice("reduce", reduce, ("sum", "mean"))
+        check_choice("reduce", reduce, _CENTROID_REDUCTIONS)
         self.weight, self.reduce, self.squared = weight, reduce, squared
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -3,18 +3,230 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from regtune.regularizers._utils import check_choice, check_positive, classifier_of
-from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import (
-    feature_norm_penalty,
-    head_l1,
-    head_l2,
-    negative_weight_penalty,
-    prediction_entropy,
+from regtune.regularizers._utils import (
+    check_choice,
+    check_float_matrix,
+    check_float_tensor,
+    check_labels,
+    check_positive,
+    classifier_of,
 )
+from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["FeatureNormPenalty", "MaxEntropy", "HeadL1", "HeadL2", "HeadNegativePenalty"]
+__all__ = ["FeatureNormPenalty", "MaxEntropy", "HeadL1", "HeadL2", "HeadNegativePenalty", "feature_norm_penalty", "prediction_entropy", "head_l1", "head_l2", "negative_weight_penalty"]
+
+
+_FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
+
+
+def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = None,
+                         labels: torch.Tensor | None = None, weighting: str = "none") -> torch.Tensor:
+    r"""Feature-norm penalty, plain or SGM-weighted (methods.md §3.2).
+
+    Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and Hallucinating Features", ICCV 2017,
+    arXiv 1606.02819.
+
+    .. math::
+
+        \text{none:}\ \frac{1}{B} \sum_b \lVert f_b \rVert_2^2, \qquad
+        \text{sgm:}\ \frac{1}{B} \sum_b \alpha_b \lVert f_b \rVert_2^2, \quad
+        \alpha_b = \sum_c \bigl(p_{b,c} - [c = y_b]\bigr)^2
+
+    with f_b the penultimate feature, p_b = softmax(logits_b) and y_b the label of sample b. For softmax regression
+    alpha_b ||f_b||^2 is the squared norm of the gradient of the cross-entropy w.r.t. the classifier weights (SGM).
+    UNVERIFIED (methods.md §3.2): whether gradients flow through alpha_b in the paper; here alpha_b is detached
+    (treated as a per-sample weight), so only ``features`` receives gradient.
+
+    Args:
+        features: Penultimate features f.
+        logits: Classifier outputs; required for ``'sgm'``, ignored for ``'none'``.
+        labels: Integer targets y; required for ``'sgm'``, ignored for ``'none'``.
+        weighting: ``'none'`` (feature penalty) or ``'sgm'``.
+
+    Shape:
+        features: (B, D). logits: (B, C). labels: (B,). Output: scalar.
+
+    Reduction:
+        Summed over channels, averaged over the batch.
+
+    Returns:
+        The 0-dim penalty (no lambda applied).
+
+    Raises:
+        ValueError: Wrong shapes, labels out of range, ``'sgm'`` without logits/labels, or an unknown ``weighting``.
+        TypeError: Non-floating features/logits or non-integer labels.
+
+    Example:
+        >>> f = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+        >>> feature_norm_penalty(f).item()  # (25 + 1) / 2
+        13.0
+        >>> feature_norm_penalty(f, torch.zeros(2, 2), torch.tensor([0, 1]), weighting="sgm").item()  # alpha = 1/2
+        6.5
+    """
+    check_float_matrix("features", features, "(B, D)")
+    check_choice("weighting", weighting, _FEATURE_NORM_WEIGHTINGS)
+    squared_norms = features.pow(2).sum(dim=1)  # (B,)
+    if weighting == "none":
+        return squared_norms.mean()
+    if logits is None or labels is None:
+        raise ValueError("weighting='sgm' needs logits (B, C) and labels (B,); got "
+                         f"logits={'None' if logits is None else 'a tensor'}, "
+                         f"labels={'None' if labels is None else 'a tensor'}")
+    check_float_matrix("logits", logits, "(B, C)")
+    if logits.shape[0] != features.shape[0]:
+        raise ValueError(f"logits must have B = {features.shape[0]} rows like features, got {tuple(logits.shape)}")
+    check_labels(labels, logits.shape[0], logits.shape[1], "logits")
+    with torch.no_grad():
+        residual = logits.softmax(dim=1) - F.one_hot(labels, num_classes=logits.shape[1]).to(logits.dtype)
+        alpha = residual.pow(2).sum(dim=1).to(features.dtype)  # (B,)
+    return (alpha * squared_norms).mean()
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample entropy of the predicted class distribution (MaxEnt, methods.md §4.1).
+
+    Dubey, Gupta, Raskar, Naik, "Maximum-Entropy Fine-Grained Classification", NeurIPS 2018, arXiv 1809.05934.
+    The MaxEnt loss is ``CE - gamma * prediction_entropy(logits).mean()``.
+
+    .. math::
+
+        H_b = -\sum_{c=1}^{C} p_{b,c} \log p_{b,c}, \qquad p_b = \mathrm{softmax}(\text{logits}_b)
+
+    with C the number of classes and log the natural logarithm, computed from ``log_softmax`` (no eps inside the log,
+    unlike TLlib's ``entropy``). Gradient flows through p.
+
+    Args:
+        logits: Classifier outputs.
+
+    Shape:
+        logits: (B, C). Output: (B,).
+
+    Reduction:
+        Summed over classes; none over the batch.
+
+    Returns:
+        H_b in nats, between 0 and log C.
+
+    Raises:
+        ValueError: ``logits`` is not 2-D.
+        TypeError: ``logits`` is not a floating tensor.
+
+    Example:
+        >>> [round(h, 6) for h in prediction_entropy(torch.tensor([[0.0, 0.0, 0.0]])).tolist()]  # log 3
+        [1.098612]
+    """
+    check_float_matrix("logits", logits, "(B, C)")
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def head_l1(weight: torch.Tensor) -> torch.Tensor:
+    r"""L1 penalty on classifier weights, sum_{c,k} |w_{c,k}| (methods.md §7.5; sparsifies the head).
+
+    Studied for its effect on class activation maps (Zhou et al., "Learning Deep Features for Discriminative
+    Localization", CVPR 2016, arXiv 1512.04150, define the CAM).
+
+    .. math::
+
+        R_1 = \sum_{c,k} \lvert w_{c,k} \rvert
+
+    with w_{c,k} the head weight from channel k to class c. The weight lambda_1 is applied by the caller.
+
+    Args:
+        weight: Head weight W (any shape is accepted; every entry counts).
+
+    Shape:
+        weight: (C, D) typically. Output: scalar.
+
+    Reduction:
+        Summed over all entries.
+
+    Returns:
+        The 0-dim penalty; its gradient is sign(w) (0 at w = 0).
+
+    Raises:
+        TypeError: ``weight`` is not a floating tensor.
+
+    Example:
+        >>> head_l1(torch.tensor([[1.0, -2.0], [0.5, 0.0]])).item()
+        3.5
+    """
+    check_float_tensor("weight", weight)
+    return weight.abs().sum()
+
+
+def head_l2(weight: torch.Tensor) -> torch.Tensor:
+    r"""L2 penalty on classifier weights, sum_{c,k} w_{c,k}^2 (methods.md §7.5; head weight decay).
+
+    Studied for its effect on class activation maps (Zhou et al., CVPR 2016, arXiv 1512.04150). TLlib's head term
+    (methods.md §6.1) is half of this.
+
+    .. math::
+
+        R_2 = \sum_{c,k} w_{c,k}^2
+
+    with w_{c,k} the head weight from channel k to class c. The weight lambda_2 is applied by the caller.
+
+    Args:
+        weight: Head weight W (any shape is accepted; every entry counts).
+
+    Shape:
+        weight: (C, D) typically. Output: scalar.
+
+    Reduction:
+        Summed over all entries.
+
+    Returns:
+        The 0-dim penalty.
+
+    Raises:
+        TypeError: ``weight`` is not a floating tensor.
+
+    Example:
+        >>> head_l2(torch.tensor([[1.0, -2.0], [0.5, 0.0]])).item()
+        5.25
+    """
+    check_float_tensor("weight", weight)
+    return weight.pow(2).sum()
+
+
+def negative_weight_penalty(weight: torch.Tensor) -> torch.Tensor:
+    r"""Penalty on negative classifier weights, sum_{c,k} max(0, -w_{c,k}) (methods.md §7.5, library's reading).
+
+    Motivated by the CAM study's finding that negative head weights falling on the foreground hurt localisation, and
+    by "negative weight clamping" (Bae, Noh, Kim, "Rethinking Class Activation Mapping for Weakly Supervised Object
+    Localization", ECCV 2020). Neither paper states this penalty: it is the library's reading of §7.5, offered as an
+    option for the CAM study (UNVERIFIED as a published method).
+
+    .. math::
+
+        R_- = \sum_{c,k} \max(0, -w_{c,k})
+
+    with w_{c,k} the head weight from channel k to class c; it equals the L1 norm of the negative part W^-.
+
+    Args:
+        weight: Head weight W (any shape is accepted; every entry counts).
+
+    Shape:
+        weight: (C, D) typically. Output: scalar.
+
+    Reduction:
+        Summed over all entries.
+
+    Returns:
+        The 0-dim penalty (0 for a non-negative head).
+
+    Raises:
+        TypeError: ``weight`` is not a floating tensor.
+
+    Example:
+        >>> negative_weight_penalty(torch.tensor([[1.0, -2.0], [-0.5, 0.0]])).item()
+        2.5
+    """
+    check_float_tensor("weight", weight)
+    return F.relu(-weight).sum()
 
 
 class _Logged(Regularizer):
@@ -36,9 +248,8 @@ class _Logged(Regularizer):
 class FeatureNormPenalty(_Logged):
     """Feature-norm penalty (Hariharan & Girshick, ICCV 2017, arXiv 1606.02819; methods.md §3.2).
 
-    ``weighting="none"``: L = lambda * mean_b ||f_b||_2^2. ``weighting="sgm"`` (squared gradient magnitude):
-    L = lambda * mean_b alpha_b ||f_b||_2^2 with alpha_b = sum_c (p_bc - 1[c = y_b])^2 treated as a constant weight
-    (UNVERIFIED whether the paper lets gradients through alpha; detached here).
+    L = lambda * :func:`feature_norm_penalty` of the penultimate features, plain or SGM-weighted (squared gradient
+    magnitude, its per-sample weight detached).
 
     Args:
         weight: lambda. The published value for fine-grained fine-tuning is UNVERIFIED; 1e-3 keeps the term of the
@@ -55,7 +266,7 @@ class FeatureNormPenalty(_Logged):
     def __init__(self, weight: float = 1e-3, weighting: str = "none") -> None:
         super().__init__()
         check_positive("weight", weight)
-        check_choice("weighting", weighting, ("none", "sgm"))
+        check_choice("weighting", weighting, _FEATURE_NORM_WEIGHTINGS)
         self.weight = weight
         self.weighting = weighting
 
@@ -68,7 +279,7 @@ class FeatureNormPenalty(_Logged):
 class MaxEntropy(_Logged):
     """Maximum-entropy confidence penalty (Dubey et al., NeurIPS 2018, arXiv 1809.05934; methods.md §4).
 
-    L = -gamma * mean_b H(softmax(logits_b)), H(p) = -sum_c p_c log p_c; gradients flow through p.
+    L = -gamma * mean_b :func:`prediction_entropy` (logits_b); gradients flow through the softmax.
 
     Args:
         gamma: Weight; the paper's values are UNVERIFIED, 0.1 is the spec's suggestion (grid 0.01, 0.1, 0.5, 1).
@@ -110,7 +321,7 @@ class _HeadPenalty(_Logged):
 class HeadL1(_HeadPenalty):
     """L1 penalty on the classifier weights (the CAM study's sparse head; methods.md §7.5).
 
-    R_1 = lambda_1 * sum_{c,k} |w_{c,k}| over the head's (C, D) weight (bias excluded).
+    lambda_1 * :func:`head_l1` of the head's (C, D) weight (bias excluded).
 
     Args:
         weight: lambda_1 (UNVERIFIED in the study; 1e-4 is a mild default for D = 1280).
@@ -130,7 +341,7 @@ class HeadL1(_HeadPenalty):
 class HeadL2(_HeadPenalty):
     """L2 penalty on the classifier weights (methods.md §7.5; TLlib's head term of §6.1 is this with 0.5 * 0.01).
 
-    R_2 = lambda_2 * sum_{c,k} w_{c,k}^2 (bias excluded).
+    lambda_2 * :func:`head_l2` of the head's (C, D) weight (bias excluded).
 
     Args:
         weight: lambda_2 (default 5e-3 = TLlib's 1/2 * 0.01).
@@ -148,7 +359,7 @@ class HeadL2(_HeadPenalty):
 
 @register_regularizer("head_neg")
 class HeadNegativePenalty(_HeadPenalty):
-    """Penalty on negative classifier weights: lambda * sum_{c,k} relu(-w_{c,k}) (methods.md §7.5).
+    """Penalty on negative classifier weights: lambda * :func:`negative_weight_penalty` of the head (methods.md §7.5).
 
     The CAM study finds that negative weights falling on the foreground hurt localization; this term discourages
     them. It is the library's reading (no public code defines it), offered as an option next to L1 / L2.

@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
-from regtune.regularizers.functional import stochastic_batch_norm
 
-__all__ = ["StochNorm", "convert_stochnorm", "StochNormMixin"]
+__all__ = ["StochNorm", "convert_stochnorm", "StochNormMixin", "stochastic_batch_norm"]
+
+
+def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None, mask: torch.Tensor,
+                          momentum: float, eps: float) -> torch.Tensor:
+    r"""StochNorm's training-mode normalisation (Kou, You, Long, Wang, NeurIPS 2020; methods.md §6.5).
+
+    .. math::
+
+        z_0 = \frac{x - \mu_{run}}{\sqrt{\sigma^2_{run} + \epsilon}},\quad
+        z_1 = \frac{x - \mu_{batch}}{\sqrt{\sigma^2_{batch} + \epsilon}},\quad
+        y = \gamma \big((1 - s) z_0 + s z_1\big) + \beta
+
+    with s the per-channel 0/1 ``mask`` (drawn ~ Bernoulli(p) by the caller). z0 uses the running statistics from
+    before this batch, which are then updated in place exactly as BatchNorm does (``momentum``, unbiased batch
+    variance). Computed as one per-channel affine map of x; gradients flow through the batch statistics of the
+    channels with s = 1.
+
+    Shape:
+        x: (B, C, ...). running_mean, running_var, weight, bias, mask: (C,). Output: like x.
+    """
+    # s is per channel: the channels with s = 1 go through the native (fast) batch-norm kernel, whose weight and bias
+    # are zeroed on the others, and the channels with s = 0 are a per-channel affine map of x with the moving
+    # statistics (taken before the kernel updates them). One kernel and one fused elementwise pass.
+    if x.numel() // x.shape[1] < 2:
+        raise ValueError(f"StochNorm in training mode needs more than one value per channel (batch of {x.shape[0]})")
+    s = mask.to(x.dtype)
+    gamma = weight if weight is not None else torch.ones_like(s)
+    beta = bias if bias is not None else torch.zeros_like(s)
+    with torch.no_grad():
+        moving_scale = torch.rsqrt(running_var.to(x.dtype) + eps)
+        moving_shift = -running_mean.to(x.dtype) * moving_scale
+    scale = (1 - s) * moving_scale * gamma
+    shift = (1 - s) * (moving_shift * gamma + beta)
+    batch_branch = F.batch_norm(x, running_mean, running_var, s * gamma, s * beta, True, momentum, eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(batch_branch + shift.reshape(shape), x, scale.reshape(shape))
 
 
 class StochNormMixin:
@@ -63,17 +100,11 @@ def convert_stochnorm(model: nn.Module, p: float = 0.5) -> int:
 
 @register_regularizer("stochnorm")
 class StochNorm(Regularizer):
-    r"""StochNorm (Kou, You, Long, Wang, NeurIPS 2020): every BatchNorm of the model becomes stochastic.
+    """StochNorm (Kou, You, Long, Wang, NeurIPS 2020): every BatchNorm of the model becomes stochastic.
 
     In training mode each channel picks, independently per forward pass with probability ``p``, the batch statistics
-    (which also update the moving averages) or the moving statistics of the pretrained model:
-
-    .. math::
-
-        y = \gamma \big((1 - s) \hat x_{moving} + s\,\hat x_{batch}\big) + \beta, \qquad s_c \sim
-        \mathrm{Bernoulli}(p)
-
-    Eval mode is ordinary BatchNorm. The mask is drawn with torch's seeded generator on the layer's device (TLlib
+    (which also update the moving averages) or the moving statistics of the pretrained model
+    (:func:`stochastic_batch_norm`, with the mask s_c ~ Bernoulli(p)). Eval mode is ordinary BatchNorm. The mask is drawn with torch's seeded generator on the layer's device (TLlib
     draws it with numpy, unseeded, and moves it with ``.cuda()``). It changes the model and adds no loss: the term's
     value is 0.
 

@@ -225,8 +225,8 @@ class FineTuner(pl.LightningModule):
         wanted = list(dict.fromkeys(n for term in self.regularizers.values() for n in term.needs_feature_maps))
         with capture_outputs(self.model, wanted) as maps:
             feature_map, features, logits = forward_parts(self.model, images)
-        return TrainStep(features=features, logits=logits, labels=labels, model=self.model, step=step, epoch=epoch,
-                         total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
+        return TrainStep(features=features, logits=logits, labels=labels, model=self.model, global_step=step,
+                         epoch=epoch, total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
                          indices=indices)
 
     def loss_terms(self, record: TrainStep) -> dict[str, torch.Tensor]:

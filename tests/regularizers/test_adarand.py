@@ -31,7 +31,7 @@ def make_step(f: np.ndarray | torch.Tensor, labels: list[int] | np.ndarray, mode
               epoch: int = 0, total_steps: int | None = None) -> TrainStep:
     features = torch.as_tensor(f, dtype=torch.float64).clone().requires_grad_(True)
     return TrainStep(features=features, logits=model.get_classifier()(features),
-                     labels=torch.as_tensor(np.asarray(labels), dtype=torch.long), model=model, step=step,
+                     labels=torch.as_tensor(np.asarray(labels), dtype=torch.long), model=model, global_step=step,
                      epoch=epoch, total_steps=total_steps)
 
 

@@ -90,3 +90,17 @@ def test_cross_entropy_matches_numpy(smoothing: float) -> None:
 def test_cross_entropy_rejects_bad_smoothing() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         CrossEntropy(1.0)
+
+
+def test_train_step_global_step_and_its_former_name() -> None:
+    common = {"features": torch.zeros(2, 3), "logits": torch.zeros(2, 2), "labels": torch.zeros(2).long(),
+              "model": torch.nn.Identity()}
+    record = TrainStep(**common, global_step=7, epoch=1)
+    assert record.global_step == 7 and record.epoch == 1
+    with pytest.warns(DeprecationWarning, match="global_step"):
+        old = TrainStep(**common, step=7, epoch=1)  # the name before the rename still builds the same record
+    assert old == record
+    with pytest.warns(DeprecationWarning, match="global_step"):
+        assert record.step == 7
+    with pytest.raises(TypeError, match="both"):
+        TrainStep(**common, step=1, global_step=2)

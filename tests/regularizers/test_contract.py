@@ -144,7 +144,7 @@ def make_step(model: torch.nn.Module, dtype: torch.dtype, batch: int = 6, step: 
     features = features.detach().clone().requires_grad_(True)
     logits = model.get_classifier()(features)
     labels = torch.arange(batch) % NUM_CLASSES
-    return TrainStep(features=features, logits=logits, labels=labels, model=model, step=step, epoch=epoch,
+    return TrainStep(features=features, logits=logits, labels=labels, model=model, global_step=step, epoch=epoch,
                      total_steps=20, feature_maps=dict(feature_maps), images=images, indices=torch.arange(batch))
 
 

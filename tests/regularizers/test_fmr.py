@@ -60,7 +60,7 @@ def make_step(f: np.ndarray, step: int = 0, epoch: int = 0, dtype: torch.dtype =
     model = model if model is not None else FeatureNet(f.shape[1]).to(dtype)
     logits = model.get_classifier()(features)
     labels = torch.zeros(f.shape[0], dtype=torch.long)
-    return TrainStep(features=features, logits=logits, labels=labels, model=model, step=step, epoch=epoch)
+    return TrainStep(features=features, logits=logits, labels=labels, model=model, global_step=step, epoch=epoch)
 
 
 def loader_of(batches: list[np.ndarray], dtype: torch.dtype = torch.float64) -> DataLoader:

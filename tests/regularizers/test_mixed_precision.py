@@ -26,7 +26,7 @@ def _as(step: TrainStep, dtype: torch.dtype) -> TrainStep:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = step.model.get_classifier()(features)
     maps = {k: v.detach().to(dtype) for k, v in step.feature_maps.items()}
-    return TrainStep(features=features, logits=logits, labels=step.labels, model=step.model, step=step.step,
+    return TrainStep(features=features, logits=logits, labels=step.labels, model=step.model, global_step=step.global_step,
                      epoch=step.epoch, total_steps=step.total_steps, feature_maps=maps,
                      images=step.images.to(dtype), indices=step.indices)
 
@@ -35,7 +35,7 @@ def _quantised(step: TrainStep) -> TrainStep:
     """The bf16 step's values in float32 (the reference sees exactly the mixed-precision inputs)."""
     low = _as(step, torch.bfloat16)
     return TrainStep(features=low.features.detach().float().requires_grad_(True), logits=low.logits.detach().float(),
-                     labels=step.labels, model=step.model, step=step.step, epoch=step.epoch,
+                     labels=step.labels, model=step.model, global_step=step.global_step, epoch=step.epoch,
                      total_steps=step.total_steps, feature_maps={k: v.float() for k, v in low.feature_maps.items()},
                      images=low.images.float(), indices=step.indices)
 

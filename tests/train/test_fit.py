@@ -69,7 +69,7 @@ def toy_terms(monkeypatch: pytest.MonkeyPatch) -> type:
 
         def forward(self, step: TrainStep) -> torch.Tensor:
             zero = step.features.sum() * 0
-            return zero + float("nan") if step.step >= self.at_step else zero
+            return zero + float("nan") if step.global_step >= self.at_step else zero
 
     ToyNorm.setups = []
     return ToyNorm

@@ -32,7 +32,7 @@ def test_loss_terms_on_a_recorded_step_against_numpy() -> None:
     module.eval()  # batch statistics aside, the same batch gives the same logits twice
     images, labels = _batch()
     record = module.forward_step(images, labels, step=7, epoch=2, total_steps=100)
-    assert (record.step, record.epoch, record.total_steps) == (7, 2, 100)
+    assert (record.global_step, record.epoch, record.total_steps) == (7, 2, 100)
     assert record.logits.shape == (4, CLASSES) and set(record.feature_maps) == {"last"}
     terms = module.loss_terms(record)
     assert list(terms) == ["ce", "head_l2"]  # the criterion first, under the names they are logged as
