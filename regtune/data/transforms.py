@@ -11,7 +11,9 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-__all__ = ["build_transforms", "TransformedSubset", "sample_seed", "seeded_rng"]
+from regtune.data.seeds import sample_seed
+
+__all__ = ["TransformedSubset", "build_transforms", "seeded_rng"]
 
 
 def build_transforms(
@@ -58,11 +60,6 @@ def build_transforms(
     return train, evaluation
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch: a fixed, well-mixed function of ``(seed, epoch, index)``."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
-
-
 @contextlib.contextmanager
 def seeded_rng(seed: int) -> Iterator[None]:
     """Run the block with Python's ``random``, NumPy's and torch's CPU generators seeded with ``seed``; restore after.
@@ -87,10 +84,11 @@ class TransformedSubset(Dataset):
     """``dataset[indices[i]]`` with ``transform`` applied to the image.
 
     A key is either a position ``i`` or an ``(epoch, i)`` pair (what :class:`~regtune.train.datamodule.EpochShuffle`
-    yields). With a pair and a ``seed``, the transform runs under :func:`seeded_rng` with
-    ``sample_seed(seed, epoch, i)``: the augmentation of a sample depends only on the run's seed, the epoch and the
-    sample, not on the order of loading, the number of workers, or what the model drew from the global generators.
-    That makes a run independent of ``num_workers`` and lets a run resume exactly in the middle of an epoch.
+    yields). With a pair and a ``seed``, the transform runs under :func:`seeded_rng` with the seed
+    :func:`~regtune.data.seeds.sample_seed` ``(seed, epoch, i)``: the augmentation of a sample depends only on the
+    run's seed, the epoch and the sample, not on the order of loading, the number of workers, or what the model drew
+    from the global generators. That makes a run independent of ``num_workers`` and lets a run resume exactly in the
+    middle of an epoch.
 
     Args:
         dataset: Yields ``(PIL image, target)``.

@@ -10,11 +10,11 @@ from torch.utils.data import DataLoader, Sampler
 
 from regtune._dist import rank_and_world as _rank_and_world
 from regtune.data.base import ImageDataset
+from regtune.data.seeds import epoch_seed, order_seed
 from regtune.data.subset import Split
 from regtune.data.transforms import TransformedSubset
-from regtune.train.callbacks import epoch_seed
 
-__all__ = ["FineTuneData", "EpochShuffle", "Shard"]
+__all__ = ["EpochShuffle", "FineTuneData", "Shard"]
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
@@ -55,8 +55,8 @@ class EpochShuffle(Sampler[tuple[int, int]]):
         self._resume = (epoch, done)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)
-                                                                                  + 1)).tolist()
+        generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
         rank, world = _rank_and_world()
         if world > 1:
             order = order[:len(self) * world][rank::world]
