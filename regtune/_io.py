@@ -13,16 +13,15 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a unique ``<path>.<random>.tmp`` beside it, then :func:`os.replace`)."""
+def _atomic_write(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # umask's mode, unlike mkstemp
     try:
-        with open(tmp, "x", newline="") as handle:
-            handle.write(text)
+        with open(tmp, "xb") if isinstance(data, bytes) else open(tmp, "x", newline="") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -30,6 +29,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a unique ``<path>.<random>.tmp`` beside it, then :func:`os.replace`)."""
+    return _atomic_write(path, text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """:func:`atomic_write_text` for binary content (a PNG, a serialised tensor)."""
+    return _atomic_write(path, data)
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:

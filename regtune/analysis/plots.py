@@ -2,44 +2,53 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from regtune._io import atomic_write_bytes
 
-__all__ = ["plot_learning_curves", "plot_run_analysis", "plot_comparison", "plot_head_sparsity"]
+matplotlib.use("Agg")  # headless; pyplot has drawn nothing yet, so the backend can still be chosen here
+
+__all__ = ["plot_comparison", "plot_head_sparsity", "plot_learning_curves", "plot_run_analysis"]
 
 
 def _save(fig: Any, path: Path, title: str = "") -> Path:
-    """Title, tight layout, PNG at 110 dpi, figure closed."""
+    """Title, tight layout, PNG at 110 dpi written atomically (:mod:`regtune._io`), figure closed."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
                          selected_epoch: int | None = None, test_acc: float | None = None) -> Path:
     """Loss, accuracy and learning rate per epoch (train and validation), as one PNG.
 
+    Epochs are counted from 1, as in ``epochs.csv``, on the console and in ``metrics.json``.
+
     Args:
         rows: Epoch-log rows (``regtune.train.callbacks.read_epoch_log``): ``epoch``, ``train/loss``, ``val/acc``...
         path: Output PNG.
         title: Figure title (run name, selection mode).
-        selected_epoch: 0-based epoch of the tested checkpoint, marked with a dashed line.
+        selected_epoch: Epoch of the tested checkpoint (``metrics.json``'s ``selected_epoch``, from 1), marked with a
+            dashed line.
         test_acc: Test accuracy of that checkpoint, drawn as a star on the accuracy panel.
 
     Returns:
         ``path``.
     """
     path = Path(path)
-    epochs = [r["epoch"] + 1 for r in rows]
+    epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, metric, label in ((axes[0], "loss", "cross-entropy / total loss"), (axes[1], "acc", "accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -48,9 +57,9 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
             if points:
                 ax.plot(*zip(*points), style, ms=3, label=split)
         if selected_epoch is not None:
-            ax.axvline(selected_epoch + 1, color="grey", ls="--", lw=1, label="selected")
+            ax.axvline(selected_epoch, color="grey", ls="--", lw=1, label="selected")
         if metric == "acc" and test_acc is not None and selected_epoch is not None:
-            ax.plot([selected_epoch + 1], [test_acc], "*", color="crimson", ms=12, label=f"test {test_acc:.3f}")
+            ax.plot([selected_epoch], [test_acc], "*", color="crimson", ms=12, label=f"test {test_acc:.3f}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -63,6 +72,8 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     axes[2].grid(alpha=0.3)
     if lr_keys:
         axes[2].legend()
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs 1, 2, ...: no 0.5 ticks
     return _save(fig, path, title)
 
 
@@ -96,7 +107,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     ax = axes[1]
     hist = result["head"]["histogram"]
     edges = hist["edges"]
-    ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge",
+    ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in itertools.pairwise(edges)], align="edge",
            color="tab:gray")
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("head weight w_ck")
@@ -162,7 +173,7 @@ def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequ
         drawn = False
         for i, (rows, name) in enumerate(zip(epoch_logs, names)):
             for split, style in (("train", "-"), ("val", "--")):
-                points = [(r["epoch"] + 1, r[f"{split}/{key}"]) for r in rows if f"{split}/{key}" in r]
+                points = [(r["epoch"], r[f"{split}/{key}"]) for r in rows if f"{split}/{key}" in r]
                 if points:
                     ax.plot(*zip(*points), style, color=colours[i % len(colours)], marker="o", ms=2.5,
                             label=f"{name} ({split})")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -16,15 +16,22 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-__all__ = ["EpochSeed", "EpochLog", "StepLog", "SetupArtifacts", "MidEpochResume", "Preemption", "epoch_seed",
-           "read_epoch_log", "rng_state", "set_rng_state"]
+from regtune._io import atomic_write_bytes, atomic_write_text
+from regtune.data.seeds import epoch_seed
+
+__all__ = [
+    "EpochLog",
+    "EpochSeed",
+    "MidEpochResume",
+    "Preemption",
+    "SetupArtifacts",
+    "StepLog",
+    "read_epoch_log",
+    "rng_state",
+    "set_rng_state",
+]
 
 _log = logging.getLogger(__name__)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch: a fixed function of the run's seed and the epoch index."""
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**32)
 
 
 class EpochSeed(pl.Callback):
@@ -32,7 +39,7 @@ class EpochSeed(pl.Callback):
 
     An epoch's data order, augmentation and dropout then depend only on ``(seed, epoch)``, not on what ran before
     it (validation loaders, a sanity check, a restart), so a run resumed from the checkpoint of epoch k continues
-    exactly as the uninterrupted run did.
+    exactly as the uninterrupted run did. The seed is :func:`regtune.data.seeds.epoch_seed`.
     """
 
     def __init__(self, seed: int) -> None:
@@ -173,9 +180,14 @@ class Preemption(pl.Callback):
 class EpochLog(pl.Callback):
     """Append one row per epoch to ``path`` (CSV) and log one line per epoch.
 
-    Rows hold the epoch, the step, wall time of the epoch, each group's learning rate and every epoch-level metric.
-    On resume, rows of epochs at or after the restored epoch are dropped first, so the file never holds an epoch
-    twice. Each write replaces the file atomically.
+    Rows hold the epoch (counted from 1, as on the console and in ``metrics.json``'s ``selected_epoch``; Lightning's
+    ``current_epoch`` and its checkpoints' ``epoch`` are that minus 1), the step, wall time of the epoch, each
+    group's learning rate and every epoch-level metric. On resume, rows of epochs at or after the restored epoch are
+    dropped first, so the file never holds an epoch twice. Each write replaces the file atomically.
+
+    The line leads with the criterion's training loss (``train ce 0.41``); with regularizers the total that was
+    minimised follows, labelled (``total incl. regularizers -289.9``): it can be negative (FMR adds a negative
+    entropy), which is right but reads as a bug when shown as "the loss".
 
     Args:
         path: The CSV file.
@@ -188,9 +200,10 @@ class EpochLog(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after a resumed run's checkpoint is restored, so current_epoch is the next epoch to train.
-        rows = read_epoch_log(self.path)
-        kept = [r for r in rows if int(r["epoch"]) < trainer.current_epoch]
-        if len(kept) != len(rows):
+        written = _read_csv(self.path)
+        # current_epoch (0-based) is the number of finished epochs. A log of an older run (0-based) is renumbered.
+        kept = [r for r in _one_based(written) if int(r["epoch"]) <= trainer.current_epoch]
+        if kept != written:
             _write_csv(self.path, kept)
         # An epoch resumed in its middle counts the time it had run before the interruption (the restart's own
         # costs are left out). Lightning does not call on_train_epoch_start for that epoch again.
@@ -214,7 +227,7 @@ class EpochLog(pl.Callback):
         means = pl_module.epoch_means() if hasattr(pl_module, "epoch_means") else {}
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
                                "time_s": round(time.perf_counter() - self._start, 3)}
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
@@ -224,23 +237,29 @@ class EpochLog(pl.Callback):
         row.update(sorted(values.items()))
         rows = read_epoch_log(self.path) + [row]
         _write_csv(self.path, rows)
-        _log.info(self._line(row, trainer.max_epochs))
+        _log.info(self._line(row, trainer.max_epochs, criterion=getattr(pl_module, "criterion_name", "loss"),
+                             regularized=bool(getattr(pl_module, "regularizers", None))))
 
     @staticmethod
-    def _line(row: dict[str, Any], epochs: int | None) -> str:
+    def _line(row: dict[str, Any], epochs: int | None, criterion: str = "loss", regularized: bool = False) -> str:
+        """``epoch k/N  train <criterion> x [(total incl. regularizers y)] acc a  val loss v acc w  lr r  t s``."""
         def get(key: str) -> str:
             value = row.get(key)
             return "  -   " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
         lr = row.get("lr/backbone", next((v for k, v in row.items() if k.startswith("lr/")), float("nan")))
-        return (f"epoch {row['epoch'] + 1:>3}/{epochs}  train loss {get('train/loss')} acc {get('train/acc')}  "
+        # Without regularizers the module logs the criterion only as the total (train/loss): the same number.
+        headline = f"train/{criterion}" if regularized and f"train/{criterion}" in row else "train/loss"
+        total = f" (total incl. regularizers {get('train/loss')})" if headline != "train/loss" else ""
+        return (f"epoch {row['epoch']:>3}/{epochs}  train {criterion} {get(headline)}{total} acc {get('train/acc')}  "
                 f"val loss {get('val/loss')} acc {get('val/acc')}  lr {lr:.2e}  {row['time_s']:.1f}s")
+
 
 class StepLog(pl.Callback):
     """Per-step values of every logged term (``train/<name>_step``) in a CSV, written once per epoch.
 
-    Rows are kept in memory during an epoch and appended at its end (no file I/O in the step loop). On resume, rows
-    after the restored step are dropped first.
+    Rows are kept in memory during an epoch and appended at its end (no file I/O in the step loop). Their ``epoch``
+    counts from 1, as in ``epochs.csv``. On resume, rows after the restored step are dropped first.
 
     Args:
         path: The CSV file.
@@ -255,9 +274,9 @@ class StepLog(pl.Callback):
         self._rows: list[dict[str, Any]] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = read_epoch_log(self.path)
-        kept = [r for r in rows if int(r["step"]) <= trainer.global_step]
-        if len(kept) != len(rows):
+        written = _read_csv(self.path)
+        kept = [r for r in _one_based(written) if int(r["step"]) <= trainer.global_step]
+        if kept != written:
             _write_csv(self.path, kept)
         self._rows = []
 
@@ -265,7 +284,7 @@ class StepLog(pl.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         for key, value in trainer.callback_metrics.items():
             if key.endswith("_step"):
                 row[key.removesuffix("_step")] = float(value)
@@ -300,28 +319,26 @@ class SetupArtifacts(pl.Callback):
                 continue
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self.directory / f"{name}.pt"
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({k: v.detach().cpu() for k, v in artifacts.items()}, tmp)
-            os.replace(tmp, path)
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in artifacts.items()}, buffer)
+            atomic_write_bytes(path, buffer.getvalue())
             _log.info("set-up of %s written to %s", name, path)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` (union of their keys as the header) atomically: temporary file, then rename."""
+    """Write ``rows`` (union of their keys as the header) atomically (:func:`regtune._io.atomic_write_text`)."""
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
-def read_epoch_log(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of an epoch log (values as floats, ``epoch`` and ``step`` as ints); empty if the file is absent."""
-    path = Path(path)
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows as written (values as floats, ``epoch`` and ``step`` as ints); empty if the file is absent."""
     if not path.is_file():
         return []
     with open(path, newline="") as file:
@@ -335,3 +352,22 @@ def read_epoch_log(path: str | Path) -> list[dict[str, Any]]:
             parsed[key] = int(value) if key in ("epoch", "step") else float(value)
         out.append(parsed)
     return out
+
+
+def _one_based(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with epochs counted from 1: a log holding an epoch 0 was written counting from 0 and is shifted."""
+    if not any(r.get("epoch") == 0 for r in rows):
+        return rows
+    return [{**r, "epoch": r["epoch"] + 1} if "epoch" in r else r for r in rows]
+
+
+def read_epoch_log(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``epochs.csv`` or ``steps.csv`` (values as floats, ``epoch`` and ``step`` as ints), epochs counted
+    from 1; empty if the file is absent.
+
+    Runs written before epochs were counted from 1 everywhere have 0-based epochs; such a log always holds an epoch
+    0 (its first epoch's row, kept through any resume), which never occurs in a 1-based log, so its epochs are
+    shifted by one here. One case cannot be told apart: an old ``steps.csv`` that keeps fewer than one row per
+    epoch (``log_every_n_steps`` above the batches of an epoch) may lack epoch 0, and is then read as it is.
+    """
+    return _one_based(_read_csv(Path(path)))

@@ -299,8 +299,11 @@ class FineTuner(pl.LightningModule):
             stepwise.update({f"train/{self.criterion_name}/{key}": float(v) for key, v in criterion_stats.items()})
             for name, term in self.regularizers.items():
                 stepwise.update({f"train/{name}/{key}": float(v) for key, v in term.stats().items()})
+        # The bar shows the criterion's loss: the total can be negative (FMR adds a negative entropy) and reads as a bug.
+        headline = f"train/{self.criterion_name}" if f"train/{self.criterion_name}" in stepwise else "train/loss"
         for name, value in stepwise.items():
-            self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size)
+            self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size,
+                     prog_bar=name == headline)
             self._epoch_stat(name, value, batch_size)
         self._epoch_stat("train/acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
         return loss
