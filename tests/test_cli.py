@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from regtune.cli import main, parse_term
-from tests.conftest import TINY_BACKBONE
+from regtune.train.callbacks import read_epoch_log
+from tests.conftest import TINY_BACKBONE, write_imagefolder
 
 TINY = ["--dataset", "imagefolder", "--backbone", TINY_BACKBONE, "--pretrained", "none", "--img-size", "32",
         "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--accelerator", "cpu",
@@ -101,3 +106,76 @@ def test_parse_term() -> None:
     # lists keep their commas: DELTA's layers
     assert parse_term("delta:layers=[layer1.2.conv3,layer4.2.conv3],alpha=0.1,layers2=[-1]") == {
         "name": "delta", "args": {"layers": ["layer1.2.conv3", "layer4.2.conv3"], "alpha": 0.1, "layers2": [-1]}}
+
+
+def test_fit_help_groups_options_and_shows_the_config_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    headings = [line[:-1] for line in out.splitlines() if re.fullmatch(r"[a-z]+:", line)]
+    assert headings == ["options", "data", "model", "optimisation", "regularization", "run"]
+    help_text = " ".join(out.split())  # argparse wraps lines
+    assert "--lr LR backbone learning rate (default: 0.02) [optim.lr]" in help_text
+    assert "--epochs EPOCHS training epochs (default: 15) [trainer.epochs]" in help_text
+    assert "(default: None)" not in help_text
+
+
+def test_a_flag_not_given_keeps_the_config_files_value(tmp_path: Path) -> None:
+    from regtune.cli import _fit_config, build_parser
+
+    config = tmp_path / "config.yaml"
+    config.write_text("optim:\n  lr: 0.005\ntrainer:\n  epochs: 3\n")
+    kept = _fit_config(build_parser().parse_args(["fit", "--config", str(config)]))
+    assert kept.optim.lr == 0.005 and kept.trainer.epochs == 3
+    given = _fit_config(build_parser().parse_args(["fit", "--config", str(config), "--lr", "0.1"]))
+    assert given.optim.lr == 0.1 and given.trainer.epochs == 3
+
+
+@pytest.mark.parametrize("argv, terminal, expected", [
+    ([], False, False),  # output to a file or a pipe: per-epoch lines, no bar
+    ([], True, True),  # a terminal: the config's value (a bar by default)
+    (["--progress"], False, True),
+    (["--no-progress"], True, False),
+    (["--set", "trainer.progress_bar=true"], False, True),
+])
+def test_progress_bar_only_on_a_terminal_unless_asked(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                      terminal: bool, expected: bool) -> None:
+    from regtune.cli import _fit_config, build_parser
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)  # where Lightning draws its bar
+    assert _fit_config(build_parser().parse_args(["fit", *argv])).trainer.progress_bar is expected
+
+
+@pytest.fixture(scope="module")
+def piped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A 2-epoch run with a regularizer whose output goes to files, not a terminal: (run dir, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("piped")
+    argv = [a for a in TINY if a != "--no-progress"]
+    out, err = io.StringIO(), io.StringIO()  # not terminals: what `regtune fit ... > log 2>&1` writes to
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["fit", *argv, "--epochs", "2", "--reg", "head_l2:weight=0.5", "--data-root",
+                     str(write_imagefolder(root / "images")), "--run-dir", str(root / "run")])
+    assert code == 0, err.getvalue()
+    return root / "run", out.getvalue(), err.getvalue()
+
+
+def test_output_to_a_file_gets_plain_epoch_lines_led_by_the_criterion(piped_run: tuple[Path, str, str]) -> None:
+    run_dir, out, err = piped_run
+    assert "\r" not in out + err and "\x1b[" not in out + err  # no progress bar redrawn in the files
+    lines = [line for line in err.splitlines() if "train ce" in line]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"], err
+    rows = read_epoch_log(run_dir / "epochs.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for line, row in zip(lines, rows):
+        assert f"train ce {row['train/ce']:.4f} (total incl. regularizers {row['train/loss']:.4f})" in line
+        assert row["train/loss"] > row["train/ce"]  # the head penalty adds to the criterion
+
+
+def test_the_result_is_printed_once_with_epochs_counted_from_1(piped_run: tuple[Path, str, str]) -> None:
+    run_dir, out, err = piped_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rows = read_epoch_log(run_dir / "epochs.csv")
+    best = max(r["val/acc"] for r in rows)  # the checkpoint callback keeps the first epoch of the best (ties kept)
+    assert metrics["selected_epoch"] == next(r["epoch"] for r in rows if r["val/acc"] == best)
+    assert f"checkpoint of epoch {metrics['selected_epoch']}," in out
+    assert out.count("test accuracy") == 1 and "test accuracy" not in err
