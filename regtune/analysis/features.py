@@ -110,7 +110,8 @@ def fmr_entropy(features: torch.Tensor, tau: float = 1.0) -> dict[str, float]:
     f = _matrix(features)
     if f.shape[1] < 2:
         raise ValueError(f"fmr_entropy needs features with at least 2 channels, got shape {tuple(f.shape)}: over one "
-                         "channel the softmax is 1, its entropy 0 and H_max = log 1 = 0, so entropy / H_max is undefined")
+                         "channel the softmax is 1, its entropy 0 and H_max = log 1 = 0, so entropy / H_max is "
+                         "undefined")
     value = float(channel_entropy(f, tau).mean())
     return {"entropy": value, "normalized": value / math.log(f.shape[1]), "h_max": math.log(f.shape[1])}
 

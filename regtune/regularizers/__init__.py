@@ -22,6 +22,7 @@ from regtune.regularizers.base import (
     list_regularizers,
     register_criterion,
     register_regularizer,
+    regularizer_class,
 )
 
 
@@ -40,63 +41,64 @@ def import_modules() -> list[str]:
 import_modules()
 
 # The public classes and helpers, re-exported for convenience (registration does not depend on this list).
-from regtune.regularizers.adarand import AdaRand, RandomFeatureRegularizer  # noqa: E402
-from regtune.regularizers.bss import BatchSpectralShrinkage  # noqa: E402
-from regtune.regularizers.cotuning import CoTuning  # noqa: E402
-from regtune.regularizers.delta import DELTA  # noqa: E402
-from regtune.regularizers.fmr import FeatureMagnitudeRegularization  # noqa: E402
-from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers  # noqa: E402
-from regtune.regularizers.l2sp import L2SP  # noqa: E402
-from regtune.regularizers.lwf import LearningWithoutForgetting  # noqa: E402
-from regtune.regularizers.margins import (  # noqa: E402
+from regtune.regularizers.adarand import AdaRand, RandomFeatureRegularizer
+from regtune.regularizers.bss import BatchSpectralShrinkage
+from regtune.regularizers.cotuning import CoTuning
+from regtune.regularizers.delta import DELTA
+from regtune.regularizers.fmr import FeatureMagnitudeRegularization
+from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers
+from regtune.regularizers.l2sp import L2SP
+from regtune.regularizers.lwf import LearningWithoutForgetting
+from regtune.regularizers.margins import (
     CosineClassifier,
     LMSoftmax,
     SampleMarginRegularizer,
     ZeroCentroidRegularizer,
 )
-from regtune.regularizers.penalties import (  # noqa: E402
+from regtune.regularizers.penalties import (
     FeatureNormPenalty,
     HeadL1,
     HeadL2,
     HeadNegativePenalty,
     MaxEntropy,
 )
-from regtune.regularizers.stochnorm import StochNorm, convert_stochnorm  # noqa: E402
+from regtune.regularizers.stochnorm import StochNorm, convert_stochnorm
 
 __all__ = [
+    "DELTA",
+    "L2SP",
     "AdaRand",
     "BatchSpectralShrinkage",
     "CoTuning",
-    "DELTA",
-    "L2SP",
-    "LearningWithoutForgetting",
-    "StochNorm",
-    "as_channel_maps",
-    "capture_outputs",
-    "convert_stochnorm",
-    "feature_layers",
     "CosineClassifier",
+    "Criterion",
+    "CrossEntropy",
     "FeatureMagnitudeRegularization",
     "FeatureNormPenalty",
     "HeadL1",
     "HeadL2",
     "HeadNegativePenalty",
     "LMSoftmax",
+    "LearningWithoutForgetting",
     "MaxEntropy",
     "RandomFeatureRegularizer",
-    "SampleMarginRegularizer",
-    "ZeroCentroidRegularizer",
-    "Criterion",
-    "CrossEntropy",
     "Regularizer",
+    "SampleMarginRegularizer",
     "SourceHeadRegularizer",
+    "StochNorm",
     "TrainStep",
     "UnknownNameError",
+    "ZeroCentroidRegularizer",
+    "as_channel_maps",
+    "capture_outputs",
+    "convert_stochnorm",
     "create_criterion",
     "create_regularizer",
+    "feature_layers",
     "import_modules",
     "list_criteria",
     "list_regularizers",
     "register_criterion",
     "register_regularizer",
+    "regularizer_class",
 ]

@@ -7,7 +7,6 @@ from torch import nn
 
 from regtune._dist import rank_and_world as _rank_and_world
 
-
 # -- argument and input checks (the messages name what was received and what was expected) ---------------------------
 
 
@@ -181,7 +180,7 @@ class LazyShapeMixin:
     """
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # noqa: D401 - torch's signature
+                              error_msgs):
         for table in (self._parameters, self._buffers):
             for name, tensor in list(table.items()):
                 saved = state_dict.get(prefix + name)

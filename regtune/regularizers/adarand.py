@@ -10,7 +10,8 @@ mutually orthogonal.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,14 @@ from regtune.regularizers._utils import (
 )
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["RandomFeatureRegularizer", "AdaRand", "RANDREG_PRIORS", "feature_statistics", "random_feature_loss", "adarand_prior_losses"]
+__all__ = [
+    "RANDREG_PRIORS",
+    "AdaRand",
+    "RandomFeatureRegularizer",
+    "adarand_prior_losses",
+    "feature_statistics",
+    "random_feature_loss",
+]
 
 RANDREG_PRIORS = ("uniform", "normal", "pretrained", "class")
 
@@ -244,6 +252,13 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
         See ``reduction``.
     """
 
+    contract_kwargs = (
+        {},
+        {"prior": "pretrained"},
+        {"prior": "class"},
+        {"prior": "normal", "reduction": "sum_dim"},
+    )
+
     def __init__(
             self,
             weight: float = 1.0,
@@ -315,10 +330,10 @@ class AdaRand(RandomFeatureRegularizer):
 
     z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * :func:`random_feature_loss` (f, z).
     After the term is computed, within the same :meth:`forward` (training mode only), the running class means move,
-    mbar_c <- alpha mbar_c + (1 - alpha) mean_{b: y_b = c} f_b for the classes present in the batch (absent classes
-    keep theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter of :func:`adarand_prior_losses`.
-    Since L_prior does not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma stays at
-    its initial per-class value, as in the code.
+    mbar_c <- alpha mbar_c + (1 - alpha) mean_{b: y_b = c} f_b for the classes present in the batch (absent classes keep
+    theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter of :func:`adarand_prior_losses`. Since
+    L_prior does not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma
+    stays at its initial per-class value, as in the code.
 
     The Adam optimizer of mu lives inside the module (torch optimizers cannot mix SGD for the network with Adam for
     mu in one optimizer); its state is saved with the module's ``state_dict`` (extra state), so a resumed run
@@ -340,6 +355,12 @@ class AdaRand(RandomFeatureRegularizer):
     Shape:
         step.features (B, D), step.labels (B,) -> scalar.
     """
+
+    contract_kwargs = (
+        {},
+        {"update_prior": False},
+        {"intra": "l2", "inter": "cosine", "prior_schedule": "constant"},
+    )
 
     def __init__(
             self,
@@ -387,7 +408,7 @@ class AdaRand(RandomFeatureRegularizer):
                 self._pending_optimizer_state = None
         return self._optimizer
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+    def _apply(self, fn, recurse: bool = True):
         # .to() / .double() / .cuda() convert mu; Adam's moments follow when the optimizer is rebuilt from its state
         # (Optimizer.load_state_dict casts the state to each parameter's dtype and device).
         if self._optimizer is not None:

@@ -10,26 +10,28 @@ import dataclasses
 import functools
 import inspect
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = [
-    "TrainStep",
-    "in_float32",
-    "Regularizer",
-    "SourceHeadRegularizer",
     "Criterion",
     "CrossEntropy",
+    "Regularizer",
+    "SourceHeadRegularizer",
+    "TrainStep",
     "UnknownNameError",
-    "register_regularizer",
+    "create_criterion",
     "create_regularizer",
+    "in_float32",
+    "list_criteria",
     "list_regularizers",
     "register_criterion",
-    "create_criterion",
-    "list_criteria",
+    "register_regularizer",
+    "regularizer_class",
 ]
 
 
@@ -148,6 +150,13 @@ class Regularizer(nn.Module):
             first update).
         setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
             evaluation transform, in order) or ``"train"`` (the training loader itself: shuffled, augmented).
+        gradient_reaches: For the contract test, which the trainer does not read: where the term's gradient goes,
+            ``"features"`` (the penultimate features, the default), ``"head"`` (the classifier's weight only),
+            ``"model"`` (the backbone's parameters: weight penalties, intermediate feature maps) or ``"none"`` (the
+            term changes the model and adds no loss).
+        contract_kwargs: For the contract test: the constructor arguments it builds the term with on a tiny model
+            (a conv-BN-ReLU backbone whose ``feature_info`` lists ``conv`` and ``bn``). The first entry is the main
+            case (small windows and sample counts), the others are variants worth checking (priors, modes).
     """
 
     needs_feature_maps: tuple[str, ...] = ()
@@ -155,6 +164,8 @@ class Regularizer(nn.Module):
     needs_source_head: bool = False
     needs_setup_pass: bool = False
     setup_transform: str = "eval"
+    gradient_reaches: str = "features"
+    contract_kwargs: tuple[dict[str, Any], ...] = ({},)
 
     def adapt_model(self, model: nn.Module) -> None:
         """Called once when the trainer is built, before the optimizer sees the model (see the class docstring).
@@ -277,10 +288,14 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[_T], _T
     return decorator
 
 
-def _create(table: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]) -> Any:
+def _lookup(table: dict[str, type], kind: str, name: str) -> type:
     if name not in table:
         raise UnknownNameError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table)) or '(none registered)'}")
-    cls = table[name]
+    return table[name]
+
+
+def _create(table: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]) -> Any:
+    cls = _lookup(table, kind, name)
     params = inspect.signature(cls.__init__).parameters
     valid = [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
                                                                           inspect.Parameter.VAR_KEYWORD)]
@@ -304,6 +319,15 @@ def create_regularizer(name: str, **kwargs: Any) -> Regularizer:
         UnknownNameError: unknown name or argument; the message lists the valid ones.
     """
     return _create(_REGULARIZERS, "regularizer", name, kwargs)
+
+
+def regularizer_class(name: str) -> type[Regularizer]:
+    """The class registered under ``name``, to read its class-level declarations without building it.
+
+    Raises:
+        UnknownNameError: unknown name; the message lists the registered ones.
+    """
+    return _lookup(_REGULARIZERS, "regularizer", name)
 
 
 def list_regularizers() -> list[str]:

@@ -63,6 +63,8 @@ class BatchSpectralShrinkage(Regularizer):
         step.features (B, D) -> scalar.
     """
 
+    contract_kwargs = ({}, {"k": 2})
+
     def __init__(self, eta: float = 1e-3, k: int = 1) -> None:
         super().__init__()
         check_positive("eta", eta)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from regtune.regularizers._utils import (
 )
 from regtune.regularizers.base import SourceHeadRegularizer, TrainStep, register_regularizer
 
-__all__ = ["CoTuning", "class_relationship", "relationship_from_sums", "co_tuning_loss"]
+__all__ = ["CoTuning", "class_relationship", "co_tuning_loss", "relationship_from_sums"]
 
 
 def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -97,11 +98,11 @@ class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
     """Co-Tuning: soft cross-entropy of the source head to the target-to-source class relationship.
 
     L = lambda * :func:`co_tuning_loss` (g(f), y, R), with R the :func:`class_relationship` of the pretrained model's
-    source predictions g0(f0) on the training subset. You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020. g is a trainable copy of the backbone's
-    pretrained source classifier (trained with the backbone's learning rate, as TLlib); R is computed once by
-    :meth:`setup` from the pretrained model (eval mode) over the training subset with the deterministic evaluation
-    transform ("direct approach"; the paper's calibrated "reverse approach" is not in TLlib either) and written to
-    the run directory as an artifact.
+    source predictions g0(f0) on the training subset. You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS
+    2020. g is a trainable copy of the backbone's pretrained source classifier (trained with the backbone's learning
+    rate, as TLlib); R is computed once by :meth:`setup` from the pretrained model (eval mode) over the training subset
+    with the deterministic evaluation transform ("direct approach"; the paper's calibrated "reverse approach" is not in
+    TLlib either) and written to the run directory as an artifact.
 
     Args:
         weight: lambda (TLlib ``--trade-off`` 2.3).

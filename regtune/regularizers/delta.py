@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from regtune.regularizers.base import Regularizer, TrainStep, register_regulariz
 from regtune.regularizers.hooks import as_channel_maps, capture_outputs, feature_layers
 from regtune.regularizers.l2sp import l2_penalty, split_backbone_head
 
-__all__ = ["DELTA", "layer_loss_increase", "delta_penalty", "channel_attention"]
+__all__ = ["DELTA", "channel_attention", "delta_penalty", "layer_loss_increase"]
 
 _log = logging.getLogger(__name__)
 _ATTENTION = ("ablation", "uniform", "none")
@@ -182,7 +183,8 @@ def layer_loss_increase(model: nn.Module, head: nn.Module, layer: str, images: t
     for start in range(0, channels, chunk):
         selected = list(range(start, min(start + chunk, channels)))
 
-        def ablate(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        # The hook is registered and removed within this iteration: binding this iteration's channels is exact.
+        def ablate(module: nn.Module, args: Any, output: torch.Tensor, selected: list[int] = selected) -> torch.Tensor:
             return _zero_channels(output, selected, fmt)
 
         handle = model.get_submodule(layer).register_forward_hook(ablate)
@@ -203,9 +205,9 @@ class DELTA(LazyShapeMixin, Regularizer):
     """DELTA: attention-weighted distance of intermediate feature maps to the frozen pretrained network's.
 
     L = alpha * sum_j :func:`delta_penalty` (FM_j, FM0_j, a_j) + beta * :func:`~regtune.regularizers.l2sp.l2_penalty`
-    (head weights). FM_j are the outputs of the layers chosen from the model's own ``feature_info`` (default: its last four entries,
-    e.g. ``layer1..4`` of a ResNet, ``blocks.1, 2, 4, 6`` of EfficientNet-Lite0, the last four blocks of a ViT with
-    the class / register tokens dropped); FM0_j the same layers of a frozen eval-mode copy of the pretrained
+    (head weights). FM_j are the outputs of the layers chosen from the model's own ``feature_info`` (default: its last
+    four entries, e.g. ``layer1..4`` of a ResNet, ``blocks.1, 2, 4, 6`` of EfficientNet-Lite0, the last four blocks of a
+    ViT with the class / register tokens dropped); FM0_j the same layers of a frozen eval-mode copy of the pretrained
     network, run on the same batch every step (no gradient, kept out of the optimizer and of DDP's gradient sync, its
     BatchNorm never updated). The copy is made by :meth:`adapt_model` and saved in checkpoints.
 
@@ -245,6 +247,12 @@ class DELTA(LazyShapeMixin, Regularizer):
     """
 
     needs_setup_pass = True
+    gradient_reaches = "model"
+    contract_kwargs = (
+        {"num_layers": 1, "attention_samples": 6, "attention_chunk": 3},
+        {"num_layers": 2, "attention": "uniform", "batch_reduction": "mean"},
+        {"layers": [-1], "attention": "none"},
+    )
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01, layers: Sequence[int | str] | None = None,
                  num_layers: int = 4, attention: str = "ablation", attention_file: str | None = None,
@@ -288,7 +296,7 @@ class DELTA(LazyShapeMixin, Regularizer):
         source.eval()
         self.source = source
 
-    def train(self, mode: bool = True) -> "DELTA":
+    def train(self, mode: bool = True) -> DELTA:
         super().train(mode)
         if self.source is not None:
             self.source.eval()  # the frozen network never leaves eval mode (its BatchNorm statistics stay put)
@@ -316,7 +324,7 @@ class DELTA(LazyShapeMixin, Regularizer):
         self.attention_sizes = sizes.detach().to(device=device, dtype=torch.long)
         self._sizes = None
 
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+    def _load_from_state_dict(self, *args, **kwargs):
         self._sizes = None  # a checkpoint may bring other layer sizes
         super()._load_from_state_dict(*args, **kwargs)
 

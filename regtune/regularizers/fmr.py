@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from regtune.regularizers._utils import (
 )
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["FeatureMagnitudeRegularization", "FMR_MODES", "channel_entropy", "fmr_weight"]
+__all__ = ["FMR_MODES", "FeatureMagnitudeRegularization", "channel_entropy", "fmr_weight"]
 
 FMR_MODES = ("meta", "provided", "dynamic", "static")
 
@@ -193,6 +194,13 @@ class FeatureMagnitudeRegularization(Regularizer):
 
     needs_setup_pass = True
     setup_transform = "train"
+    contract_kwargs = (
+        {"window": 4},
+        {"window": 4, "mode": "provided", "lambda_": 3.0},
+        {"window": 4, "mode": "dynamic", "tau": 2.0},
+        {"window": 4, "mode": "static"},
+        {"window": 4, "target": "logits", "init_mode": "eval"},
+    )
 
     def __init__(
             self,

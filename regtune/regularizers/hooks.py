@@ -8,12 +8,12 @@ always removes them, also when the pass raises. Imports nothing but ``torch``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["feature_layers", "capture_outputs", "as_channel_maps"]
+__all__ = ["as_channel_maps", "capture_outputs", "feature_layers"]
 
 
 def _feature_info(model: nn.Module) -> list[dict]:

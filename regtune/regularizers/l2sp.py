@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from regtune.regularizers._utils import check_positive, classifier_of
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["L2SP", "split_backbone_head", "l2_sp_penalty", "l2_penalty"]
+__all__ = ["L2SP", "l2_penalty", "l2_sp_penalty", "split_backbone_head"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -96,11 +96,11 @@ def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
 class L2SP(Regularizer):
     """L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head (methods.md §6.1).
 
-    L = alpha * :func:`l2_sp_penalty` (backbone parameters, their starting values w0) + beta * :func:`l2_penalty`
-    (head parameters). The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update) into
-    buffers, so it is saved in checkpoints and follows ``.to()`` (TLlib keeps it in a plain dict: lost on resume,
-    left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included
-    (TLlib); BatchNorm running statistics are buffers and never count.
+    L = alpha * :func:`l2_sp_penalty` (backbone parameters, their starting values w0) + beta * :func:`l2_penalty` (head
+    parameters). The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update)
+    into buffers, so it is saved in checkpoints and follows ``.to()`` (TLlib keeps it in a plain dict: lost on resume,
+    left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included (TLlib);
+    BatchNorm running statistics are buffers and never count.
 
     AMBIGUITY (methods.md §10 #14): the L2-SP paper is usually quoted with alpha = 0.1, beta = 0.01 (UNVERIFIED);
     the defaults are TLlib's 0.01 / 0.01. TLlib trains L2-SP with weight decay 0: the optimizer's weight decay pulls
@@ -115,6 +115,9 @@ class L2SP(Regularizer):
     Reduction:
         Sums over all entries (the term does not depend on the batch).
     """
+
+    gradient_reaches = "model"
+    contract_kwargs = ({}, {"exclude_norm": True, "exclude_bias": True, "beta": 0.0})
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01, exclude_norm: bool = False,
                  exclude_bias: bool = False) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +58,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
     """Learning without Forgetting: keep the source head's tempered predictions close to the pretrained model's.
 
-    L = lambda * :func:`distillation_loss` (g(f(x)), g0(f0(x)), T). Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4,
-    T = 3. g is a trainable copy of the pretrained source head on the fine-tuned features (backbone learning rate);
-    the teacher g0(f0(x)) is the pretrained model's source output.
+    L = lambda * :func:`distillation_loss` (g(f(x)), g0(f0(x)), T). Li & Hoiem, "Learning without Forgetting", ECCV
+    2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4, T = 3. g is a trainable copy of the pretrained source
+    head on the fine-tuned features (backbone learning rate); the teacher g0(f0(x)) is the pretrained model's source
+    output.
 
     Teacher (``teacher``):
 
@@ -78,6 +80,8 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
     Shape:
         step.features (B, D), step.indices (B,) (cached) or step.images (online) -> scalar.
     """
+
+    contract_kwargs = ({}, {"teacher": "online"})
 
     def __init__(self, weight: float = 4.0, temperature: float = 3.0, teacher: str = "cached",
                  source_head: nn.Module | None = None) -> None:
@@ -100,7 +104,7 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
             frozen = nn.ModuleDict({"model": copy.deepcopy(model), "head": copy.deepcopy(self.source_head)})
             self.frozen = frozen.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "LearningWithoutForgetting":
+    def train(self, mode: bool = True) -> LearningWithoutForgetting:
         super().train(mode)
         if self.frozen is not None:
             self.frozen.eval()

@@ -25,7 +25,18 @@ from regtune.regularizers._utils import (
 )
 from regtune.regularizers.base import Criterion, Regularizer, TrainStep, register_criterion, register_regularizer
 
-__all__ = ["CosineClassifier", "LMSoftmax", "SampleMarginRegularizer", "ZeroCentroidRegularizer", "cosine_logits", "lm_softmax_loss", "sample_margins", "sample_margin_loss", "zero_centroid_loss", "class_margin"]
+__all__ = [
+    "CosineClassifier",
+    "LMSoftmax",
+    "SampleMarginRegularizer",
+    "ZeroCentroidRegularizer",
+    "class_margin",
+    "cosine_logits",
+    "lm_softmax_loss",
+    "sample_margin_loss",
+    "sample_margins",
+    "zero_centroid_loss",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -300,7 +311,7 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 class CosineClassifier(nn.Module):
-    """Bias-free classifier on normalised features and prototypes: logits = s * :func:`cosine_logits` (methods.md §5.1).
+    """Bias-free classifier on normalised features and prototypes: s * :func:`cosine_logits` (methods.md §5.1).
 
     Args:
         in_features: D.
@@ -419,6 +430,9 @@ class ZeroCentroidRegularizer(Regularizer):
     Reduction:
         One value for the head.
     """
+
+    gradient_reaches = "head"
+    contract_kwargs = ({}, {"reduce": "mean", "squared": False})
 
     def __init__(self, weight: float = 1.0, reduce: str = "sum", squared: bool = True) -> None:
         super().__init__()

@@ -15,7 +15,18 @@ from regtune.regularizers._utils import (
 )
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["FeatureNormPenalty", "MaxEntropy", "HeadL1", "HeadL2", "HeadNegativePenalty", "feature_norm_penalty", "prediction_entropy", "head_l1", "head_l2", "negative_weight_penalty"]
+__all__ = [
+    "FeatureNormPenalty",
+    "HeadL1",
+    "HeadL2",
+    "HeadNegativePenalty",
+    "MaxEntropy",
+    "feature_norm_penalty",
+    "head_l1",
+    "head_l2",
+    "negative_weight_penalty",
+    "prediction_entropy",
+]
 
 
 _FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
@@ -263,6 +274,8 @@ class FeatureNormPenalty(_Logged):
         Mean over the batch.
     """
 
+    contract_kwargs = ({}, {"weighting": "sgm"})
+
     def __init__(self, weight: float = 1e-3, weighting: str = "none") -> None:
         super().__init__()
         check_positive("weight", weight)
@@ -305,6 +318,8 @@ class MaxEntropy(_Logged):
 
 
 class _HeadPenalty(_Logged):
+    gradient_reaches = "head"
+
     def __init__(self, weight: float) -> None:
         super().__init__()
         check_positive("weight", weight)

@@ -8,7 +8,7 @@ from torch import nn
 
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
 
-__all__ = ["StochNorm", "convert_stochnorm", "StochNormMixin", "stochastic_batch_norm"]
+__all__ = ["StochNorm", "StochNormMixin", "convert_stochnorm", "stochastic_batch_norm"]
 
 
 def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -104,9 +104,9 @@ class StochNorm(Regularizer):
 
     In training mode each channel picks, independently per forward pass with probability ``p``, the batch statistics
     (which also update the moving averages) or the moving statistics of the pretrained model
-    (:func:`stochastic_batch_norm`, with the mask s_c ~ Bernoulli(p)). Eval mode is ordinary BatchNorm. The mask is drawn with torch's seeded generator on the layer's device (TLlib
-    draws it with numpy, unseeded, and moves it with ``.cuda()``). It changes the model and adds no loss: the term's
-    value is 0.
+    (:func:`stochastic_batch_norm`, with the mask s_c ~ Bernoulli(p)). Eval mode is ordinary BatchNorm. The mask is
+    drawn with torch's seeded generator on the layer's device (TLlib draws it with numpy, unseeded, and moves it with
+    ``.cuda()``). It changes the model and adds no loss: the term's value is 0.
 
     Gradients differ from TLlib's, and regtune's are the exact ones (a test compares them with autograd through
     plain BatchNorm): TLlib computes the moving-statistics branch first and the batch-statistics branch second, and
@@ -118,6 +118,8 @@ class StochNorm(Regularizer):
     Args:
         p: Probability of the batch-statistics branch (TLlib ``--prob`` 0.5).
     """
+
+    gradient_reaches = "none"
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()

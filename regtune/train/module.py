@@ -226,8 +226,8 @@ class FineTuner(pl.LightningModule):
         with capture_outputs(self.model, wanted) as maps:
             feature_map, features, logits = forward_parts(self.model, images)
         return TrainStep(features=features, logits=logits, labels=labels, model=self.model, global_step=step,
-                         epoch=epoch, total_steps=total_steps, feature_maps={"last": feature_map, **maps}, images=images,
-                         indices=indices)
+                         epoch=epoch, total_steps=total_steps, feature_maps={"last": feature_map, **maps},
+                         images=images, indices=indices)
 
     def loss_terms(self, record: TrainStep) -> dict[str, torch.Tensor]:
         """The criterion and every regularizer evaluated on one step record, without logging.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,13 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import AdaRand, RandomFeatureRegularizer, TrainStep, create_regularizer
 from regtune.regularizers.adarand import feature_statistics
-
-
-
-
+from tests.regularizers.nets import FeatureNet
 
 
 def loader_of(features: np.ndarray, labels: np.ndarray, batch_size: int = 5) -> DataLoader:

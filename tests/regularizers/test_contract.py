@@ -1,13 +1,16 @@
 """The regularizer / criterion contract, checked over every registered name (as timm does over ``list_models()``).
 
-A new method registered in ``regtune.regularizers`` is covered automatically; per-name constructor kwargs go in
-``OVERRIDES`` and extra variants (priors, weightings, modes) in ``VARIANTS``.
+A method registered in ``regtune.regularizers`` is covered without touching this file: the cases come from its
+class's ``contract_kwargs`` (the main construction, then variants) and the gradient check from its
+``gradient_reaches`` (see :class:`regtune.regularizers.Regularizer`). Each check is a plain function
+(``CHECKS``) that the parametrized tests here, and the worked example of ``docs/extend/regularizers.md``, call.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,63 +22,37 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from regtune.regularizers import (
     CosineClassifier,
-    capture_outputs,
     LMSoftmax,
     TrainStep,
     UnknownNameError,
+    capture_outputs,
     create_criterion,
     create_regularizer,
     list_criteria,
     list_regularizers,
+    regularizer_class,
 )
 from tests.conftest import TINY_BACKBONE
+from tests.regularizers.tolerance import DTYPES, TOL
 
 NUM_CLASSES = 3
 IMG = 8
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
-
-# Constructor kwargs per registry name (names not listed are built with their defaults).
-OVERRIDES: dict[str, dict[str, Any]] = {
-    "fmr": {"window": 4},  # meta mode (default): needs the statistics pass
-    "delta": {"layers": ["bn"], "attention_samples": 6, "attention_chunk": 3},  # TinyBackbone has no feature_info
-}
-# Extra variants beyond the default construction (the lazy (C, D) / (1, D) shapes of the pretrained priors, ...).
-VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("randreg", {"prior": "pretrained"}),
-    ("randreg", {"prior": "class"}),
-    ("randreg", {"prior": "normal", "reduction": "sum_dim"}),
-    ("fnp", {"weighting": "sgm"}),
-    ("fmr", {"mode": "provided", "lambda_": 3.0}),
-    ("fmr", {"mode": "dynamic", "tau": 2.0}),
-    ("fmr", {"mode": "static"}),
-    ("fmr", {"target": "logits", "init_mode": "eval"}),
-    ("adarand", {"update_prior": False}),
-    ("adarand", {"intra": "l2", "inter": "cosine", "prior_schedule": "constant"}),
-    ("zero_centroid", {"reduce": "sum", "squared": False}),
-    ("l2_sp", {"exclude_norm": True, "exclude_bias": True, "beta": 0.0}),
-    ("delta", {"layers": ["conv", "bn"], "attention": "uniform", "batch_reduction": "mean"}),
-    ("delta", {"layers": ["bn"], "attention": "none"}),
-    ("bss", {"k": 2}),
-    ("lwf", {"teacher": "online"}),
-]
-# Where each term's gradient goes when it is not the penultimate features: the classifier weight only, the model's
-# parameters (terms on weights or intermediate maps), or nowhere (StochNorm changes the model and adds no loss).
-USES_HEAD_ONLY = {"head_l1", "head_l2", "head_neg", "zero_centroid"}
-USES_MODEL_PARAMS = {"l2_sp", "delta"}
-ADDS_NO_LOSS = {"stochnorm"}
 SOURCE_CLASSES = 5
-
+GRADIENT_TARGETS = ("features", "head", "model", "none")
 
 
 def _case_id(name: str, kwargs: dict[str, Any]) -> str:
     return name if not kwargs else name + "[" + ",".join(f"{k}={v}" for k, v in kwargs.items()) + "]"
 
 
+def contract_cases(name: str) -> list[dict[str, Any]]:
+    """The constructor kwargs the class registered under ``name`` declares for the contract test."""
+    return [dict(kwargs) for kwargs in regularizer_class(name).contract_kwargs]
+
+
 def _cases(test: str) -> list[Any]:
-    cases = [(name, dict(OVERRIDES.get(name, {}))) for name in list_regularizers()]
-    cases += [(name, {**OVERRIDES.get(name, {}), **kw}) for name, kw in VARIANTS if name in list_regularizers()]
-    return [pytest.param(name, kwargs, id=_case_id(name, kwargs)) for name, kwargs in cases]
+    return [pytest.param(name, kwargs, id=_case_id(name, kwargs))
+            for name in list_regularizers() for kwargs in contract_cases(name)]
 
 
 def cases(test: str) -> pytest.MarkDecorator:
@@ -97,6 +74,8 @@ class TinyBackbone(nn.Module):
         self.classifier = nn.Linear(width, num_classes)
         self.num_features = width
         self.pretrained_cfg = {"classifier": "classifier"}
+        self.feature_info = [{"module": "conv", "num_chs": width, "reduction": 1},
+                             {"module": "bn", "num_chs": width, "reduction": 1}]
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -176,30 +155,32 @@ def assert_scalar(value: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Regularizers
+# Regularizers: the checks (plain functions, reused by tests/regularizers/test_extend_example.py)
 
 
-def test_every_registered_name_is_covered() -> None:
-    names = list_regularizers()
-    assert names == sorted(names) and len(names) == len(set(names)) and names
-    assert {p.values[0] for p in _cases("any")} == set(names)
-    assert set(OVERRIDES) <= set(names) and {n for n, _ in VARIANTS} <= set(names)
+def check_declarations(name: str) -> None:
+    """The class-level declarations are well-formed: a known gradient target, constructor kwargs it accepts."""
+    cls = regularizer_class(name)
+    assert cls.gradient_reaches in GRADIENT_TARGETS, (name, cls.gradient_reaches)
+    assert isinstance(cls.contract_kwargs, tuple) and cls.contract_kwargs, name
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    for kwargs in cls.contract_kwargs:
+        assert isinstance(kwargs, dict) and set(kwargs) <= params, (name, kwargs)
+    assert cls.setup_transform in ("eval", "train"), name
 
 
-@cases("test_forward_is_finite_scalar_in_input_dtype")
-@DTYPES
-def test_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+def check_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
     model = make_model(dtype)
     term = build(name, kwargs, model, dtype)
     for i in range(3):
         assert_scalar(term(step_for(term, model, dtype, step=i, seed=10 + i)), dtype)
 
 
-@cases("test_gradient_reaches_what_the_term_uses")
-def test_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) -> None:
+def check_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
-    if name in ADDS_NO_LOSS:
+    where = term.gradient_reaches
+    if where == "none":
         value = term(step_for(term, model, torch.float32))
         assert value.item() == 0.0 and not value.requires_grad
         return
@@ -208,22 +189,22 @@ def test_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) 
             param.add_(0.1 * torch.randn_like(param))
     step = step_for(term, model, torch.float32)
     head = model.get_classifier()
-    head.weight.grad = model.conv.weight.grad = None
+    model.zero_grad(set_to_none=True)
     term(step).backward()
-    where = "head" if name in USES_HEAD_ONLY else "model" if name in USES_MODEL_PARAMS else "features"
-    target = {"head": head.weight.grad, "model": model.conv.weight.grad, "features": step.features.grad}[where]
-    assert target is not None, f"{name}: no gradient reached the {where}"
-    assert torch.isfinite(target).all()
-    assert target.abs().sum() > 0
+    head_ids = {id(p) for p in head.parameters()}
+    backbone = [p.grad for p in model.parameters() if id(p) not in head_ids and p.grad is not None]
+    grads = {"head": [head.weight.grad] if head.weight.grad is not None else [], "model": backbone,
+             "features": [step.features.grad] if step.features.grad is not None else []}[where]
+    assert grads, f"{name}: no gradient reached the {where}"
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-@cases("test_state_dict_round_trips_into_fresh_instance")
-@DTYPES
-def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+def check_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
     model = make_model(dtype)
     term = build(name, kwargs, model, dtype)
     for i in range(2):  # build some running state (FMR window, AdaRand running means and Adam moments, ...)
@@ -251,8 +232,7 @@ def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str,
     assert fresh.stats().keys() == term.stats().keys()
 
 
-@cases("test_to_float64_moves_floating_buffers")
-def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) -> None:
+def check_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     term(step_for(term, model, torch.float32))
@@ -265,8 +245,7 @@ def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) ->
             assert tensor.dtype == before[key], key
 
 
-@cases("test_forward_after_to_float64")
-def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
+def check_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     term(step_for(term, model, torch.float32))  # running state created in float32
@@ -276,8 +255,7 @@ def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
         assert_scalar(term(step_for(term, model, torch.float64, step=1 + i, seed=40 + i)), torch.float64)
 
 
-@cases("test_stats_are_str_to_float")
-def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
+def check_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     assert isinstance(term.stats(), dict)  # before any forward as well
@@ -289,8 +267,7 @@ def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
         assert np.isfinite(value), (key, value)
 
 
-@cases("test_batch_size_one_works_or_raises_clearly")
-def test_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
+def check_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     step = step_for(term, model, torch.float32, batch=1)
@@ -300,14 +277,12 @@ def test_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any
         assert "batch" in str(err).lower(), str(err)
         return
     assert_scalar(value, torch.float32)
-    if name not in ADDS_NO_LOSS:
+    if term.gradient_reaches != "none":
         value.backward()
 
 
-@cases("test_unknown_argument_lists_valid_ones")
-def test_unknown_argument_lists_valid_ones(name: str, kwargs: dict[str, Any]) -> None:
-    cls = type(create_regularizer(name, **kwargs))
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+def check_unknown_argument_lists_valid_ones(name: str, kwargs: dict[str, Any]) -> None:
+    valid = [p for p in inspect.signature(regularizer_class(name).__init__).parameters if p != "self"]
     with pytest.raises(UnknownNameError) as info:
         create_regularizer(name, **kwargs, no_such_argument=1)
     message = str(info.value)
@@ -316,10 +291,91 @@ def test_unknown_argument_lists_valid_ones(name: str, kwargs: dict[str, Any]) ->
         assert param in message, (param, message)
 
 
-def test_param_group_options_contract() -> None:
-    for name in list_regularizers():
-        options = create_regularizer(name, **OVERRIDES.get(name, {})).param_group_options()
-        assert options is None or isinstance(options, dict), name
+def check_param_group_options(name: str, kwargs: dict[str, Any]) -> None:
+    options = create_regularizer(name, **kwargs).param_group_options()
+    assert options is None or isinstance(options, dict), name
+
+
+# Every check of one registered term, as (check, whether it takes a dtype): a term passes the contract when each
+# passes for each of its contract_kwargs (and, where it takes one, each dtype of DTYPES).
+CHECKS: list[tuple[Callable[..., None], bool]] = [
+    (check_forward_is_finite_scalar_in_input_dtype, True),
+    (check_gradient_reaches_what_the_term_uses, False),
+    (check_state_dict_round_trips_into_fresh_instance, True),
+    (check_to_float64_moves_floating_buffers, False),
+    (check_forward_after_to_float64, False),
+    (check_stats_are_str_to_float, False),
+    (check_batch_size_one_works_or_raises_clearly, False),
+    (check_unknown_argument_lists_valid_ones, False),
+    (check_param_group_options, False),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regularizers: the tests, one per check, over every registered name and its contract_kwargs
+
+
+def test_every_registered_name_is_covered() -> None:
+    names = list_regularizers()
+    assert names == sorted(names) and len(names) == len(set(names)) and names
+    assert {p.values[0] for p in _cases("any")} == set(names)
+
+
+@pytest.mark.parametrize("name", list_regularizers())
+def test_declarations(name: str) -> None:
+    check_declarations(name)
+
+
+@cases("test_forward_is_finite_scalar_in_input_dtype")
+@DTYPES
+def test_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    check_forward_is_finite_scalar_in_input_dtype(name, kwargs, dtype)
+
+
+@cases("test_gradient_reaches_what_the_term_uses")
+def test_gradient_reaches_what_the_term_uses(name: str, kwargs: dict[str, Any]) -> None:
+    check_gradient_reaches_what_the_term_uses(name, kwargs)
+
+
+@cases("test_state_dict_round_trips_into_fresh_instance")
+@DTYPES
+def test_state_dict_round_trips_into_fresh_instance(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
+    check_state_dict_round_trips_into_fresh_instance(name, kwargs, dtype)
+
+
+@cases("test_to_float64_moves_floating_buffers")
+def test_to_float64_moves_floating_buffers(name: str, kwargs: dict[str, Any]) -> None:
+    check_to_float64_moves_floating_buffers(name, kwargs)
+
+
+@cases("test_forward_after_to_float64")
+def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
+    check_forward_after_to_float64(name, kwargs)
+
+
+@cases("test_stats_are_str_to_float")
+def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
+    check_stats_are_str_to_float(name, kwargs)
+
+
+@cases("test_batch_size_one_works_or_raises_clearly")
+def test_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
+    check_batch_size_one_works_or_raises_clearly(name, kwargs)
+
+
+@cases("test_unknown_argument_lists_valid_ones")
+def test_unknown_argument_lists_valid_ones(name: str, kwargs: dict[str, Any]) -> None:
+    check_unknown_argument_lists_valid_ones(name, kwargs)
+
+
+@cases("test_param_group_options")
+def test_param_group_options(name: str, kwargs: dict[str, Any]) -> None:
+    check_param_group_options(name, kwargs)
+
+
+def test_checks_list_every_check() -> None:
+    defined = {n for n, f in globals().items() if n.startswith("check_") and callable(f)} - {"check_declarations"}
+    assert {check.__name__ for check, _ in CHECKS} == defined
 
 
 # ----------------------------------------------------------------------------------------------------------------

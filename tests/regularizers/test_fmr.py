@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,16 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import FeatureMagnitudeRegularization, TrainStep, create_regularizer
+from tests.regularizers.nets import FeatureNet
+from tests.regularizers.tolerance import DTYPES, TOL
 
 LOG2 = math.log(2.0)
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +185,6 @@ def test_statistics_pass_needs_a_length_or_init_batches() -> None:
     fmr = FeatureMagnitudeRegularization(mode="meta", window=5, init_batches=2)
     fmr.setup(FeatureNet(2), iter([(torch.tensor(two_channel([a])), torch.zeros(1).long()) for a in HAND_A[:3]]))
     assert float(fmr.h_init) == pytest.approx((HAND_H[A] + HAND_H[B]) / 2, abs=1e-6)
-
 
 
 def test_meta_first_step_hand_value() -> None:

@@ -19,12 +19,7 @@ import torch
 
 from regtune import regularizers
 from regtune.regularizers import functional as Fn
-
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-TOL = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
-}
+from tests.regularizers.tolerance import DTYPES, TOL
 
 
 def assert_close(actual: torch.Tensor | float, expected: float | np.ndarray, dtype: torch.dtype) -> None:
@@ -109,7 +104,8 @@ def test_all_lists_the_public_functions() -> None:
 
 
 def _modules() -> list[object]:
-    return [importlib.import_module(f"regtune.regularizers.{m.name}") for m in pkgutil.iter_modules(regularizers.__path__)]
+    names = [m.name for m in pkgutil.iter_modules(regularizers.__path__)]
+    return [importlib.import_module(f"regtune.regularizers.{name}") for name in names]
 
 
 @pytest.mark.parametrize("module", _modules(), ids=lambda m: m.__name__.rpartition(".")[2])

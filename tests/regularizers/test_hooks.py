@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import timm
@@ -122,7 +124,7 @@ def test_resnet_stage_outputs_equal_calling_the_stages(resnet: nn.Module) -> Non
     with torch.no_grad():  # outside the block: calling the stages inside it would overwrite the captured maps
         stem = resnet.maxpool(resnet.act1(resnet.bn1(resnet.conv1(images))))
         expected = {"layer1": resnet.layer1(stem)}
-        for previous, name in zip(names, names[1:]):
+        for previous, name in itertools.pairwise(names):
             expected[name] = resnet.get_submodule(name)(expected[previous])
     assert list(maps) == names
     shapes = {name: tuple(maps[name].shape) for name in names}
@@ -148,27 +150,24 @@ def test_vit_block_outputs_are_tokens(vit: nn.Module) -> None:
 
 
 def test_hooks_are_removed_when_the_block_raises(resnet: nn.Module) -> None:
-    with pytest.raises(KeyError, match="inside"):
-        with capture_outputs(resnet, ["layer1", "layer4"]) as maps:
-            with torch.no_grad():
-                resnet(torch.randn(1, 3, 32, 32))
-            assert set(maps) == {"layer1", "layer4"}
-            assert len(resnet.layer1._forward_hooks) == 1
-            raise KeyError("inside the block")
+    with pytest.raises(KeyError, match="inside"), capture_outputs(resnet, ["layer1", "layer4"]) as maps:
+        with torch.no_grad():
+            resnet(torch.randn(1, 3, 32, 32))
+        assert set(maps) == {"layer1", "layer4"}
+        assert len(resnet.layer1._forward_hooks) == 1
+        raise KeyError("inside the block")
     assert _no_hooks(resnet)
 
 
 def test_hooks_are_removed_when_the_forward_raises(resnet: nn.Module) -> None:
-    with pytest.raises(RuntimeError):
-        with capture_outputs(resnet, ["layer1"]), torch.no_grad():
-            resnet(torch.randn(1, 1, 32, 32))  # one channel: the stem convolution expects three
+    with pytest.raises(RuntimeError), capture_outputs(resnet, ["layer1"]), torch.no_grad():
+        resnet(torch.randn(1, 1, 32, 32))  # one channel: the stem convolution expects three
     assert _no_hooks(resnet)
 
 
 def test_hooks_are_removed_when_a_later_name_is_unknown(resnet: nn.Module) -> None:
-    with pytest.raises(AttributeError):
-        with capture_outputs(resnet, ["layer1", "layer9"]):
-            pass
+    with pytest.raises(AttributeError), capture_outputs(resnet, ["layer1", "layer9"]):
+        pass
     assert _no_hooks(resnet)
 
 

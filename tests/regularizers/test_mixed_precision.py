@@ -17,8 +17,7 @@ import torch
 
 from regtune.regularizers import TrainStep, create_criterion, list_criteria
 from tests.regularizers.test_contract import build, cases, make_model, make_step, step_for
-
-RTOL, ATOL = 1e-2, 1e-3
+from tests.regularizers.tolerance import TOL
 
 
 def _as(step: TrainStep, dtype: torch.dtype) -> TrainStep:
@@ -26,8 +25,8 @@ def _as(step: TrainStep, dtype: torch.dtype) -> TrainStep:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = step.model.get_classifier()(features)
     maps = {k: v.detach().to(dtype) for k, v in step.feature_maps.items()}
-    return TrainStep(features=features, logits=logits, labels=step.labels, model=step.model, global_step=step.global_step,
-                     epoch=step.epoch, total_steps=step.total_steps, feature_maps=maps,
+    return TrainStep(features=features, logits=logits, labels=step.labels, model=step.model,
+                     global_step=step.global_step, epoch=step.epoch, total_steps=step.total_steps, feature_maps=maps,
                      images=step.images.to(dtype), indices=step.indices)
 
 
@@ -52,7 +51,7 @@ def test_regularizer_under_bf16_autocast_matches_float32(name: str, kwargs: dict
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = copy.deepcopy(term)(low)
     assert torch.isfinite(mixed)
-    torch.testing.assert_close(mixed.float(), reference.float(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(mixed.float(), reference.float(), **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("name", list_criteria())
@@ -64,7 +63,7 @@ def test_criterion_under_bf16_autocast_matches_float32(name: str) -> None:
     reference = criterion(_quantised(step))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = criterion(_as(step, torch.bfloat16))
-    torch.testing.assert_close(mixed.float(), reference.float(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(mixed.float(), reference.float(), **TOL[torch.bfloat16])
 
 
 def test_a_bf16_mixed_run_trains_with_every_kind_of_term(imagefolder, tmp_path) -> None:

@@ -6,14 +6,13 @@ which tensor each term reads, the head of ``step.model``, gradients and ``stats(
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tests.regularizers.nets import FeatureNet
 from regtune.regularizers import (
     FeatureNormPenalty,
     HeadL1,
@@ -25,11 +24,8 @@ from regtune.regularizers import (
     TrainStep,
     ZeroCentroidRegularizer,
 )
-
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
-
-
+from tests.regularizers.nets import FeatureNet
+from tests.regularizers.tolerance import DTYPES, TOL
 
 
 class HeadNet(FeatureNet):

@@ -26,9 +26,6 @@ from regtune.regularizers import functional as Fn
 from regtune.regularizers.delta import layer_loss_increase
 from tests.conftest import TINY_BACKBONE
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
-
 
 def _step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, maps: tuple[str, ...] = (),
           indices: torch.Tensor | None = None) -> TrainStep:
@@ -399,7 +396,8 @@ def test_stochastic_batch_norm_matches_numpy_per_channel_mix() -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(2.0, 3.0, size=(5, 3, 2, 2))
     mean0, var0 = np.array([1.0, 0.0, -1.0]), np.array([2.0, 1.0, 0.5])
-    gamma, beta, mask, eps, momentum = np.array([1.0, 2.0, 0.5]), np.array([0.0, 1.0, -1.0]), np.array([1, 0, 1]), 1e-5, 0.1
+    gamma, beta, mask = np.array([1.0, 2.0, 0.5]), np.array([0.0, 1.0, -1.0]), np.array([1, 0, 1])
+    eps, momentum = 1e-5, 0.1
     running_mean, running_var = torch.tensor(mean0), torch.tensor(var0)
     y = Fn.stochastic_batch_norm(torch.tensor(x), running_mean, running_var, torch.tensor(gamma), torch.tensor(beta),
                                  torch.tensor(mask), momentum, eps).numpy()
