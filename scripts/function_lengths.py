@@ -28,7 +28,7 @@ def function_lengths(root: Path) -> list[tuple[int, str, bool]]:
                 and isinstance(body[0].value.value, str)
             start = body[1].lineno if has_docstring and len(body) > 1 else body[0].lineno
             length = node.end_lineno - start + 1
-            reason = any(line.strip().startswith("# Long:") for line in lines[start - 1:node.end_lineno])
+            reason = any(line.strip().startswith("# Long:") for line in lines[node.lineno - 1:node.end_lineno])
             rows.append((length, f"{path}:{node.lineno} {node.name}", reason))
     return sorted(rows, reverse=True)
 

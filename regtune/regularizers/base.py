@@ -150,6 +150,9 @@ class Regularizer(nn.Module):
             first update).
         setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
             evaluation transform, in order) or ``"train"`` (the training loader itself: shuffled, augmented).
+        changes_architecture: Whether :meth:`adapt_model` changes the model itself (its modules or their
+            behaviour, e.g. StochNorm's layer swap), not only the term's own copies of it. A finished run's model is
+            rebuilt for later use (``RunDir.load_model``) by calling :meth:`adapt_model` of exactly these terms.
         gradient_reaches: For the contract test, which the trainer does not read: where the term's gradient goes,
             ``"features"`` (the penultimate features, the default), ``"head"`` (the classifier's weight only),
             ``"model"`` (the backbone's parameters: weight penalties, intermediate feature maps) or ``"none"`` (the
@@ -164,6 +167,7 @@ class Regularizer(nn.Module):
     needs_source_head: bool = False
     needs_setup_pass: bool = False
     setup_transform: str = "eval"
+    changes_architecture: bool = False
     gradient_reaches: str = "features"
     contract_kwargs: tuple[dict[str, Any], ...] = ({},)
 

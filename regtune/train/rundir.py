@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from regtune.train.config import FitConfig, load_config, save_config
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # heavy imports only where a model or a dataset is loaded
     from regtune.data.base import ImageDataset
     from regtune.data.subset import Split
 
-__all__ = ["RunDir", "RunDirError", "RUN_STATUSES", "default_run_dir", "find_runs", "make_split", "run_preprocessing"]
+__all__ = ["RUN_STATUSES", "RunDir", "RunDirError", "default_run_dir", "find_runs", "make_split", "run_preprocessing"]
 
 RUN_STATUSES = ("new", "started", "interrupted", "finished")
 
@@ -241,7 +242,7 @@ class RunDir:
         create_criterion(config.criterion.name, **config.criterion.args).adapt_model(model)
         for spec in config.regularizers:
             term = create_regularizer(spec.name, **spec.args)
-            if getattr(term, "changes_architecture", False):
+            if term.changes_architecture:
                 term.adapt_model(model)
         model.load_state_dict(weights, strict=True)
         return model.eval(), config, path

@@ -296,6 +296,32 @@ def check_param_group_options(name: str, kwargs: dict[str, Any]) -> None:
     assert options is None or isinstance(options, dict), name
 
 
+def check_architecture_changes_are_declared(name: str, kwargs: dict[str, Any]) -> None:
+    """A term whose adapt_model changes the model (its modules' classes or its outputs in train or eval mode)
+    declares ``changes_architecture``: a finished run's model is rebuilt by calling exactly those terms' adapt_model.
+    A term that declares it must change something."""
+    torch.manual_seed(0)
+    model, images = make_model(), torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+    before = ([type(m) for m in model.modules()], sorted(model.state_dict()))
+
+    def outputs() -> list[torch.Tensor]:
+        result = []
+        for mode in (True, False):
+            state = {k: v.clone() for k, v in model.state_dict().items()}  # train mode moves BN statistics
+            model.train(mode)
+            torch.manual_seed(6)
+            with torch.no_grad():
+                result.append(model(images))
+            model.load_state_dict(state)
+        return result
+
+    reference = outputs()
+    build(name, kwargs, model, torch.float32, setup=False)
+    changed = ([type(m) for m in model.modules()], sorted(model.state_dict())) != before or any(
+        not torch.equal(a, b) for a, b in zip(reference, outputs()))
+    assert changed == create_regularizer(name, **kwargs).changes_architecture, (name, changed)
+
+
 # Every check of one registered term, as (check, whether it takes a dtype): a term passes the contract when each
 # passes for each of its contract_kwargs (and, where it takes one, each dtype of DTYPES).
 CHECKS: list[tuple[Callable[..., None], bool]] = [
@@ -308,6 +334,7 @@ CHECKS: list[tuple[Callable[..., None], bool]] = [
     (check_batch_size_one_works_or_raises_clearly, False),
     (check_unknown_argument_lists_valid_ones, False),
     (check_param_group_options, False),
+    (check_architecture_changes_are_declared, False),
 ]
 
 
@@ -324,6 +351,11 @@ def test_every_registered_name_is_covered() -> None:
 @pytest.mark.parametrize("name", list_regularizers())
 def test_declarations(name: str) -> None:
     check_declarations(name)
+
+
+@cases("test_architecture_changes_are_declared")
+def test_architecture_changes_are_declared(name: str, kwargs: dict[str, Any]) -> None:
+    check_architecture_changes_are_declared(name, kwargs)
 
 
 @cases("test_forward_is_finite_scalar_in_input_dtype")

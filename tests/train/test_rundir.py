@@ -11,10 +11,11 @@ import torch
 from regtune.data.datasets import build_dataset
 from regtune.data.subset import stratified_split, write_manifest
 from regtune.data.transforms import TransformedSubset, build_transforms
+from regtune.regularizers import UnknownNameError
+from regtune.regularizers.stochnorm import StochNormMixin
 from regtune.train.config import ConfigError, TermSpec, apply_overrides, load_config, save_config
 from regtune.train.fit import fit
 from regtune.train.rundir import RunDir, RunDirError, find_runs, make_split, run_preprocessing
-from regtune.regularizers import UnknownNameError
 from tests.conftest import write_imagefolder
 from tests.train.test_fit import tiny_config
 
@@ -135,6 +136,8 @@ def test_load_model_rebuilds_the_run_as_trained(tmp_path: Path) -> None:
     model, loaded, checkpoint = run.load_model(3)
     assert loaded == config and checkpoint == run.path / result.metrics["selected_checkpoint"]
     assert type(model.get_classifier()).__name__ == "CosineClassifier" and not model.training
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, StochNormMixin) for m in norms)  # as trained: StochNorm's swap replayed
     test_set = run.dataset("test")
     _, eval_tf = build_transforms(run_preprocessing(model, config))
     images = torch.stack([TransformedSubset(test_set, range(len(test_set)), eval_tf)[i][0]
