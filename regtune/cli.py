@@ -243,6 +243,16 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _progress_bar(args: argparse.Namespace) -> bool | None:
+    """Whether ``regtune fit`` shows a progress bar: as --progress / --no-progress say, else none when stdout is not a
+    terminal, else ``None`` (the config's ``trainer.progress_bar``; ``--set`` still overrides it)."""
+    if args.progress is not None:
+        return args.progress
+    # Lightning draws its bar on stdout. Sent to a file or a pipe, a bar is a stream of carriage returns and escape
+    # codes, and the per-epoch lines (stderr) say what it would.
+    return False if not sys.stdout.isatty() else None
+
+
 def _fit_config(args: argparse.Namespace) -> Any:
     """The run's :class:`~regtune.train.config.FitConfig`: --config (or the defaults), then the options given."""
     from regtune.train.config import FitConfig, apply_overrides, load_config
@@ -260,13 +270,9 @@ def _fit_config(args: argparse.Namespace) -> Any:
         overrides["data.fraction"] = None
     if args.download:
         overrides["data.download"] = True
-    if args.progress is not None:
-        overrides["trainer.progress_bar"] = args.progress
-    elif not sys.stdout.isatty():
-        # Lightning draws its bar on stdout. Sent to a file or a pipe, a bar is a stream of carriage returns and
-        # escape codes, and the per-epoch lines (stderr) say what it would. --progress (or --set
-        # trainer.progress_bar=true) asks for it anyway.
-        overrides["trainer.progress_bar"] = False
+    bar = _progress_bar(args)
+    if bar is not None:
+        overrides["trainer.progress_bar"] = bar
     if args.feature_stats:
         overrides["trainer.feature_stats"] = True
     if args.devices is not None:
