@@ -154,22 +154,10 @@ _CURVES = (("feature_norm", "feature norm  mean ||f||_2"), ("fmr_entropy", "FMR 
            ("sample_margin", "mean sample margin (cosine)"))
 
 
-def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequence[dict[str, Any]]],
-                    names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Runs side by side (e.g. FT vs FMR vs AdaRand): per-epoch feature norm, FMR entropy and sample margin (train
-    solid, validation dashed; runs fitted with ``--feature-stats``), test margin histograms, top-k overlap against k
-    and head-weight histograms.
-
-    Args:
-        results: Each run's ``analysis.json`` content (with ``margin_histogram``).
-        epoch_logs: Each run's epoch-log rows.
-        names: Legend label per run.
-        path: Output PNG.
-    """
-    path = Path(path)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 8.6))
-    for ax, (key, label) in zip(axes[0], _CURVES):
+def _plot_epoch_curves(axes: Sequence[Any], epoch_logs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
+                       colours: Sequence[str]) -> None:
+    """One panel per statistic of :data:`_CURVES`: each run's train (solid) and validation (dashed) values per epoch."""
+    for ax, (key, label) in zip(axes, _CURVES):
         drawn = False
         for i, (rows, name) in enumerate(zip(epoch_logs, names)):
             for split, style in (("train", "-"), ("val", "--")):
@@ -188,6 +176,24 @@ def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequ
         ax.set_ylabel(label)
         ax.set_title(label.split("  ")[0] + " over training")
         ax.grid(alpha=0.3)
+
+
+def plot_comparison(results: Sequence[dict[str, Any]], epoch_logs: Sequence[Sequence[dict[str, Any]]],
+                    names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Runs side by side (e.g. FT vs FMR vs AdaRand): per-epoch feature norm, FMR entropy and sample margin (train
+    solid, validation dashed; runs fitted with ``--feature-stats``), test margin histograms, top-k overlap against k
+    and head-weight histograms.
+
+    Args:
+        results: Each run's ``analysis.json`` content (with ``margin_histogram``).
+        epoch_logs: Each run's epoch-log rows.
+        names: Legend label per run.
+        path: Output PNG.
+    """
+    path = Path(path)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.6))
+    _plot_epoch_curves(axes[0], epoch_logs, names, colours)
     ax = axes[1, 0]
     for i, (result, name) in enumerate(zip(results, names)):
         hist = result["test"].get("margin_histogram")
