@@ -245,9 +245,12 @@ def _configure_logging(verbose: bool) -> None:
 
 def _progress_bar(args: argparse.Namespace) -> bool | None:
     """Whether ``regtune fit`` shows a progress bar: as --progress / --no-progress say, else none when stdout is not a
-    terminal, else ``None`` (the config's ``trainer.progress_bar``; ``--set`` still overrides it)."""
+    terminal, else ``None`` (the config's ``trainer.progress_bar``). Passed to ``fit`` beside the config, not into it:
+    where the output went changes no result, so the run's ``config.yaml`` does not depend on it."""
     if args.progress is not None:
         return args.progress
+    if any(item.partition("=")[0].strip() == "trainer.progress_bar" for item in args.set):
+        return None  # asked for in so many words: the config's value
     # Lightning draws its bar on stdout. Sent to a file or a pipe, a bar is a stream of carriage returns and escape
     # codes, and the per-epoch lines (stderr) say what it would.
     return False if not sys.stdout.isatty() else None
@@ -270,9 +273,6 @@ def _fit_config(args: argparse.Namespace) -> Any:
         overrides["data.fraction"] = None
     if args.download:
         overrides["data.download"] = True
-    bar = _progress_bar(args)
-    if bar is not None:
-        overrides["trainer.progress_bar"] = bar
     if args.feature_stats:
         overrides["trainer.feature_stats"] = True
     if args.devices is not None:
@@ -295,9 +295,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if rank_zero_only.rank > 0:  # under DDP every process runs this command; the others report only problems
         logging.getLogger("regtune").setLevel(logging.WARNING)
     if args.resume is not None:
-        result = fit(run_dir=args.resume, resume=True)
+        result = fit(run_dir=args.resume, resume=True, progress_bar=_progress_bar(args))
     else:
-        result = fit(_fit_config(args), run_dir=args.run_dir, overwrite=args.overwrite)
+        result = fit(_fit_config(args), run_dir=args.run_dir, overwrite=args.overwrite,
+                     progress_bar=_progress_bar(args))
     if rank_zero_only.rank > 0:
         return 130 if result.interrupted else 0
     if result.interrupted:

@@ -31,7 +31,8 @@ def _save(fig: Any, path: Path, title: str = "") -> Path:
 
 
 def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "",
-                         selected_epoch: int | None = None, test_acc: float | None = None) -> Path:
+                         selected_epoch: int | None = None, test_acc: float | None = None,
+                         criterion: str | None = None) -> Path:
     """Loss, accuracy and learning rate per epoch (train and validation), as one PNG.
 
     Epochs are counted from 1, as in ``epochs.csv``, on the console and in ``metrics.json``.
@@ -43,6 +44,9 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
         selected_epoch: Epoch of the tested checkpoint (``metrics.json``'s ``selected_epoch``, from 1), marked with a
             dashed line.
         test_acc: Test accuracy of that checkpoint, drawn as a star on the accuracy panel.
+        criterion: Registry name of the run's criterion: its own training loss (``train/<criterion>``) is the
+            loss panel's training curve, and the total with the regularizers' terms (which may be negative, as
+            FMR's entropy term is) is drawn thin beside it when it differs.
 
     Returns:
         ``path``.
@@ -50,12 +54,16 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     path = Path(path)
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, metric, label in ((axes[0], "loss", "cross-entropy / total loss"), (axes[1], "acc", "accuracy")):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            key = f"{split}/{metric}"
+    own = f"train/{criterion}" if criterion and any(f"train/{criterion}" in r for r in rows) else None
+    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        train_key = own if metric == "loss" and own else f"train/{metric}"
+        for name, key, style in ((f"train {criterion}" if train_key == own else "train", train_key, "-o"),
+                                 ("val", f"val/{metric}", "-s")):
             points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
             if points:
-                ax.plot(*zip(*points), style, ms=3, label=split)
+                ax.plot(*zip(*points), style, ms=3, label=name)
+        if metric == "loss" and own:
+            _total_loss_beside(ax, epochs, rows, own)
         if selected_epoch is not None:
             ax.axvline(selected_epoch, color="grey", ls="--", lw=1, label="selected")
         if metric == "acc" and test_acc is not None and selected_epoch is not None:
@@ -75,6 +83,19 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     for ax in axes:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs 1, 2, ...: no 0.5 ticks
     return _save(fig, path, title)
+
+
+def _total_loss_beside(ax: Any, epochs: list[int], rows: Sequence[dict[str, Any]], own: str) -> None:
+    """The training total (criterion + regularizer terms) on its own right-hand axis, where it differs from the
+    criterion's loss: FMR's term is a negative entropy, so the total can be far below zero."""
+    points = [(e, r["train/loss"]) for e, r in zip(epochs, rows) if "train/loss" in r]
+    if not points or all(abs(r["train/loss"] - r[own]) < 1e-9 for r in rows if "train/loss" in r and own in r):
+        return
+    right = ax.twinx()
+    right.plot(*zip(*points), ":", color="grey", lw=1, label="train total (incl. regularizers)")
+    right.set_ylabel("total incl. regularizers", color="grey")
+    right.tick_params(axis="y", colors="grey")
+    right.legend(loc="upper center", fontsize=7)
 
 
 def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: Any, path: str | Path,

@@ -213,7 +213,8 @@ def _claim_run_dir(config: FitConfig, parts: _Parts, run_dir: str | Path | None,
     return run
 
 
-def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Sequence[pl.Callback]) -> _Trainer:
+def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Sequence[pl.Callback],
+                  progress_bar: bool | None) -> _Trainer:
     t = config.trainer
     monitor, mode, _ = _SELECT[t.select]
     last = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None,
@@ -236,7 +237,7 @@ def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Seque
         # EpochShuffle shards the training epoch across processes itself (and keeps its per-epoch order and
         # augmentation seeds); evaluation and set-up loaders use Shard.
         use_distributed_sampler=False,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=t.progress_bar if progress_bar is None else progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0 if not split.val and t.select != "test_acc" else None,  # no validation images: no loop
@@ -285,7 +286,8 @@ def _train(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, resume
             signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
         rows = read_epoch_log(run.epochs_csv) if rank_zero_only.rank == 0 else []
         if rows:
-            plot_learning_curves(rows, run.curves_png, title=f"{run.path.name} ({config.trainer.select})")
+            plot_learning_curves(rows, run.curves_png, title=f"{run.path.name} ({config.trainer.select})",
+                                 criterion=config.criterion.name)
     if trainer.interrupted:
         saved = made.preemption.saved_at
         where = (f"in epoch {saved[0] + 1} after batch {saved[1]} (checkpoint saved)" if saved
@@ -318,7 +320,8 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "test_class_acc": parts.module.test_class_accuracy(),
         "selection": t.select,
         "selection_note": _SELECT[t.select][2],
-        "selected_epoch": epoch,
+        "selected_epoch": epoch + 1,
+        "epoch_base": 1,  # epochs counted from 1 here, in epochs.csv and on the console (older runs: from 0)
         "selected_checkpoint": str(Path(result["selected"]).relative_to(run.path)),
         "best_val": result["best_val"],
         "epochs": t.epochs,
@@ -348,12 +351,12 @@ def _report(config: FitConfig, run: RunDir, metrics: dict[str, Any], made: _Trai
         _log.warning("selection on the TEST set (papers' protocol): test accuracy is optimistic")
     if made.trainer.is_global_zero:
         plot_learning_curves(read_epoch_log(run.epochs_csv), run.curves_png,
-                             title=f"{run.path.name} ({config.trainer.select})",
+                             title=f"{run.path.name} ({config.trainer.select})", criterion=config.criterion.name,
                              selected_epoch=metrics["selected_epoch"], test_acc=metrics["test_acc"])
         atomic_write_json(run.metrics_path, metrics)
-    _log.info("test accuracy %.4f (mean per class %.4f), checkpoint of epoch %d by %s; run directory %s",
-              metrics["test_acc"], metrics["test_mean_class_acc"], metrics["selected_epoch"] + 1,
-              config.trainer.select, run)
+    # The result itself is the caller's to print (the CLI prints it once).
+    _log.debug("test accuracy %.4f, checkpoint of epoch %d; run directory %s", metrics["test_acc"],
+               metrics["selected_epoch"], run)
 
 
 def fit(
@@ -362,6 +365,7 @@ def fit(
         resume: bool = False,
         overwrite: bool = False,
         callbacks: Sequence[pl.Callback] = (),
+        progress_bar: bool | None = None,
 ) -> FitResult:
     """Fine-tune, select a checkpoint, test it once, and write the run directory.
 
@@ -371,6 +375,8 @@ def fit(
         resume: Continue the interrupted run in ``run_dir`` from its ``last.ckpt`` (the config is read from there).
         overwrite: Replace a run already in ``run_dir``.
         callbacks: Extra Lightning callbacks (progress hooks, tests).
+        progress_bar: Show Lightning's progress bar; ``None`` follows ``trainer.progress_bar`` (a resumed run's own
+            config). It changes no result, so it is not part of the config written for the run.
 
     Returns:
         The :class:`FitResult`; ``interrupted`` is true when the run was stopped (Ctrl-C) before its end, in which
@@ -385,7 +391,7 @@ def fit(
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     parts = _build_parts(config, RunDir(Path(run_dir).absolute()) if resume else None)
     run = _claim_run_dir(config, parts, run_dir, resume, overwrite)
-    made = _make_trainer(config, run, parts.split, callbacks)
+    made = _make_trainer(config, run, parts.split, callbacks, progress_bar)
     d = config.data
     _log.info("run directory: %s", run)
     _log.info("%s/%s: %d train, %d val, %d test images, %d classes; backbone %s (weights: %s); input %s",

@@ -287,7 +287,7 @@ class FineTuner(pl.LightningModule):
         if not torch.isfinite(loss):
             bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
-                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch + 1}, batch "
                 f"{batch_idx}): {bad}"
             )
         batch_size = labels.shape[0]

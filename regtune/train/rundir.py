@@ -177,9 +177,14 @@ class RunDir:
         return load_config(self.config_path)
 
     def metrics(self) -> dict[str, Any]:
-        """The finished run's ``metrics.json``."""
+        """The finished run's ``metrics.json``, its ``selected_epoch`` counted from 1 (runs written before
+        ``epoch_base`` existed counted from 0 and are renumbered here)."""
         self.require("finished")
-        return json.loads(self.metrics_path.read_text())
+        metrics = json.loads(self.metrics_path.read_text())
+        if "epoch_base" not in metrics and metrics.get("selected_epoch") is not None:
+            metrics["selected_epoch"] += 1
+            metrics["epoch_base"] = 1
+        return metrics
 
     def write_start(self, config: FitConfig, split: Split, ids: Any, dataset: str) -> None:
         """Write what a run starts with: its config and its split manifest."""

@@ -28,10 +28,10 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
 
 
 def test_partial_yaml_fills_defaults(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("trainer:\n  epochs: 3\nregularizers: [toy]\ncriterion: ce\n")
+    (tmp_path / "c.yaml").write_text("trainer:\n  epochs: 3\nregularizers: [fnp]\ncriterion: ce\n")
     config = load_config(tmp_path / "c.yaml")
     assert config.trainer.epochs == 3 and config.data == DataConfig()
-    assert config.regularizers == (TermSpec("toy"),) and config.criterion == TermSpec("ce")
+    assert config.regularizers == (TermSpec("fnp"),) and config.criterion == TermSpec("ce")
 
 
 def test_unknown_key_lists_valid_ones() -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from regtune.data.transforms import TransformedSubset, sample_seed, seeded_rng
+from regtune.data.seeds import sample_seed
+from regtune.data.transforms import TransformedSubset, seeded_rng
 from regtune.train import datamodule
 from regtune.train.datamodule import EpochShuffle, Shard
 

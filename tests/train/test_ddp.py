@@ -52,7 +52,7 @@ def test_two_process_fit_end_to_end(tmp_path: Path, launcher: str) -> None:
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # each process trains on its 15 of the 30 images per epoch: 3 full batches of 4, so 3 steps per epoch
     rows = read_epoch_log(tmp_path / "run" / "epochs.csv")
-    assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [3, 6]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [3, 6]
     # the test numbers are those of the selected checkpoint on all 12 test images, not on one process's share
     assert metrics["num_test"] == 12
     state = torch.load(tmp_path / "run" / metrics["selected_checkpoint"], map_location="cpu", weights_only=True)

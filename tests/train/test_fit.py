@@ -86,7 +86,7 @@ def test_run_directory_contents(imagefolder: Path, tmp_path: Path) -> None:
     assert metrics["num_train"] == 24 and metrics["num_val"] == 6 and metrics["num_test"] == 12
     assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["selection"] == "val_acc"
     rows = read_epoch_log(run / "epochs.csv")
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr/backbone", "lr/head"} <= set(rows[0])
     assert rows[0]["lr/head"] == pytest.approx(10 * rows[0]["lr/backbone"])
     split = json.loads((run / "split.json").read_text())
@@ -124,13 +124,13 @@ def test_resume_equals_uninterrupted(imagefolder: Path, tmp_path: Path, toy_term
     whole = fit(config, run_dir=tmp_path / "whole")
     stopped = fit(config, run_dir=tmp_path / "cut", callbacks=[_StopAt(2)])
     assert stopped.interrupted and not (stopped.run_dir / "metrics.json").exists()
-    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [0, 1]
+    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [1, 2]
     resumed = fit(run_dir=tmp_path / "cut", resume=True)
     assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
     assert resumed.metrics["resumed"] is True
     rows_whole = read_epoch_log(whole.run_dir / "epochs.csv")
     rows_resumed = read_epoch_log(resumed.run_dir / "epochs.csv")
-    assert [r["epoch"] for r in rows_resumed] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows_resumed] == [1, 2, 3, 4]
     for a, b in zip(rows_whole, rows_resumed):
         assert a["train/loss"] == b["train/loss"] and a["val/acc"] == b["val/acc"]
     # setup ran once per run (whole, cut), not again on resume, over the 24 training images
@@ -162,7 +162,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(imagefolder: Path, tmp_path: P
     config = tiny_config(imagefolder, epochs=3)
     config = FitConfig(data=config.data, model=config.model, optim=config.optim, trainer=config.trainer,
                        regularizers=(TermSpec("toy_nan", {"at_step": 4}),))
-    with pytest.raises(NonFiniteLossError, match=r"step 4 \(epoch 1.*toy_nan=nan.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"step 4 \(epoch 2.*toy_nan=nan.*last good checkpoint"):
         fit(config, run_dir=tmp_path / "run")
     last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     assert last["epoch"] == 0 and last["global_step"] == 3
@@ -306,7 +306,7 @@ def test_sigterm_during_validation_finishes_the_epoch_and_resumes_identically(im
     assert stopped.interrupted
     checkpoint = torch.load(stopped.run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 6  # two whole epochs of 3 batches
-    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [0, 1]
+    assert [r["epoch"] for r in read_epoch_log(stopped.run_dir / "epochs.csv")] == [1, 2]
     resumed = fit(run_dir=tmp_path / "cut", resume=True)
     whole = fit(config, run_dir=tmp_path / "whole")
     assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}

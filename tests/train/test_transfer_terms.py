@@ -96,7 +96,7 @@ def test_term_trains_and_logs(run: Callable[..., FitResult], name: str, args: di
     assert 0.0 <= metrics["test_acc"] <= 1.0
     assert metrics["regularizers"] == [name] and metrics["weights"].startswith("file:")
     rows = read_epoch_log(result.run_dir / "epochs.csv")
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     columns = [f"train/{name}"] + [f"train/{name}/{key}" for key in keys]
     for row in rows:
         missing = [c for c in columns if c not in row]
@@ -214,7 +214,7 @@ def test_lwf_cached_teacher_resume_equals_uninterrupted(images: Path, weights: P
     assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
     rows_whole = read_epoch_log(whole.run_dir / "epochs.csv")
     rows_resumed = read_epoch_log(resumed.run_dir / "epochs.csv")
-    assert [r["epoch"] for r in rows_resumed] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows_resumed] == [1, 2, 3, 4]
     assert [r["train/loss"] for r in rows_resumed] == [r["train/loss"] for r in rows_whole]
     assert [r["train/lwf/kl"] for r in rows_resumed] == [r["train/lwf/kl"] for r in rows_whole]
     # the cached teacher outputs (one row of source logits per training image) came back from the checkpoint
