@@ -56,7 +56,8 @@ def main() -> None:
         if unknown:
             parser.error(f"--only: unknown label(s) {', '.join(unknown)}; known: {', '.join(m.label for m in methods)}")
         methods = tuple(m for m in methods if m.label == methods[0].label or m.label in args.only)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU, {torch.get_num_threads()} threads")
     try:
         settings = OverheadSettings(backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
                                     steps=args.steps, rounds=args.rounds, device=args.device)
@@ -75,10 +76,12 @@ def main() -> None:
         return
     if args.terms_only:
         terms = measure_term_cost(methods, settings)
-        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}\n\n"
+        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; "
+                 f"torch {torch.__version__}\n\n"
                  "Milliseconds each method's own terms (criterion and regularizers, forward + backward, with whatever "
                  "they run besides) add to one training step, timed alone on a recorded step (median of "
-                 f"{settings.term_repeats}), minus plain cross-entropy's.\n\n| method | terms alone (ms / step) |\n|---|---:|\n"
+                 f"{settings.term_repeats}), minus plain cross-entropy's.\n\n"
+                 "| method | terms alone (ms / step) |\n|---|---:|\n"
                  + "\n".join(f"| {k} | {v:.2f} |" for k, v in terms.items()))
         print(table)
         if args.out:

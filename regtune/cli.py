@@ -375,7 +375,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             continue
         result = analyze_run(run_dir, mi_samples=args.mi_samples, test_limit=args.test_limit)
         tr, te = result["train"], result["test"]
-        print(f"{run_dir}: feature norm {tr['feature_norm']['per_sample_l2']:.3f} / {te['feature_norm']['per_sample_l2']:.3f}"
+        print(f"{run_dir}: feature norm {tr['feature_norm']['per_sample_l2']:.3f} / "
+              f"{te['feature_norm']['per_sample_l2']:.3f}"
               f" (train / test), FMR entropy {tr['fmr_entropy']['normalized']:.4f} / "
               f"{te['fmr_entropy']['normalized']:.4f} of log D, I(F;Y) {tr['entropy_mi']['mi']:.2f} / "
               f"{te['entropy_mi']['mi']:.2f}, mean margin {tr['margins']['margin_mean']:.3f} / "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,17 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("a test tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _regtune_logger_restored() -> Iterator[None]:
+    """``regtune.cli.main`` points the ``regtune`` logger at its own handler (no propagation); later tests read the
+    log through pytest's ``caplog``, so each test gets the logger back as it found it."""
+    logger = logging.getLogger("regtune")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
 
 
 @pytest.fixture(autouse=True)

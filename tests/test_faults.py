@@ -2,7 +2,8 @@
 
 Cases here: a training image that turns corrupt in the middle of training; the dataset folder that disappears
 during a run; a full disk while a checkpoint is written; a regularizer whose set-up fails; a config or report
-written while the disk fills; SIGTERM / SIGINT to a running `regtune fit` process. Elsewhere: NaN in the loss (``tests/train/test_fit.py::test_nan_loss_stops_and_keeps_last_checkpoint``),
+written while the disk fills; SIGTERM / SIGINT to a running `regtune fit` process. Elsewhere: NaN in the loss
+(``tests/train/test_fit.py::test_nan_loss_stops_and_keeps_last_checkpoint``),
 a missing dataset folder, a corrupt test image and a fraction that empties a class (``tests/test_cli.py``), a bench
 grid killed between runs and inside a run (``tests/bench/test_grid.py::test_killed_grid_reruns_only_the_missing_runs``).
 """
@@ -179,7 +180,9 @@ def test_reports_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: p
         real_write(self, text[: len(text) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("regtune._io.open", lambda *a, **k: _HalfWriter(open(*a, **k), half_then_full), raising=False)
+    # The handle is the writer's to close (it wraps the real one): no context manager here.
+    monkeypatch.setattr("regtune._io.open", lambda *a, **k: _HalfWriter(open(*a, **k), half_then_full),  # noqa: SIM115
+                        raising=False)
     with pytest.raises(OSError, match="No space"):
         atomic_write_json(path, {"test_acc": 0.75, "padding": "x" * 1000})
     assert json.loads(path.read_text()) == {"test_acc": 0.5}

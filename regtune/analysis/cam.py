@@ -4,14 +4,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CamMaps", "class_activation_maps", "grad_cam", "vit_reshape_transform", "NotAGapLinearHead"]
+__all__ = ["CamMaps", "NotAGapLinearHead", "class_activation_maps", "grad_cam", "vit_reshape_transform"]
 
 
 class NotAGapLinearHead(ValueError):

@@ -15,12 +15,12 @@ from regtune.regularizers.functional import channel_entropy, class_margin, cosin
 
 __all__ = [
     "feature_norms",
-    "meannn_entropy",
-    "mutual_information",
     "fmr_entropy",
-    "topk_overlap",
     "head_weight_stats",
     "margin_stats",
+    "meannn_entropy",
+    "mutual_information",
+    "topk_overlap",
 ]
 
 

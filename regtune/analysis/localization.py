@@ -9,14 +9,22 @@ reaches delta. Boxes are ``(x0, y0, x1, y1)`` in pixels, both ends inclusive.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
 
-__all__ = ["normalize_cam", "boxes_from_cam", "box_iou", "BoxAccuracy", "box_accuracy", "max_box_acc",
-           "max_box_acc_v2", "localization_accuracy"]
+__all__ = [
+    "BoxAccuracy",
+    "box_accuracy",
+    "box_iou",
+    "boxes_from_cam",
+    "localization_accuracy",
+    "max_box_acc",
+    "max_box_acc_v2",
+    "normalize_cam",
+]
 
 
 def normalize_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -98,7 +98,8 @@ def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str
         cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
         cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None
                     else ("data.per_class", data["per_class"]))
-        records.append(RunRecord(names.get(run_dir) or method_label(config), tuple(cell), int(config["trainer"]["seed"]),
+        records.append(RunRecord(names.get(run_dir) or method_label(config), tuple(cell),
+                                 int(config["trainer"]["seed"]),
                                  metrics, run_dir))
     return records
 

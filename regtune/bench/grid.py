@@ -49,10 +49,11 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -60,7 +61,7 @@ from regtune._io import atomic_write_json, atomic_write_text
 from regtune.train.config import FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
 
-__all__ = ["Grid", "GridRun", "GridError", "load_grid", "run_grid", "expand", "parse_shard"]
+__all__ = ["Grid", "GridError", "GridRun", "expand", "load_grid", "parse_shard", "run_grid"]
 
 _log = logging.getLogger(__name__)
 
@@ -157,13 +158,15 @@ def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | 
     for i, rule in enumerate(where):
         if not isinstance(rule, dict) or set(rule) != {"match", "set"} or not isinstance(rule["match"], dict) \
                 or not isinstance(rule["set"], dict) or not rule["match"]:
-            raise GridError(f"where[{i}] must be {{match: {{KEY: VALUE, ...}}, set: {{KEY: VALUE, ...}}}}, got {rule!r}")
+            raise GridError(f"where[{i}] must be {{match: {{KEY: VALUE, ...}}, set: {{KEY: VALUE, ...}}}}, "
+                            f"got {rule!r}")
         missing = sorted(k for k in rule["match"] if k not in axes)
         if missing:
             raise GridError(f"where[{i}] matches on {', '.join(missing)}, which is not an axis of the grid "
                             f"(axes: {', '.join(axes)})")
     name = str(data.get("name") or default_name)
-    grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name), base=data.get("base") or {},
+    grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name),
+                base=data.get("base") or {},
                 axes=axes, methods={str(k): dict(v or {}) for k, v in methods.items()}, baseline=str(baseline),
                 source=data, where=where)
     _check_every_config(grid)
@@ -351,7 +354,7 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         except KeyboardInterrupt:
             _log.warning("grid interrupted during %s; run the same command again to continue", where)
             raise
-        except Exception as err:  # noqa: BLE001 - recorded; the grid goes on unless asked to stop
+        except Exception as err:
             if stop_on_error:
                 raise
             counts["failed"] += 1

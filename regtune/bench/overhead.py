@@ -195,7 +195,8 @@ def measure_overhead(methods: Sequence[Method] = SEED_METHODS,
 
 def _build_runner(method: Method, settings: OverheadSettings) -> tuple:
     """A FineTuner for ``method`` on a fresh copy of the backbone, set up, with its optimizer and the fixed batch."""
-    seed, num_classes, batch_size, img_size = settings.seed, settings.num_classes, settings.batch_size, settings.img_size
+    seed, num_classes = settings.seed, settings.num_classes
+    batch_size, img_size = settings.batch_size, settings.img_size
     device = torch.device(settings.device)
     torch.manual_seed(seed)
     built = create_backbone(settings.backbone, num_classes, pretrained=settings.pretrained)
@@ -209,7 +210,8 @@ def _build_runner(method: Method, settings: OverheadSettings) -> tuple:
         if term.needs_source_head:
             term.attach_source_head(built.source_head)
     module = FineTuner(built.model, create_criterion(method.criterion.name, **method.criterion.args), terms,
-                       OptimConfig(), num_classes, setup_loader=lambda: batches, train_loader=lambda: batches).to(device)
+                       OptimConfig(), num_classes, setup_loader=lambda: batches,
+                       train_loader=lambda: batches).to(device)
     module.train()
     module.prepare_regularizers()
     optimizer = torch.optim.SGD(module.param_groups(), lr=1e-3, momentum=0.9, nesterov=True)
@@ -361,7 +363,8 @@ def overhead_table(results: Sequence[OverheadResult], peak_rss: dict[str, tuple[
     term_head = " terms alone (ms) | FT step + terms, x FT |" if term_ms else ""
     lines = ["| method | ms / step (median) | x plain FT (paired median) | rounds (ms) | CUDA peak MiB | x plain FT |"
              + rss_head + term_head,
-             "|---|---:|---:|---|---:|---:|" + ("---:|---:|---:|" if peak_rss else "") + ("---:|---:|" if term_ms else "")]
+             "|---|---:|---:|---|---:|---:|" + ("---:|---:|---:|" if peak_rss else "")
+             + ("---:|---:|" if term_ms else "")]
     base_rss = peak_rss.get(results[0].label) if peak_rss else None
     base_ms = results[0].ms_per_step
     for r in results:
@@ -447,7 +450,8 @@ def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _Ste
     built = create_backbone(settings.backbone, settings.num_classes, pretrained=settings.pretrained)
     model = built.model.to(memory_format=torch.channels_last).train()
     config = timm.data.resolve_model_data_config(model)
-    transform = timm.data.create_transform(input_size=(3, settings.img_size, settings.img_size), is_training=True, scale=(0.5, 1.0),
+    transform = timm.data.create_transform(input_size=(3, settings.img_size, settings.img_size), is_training=True,
+                                           scale=(0.5, 1.0),
                                            hflip=0.5, color_jitter=None, interpolation=config["interpolation"],
                                            mean=config["mean"], std=config["std"])
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-__all__ = ["mean_std", "t_quantile", "t_cdf", "PairedDifference", "paired_difference", "holm"]
+__all__ = ["PairedDifference", "holm", "mean_std", "paired_difference", "t_cdf", "t_quantile"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["Box", "ImageDataset", "DatasetNotFoundError", "CorruptImageError"]
+__all__ = ["Box", "CorruptImageError", "DatasetNotFoundError", "ImageDataset"]
 
 Box = tuple[float, float, float, float]
 """A box as (x0, y0, x1, y1) in pixels of the original image, inclusive corners (CUB's convention after conversion)."""

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from regtune._io import atomic_write_text
 
-__all__ = ["Split", "EmptyClassError", "stratified_split", "write_manifest", "read_manifest", "split_from_manifest"]
+__all__ = ["EmptyClassError", "Split", "read_manifest", "split_from_manifest", "stratified_split", "write_manifest"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Split:
 
 
 def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def stratified_split(
@@ -113,7 +113,7 @@ def stratified_split(
         else:
             k_c = n_c
         chosen = rng.permutation(members)[:k_c]
-        n_val = min(int(math.floor(val_fraction * k_c)), k_c - 1)
+        n_val = min(math.floor(val_fraction * k_c), k_c - 1)
         val.extend(chosen[:n_val].tolist())
         train.extend(chosen[n_val:].tolist())
     if short:

@@ -12,15 +12,15 @@ from regtune.models.factory import (
 from regtune.models.weights import OFFLINE_SOURCES, WeightsMismatchError, has_offline_weights, offline_weights_path
 
 __all__ = [
+    "OFFLINE_SOURCES",
     "WEIGHT_SOURCES",
     "Backbone",
     "UnknownBackboneError",
+    "WeightsMismatchError",
     "check_backbone_name",
     "create_backbone",
     "data_config",
     "forward_parts",
-    "OFFLINE_SOURCES",
-    "WeightsMismatchError",
     "has_offline_weights",
     "offline_weights_path",
 ]

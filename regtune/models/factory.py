@@ -14,7 +14,15 @@ from torch import nn
 
 from regtune.models.weights import has_offline_weights, load_offline_weights, load_weights_file
 
-__all__ = ["Backbone", "UnknownBackboneError", "check_backbone_name", "create_backbone", "data_config", "forward_parts", "WEIGHT_SOURCES"]
+__all__ = [
+    "WEIGHT_SOURCES",
+    "Backbone",
+    "UnknownBackboneError",
+    "check_backbone_name",
+    "create_backbone",
+    "data_config",
+    "forward_parts",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -100,7 +108,7 @@ def create_backbone(
         _log.info("downloading pretrained weights of %s from the timm hub (needs internet)", name)
         try:
             model = timm.create_model(name, pretrained=True, drop_rate=drop_rate, **kwargs)
-        except Exception as err:  # noqa: BLE001 - hub errors come in many types; re-raised with the way out
+        except Exception as err:
             raise RuntimeError(
                 f"could not fetch pretrained weights of {name!r} from the timm hub ({type(err).__name__}: {err}). "
                 "Offline, pass a local file with --pretrained PATH, use a backbone with offline weights "

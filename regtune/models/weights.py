@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 __all__ = [
-    "OfflineSource",
     "OFFLINE_SOURCES",
+    "OfflineSource",
     "WeightsMismatchError",
     "has_offline_weights",
-    "offline_weights_path",
+    "load_by_position",
     "load_offline_weights",
     "load_weights_file",
-    "load_by_position",
+    "offline_weights_path",
 ]
 
 _log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def offline_weights_path(backbone: str) -> Path:
     return Path(getattr(module, source.locator).get_model_file_path())
 
 
-def load_by_position(model: nn.Module, state: "OrderedDict[str, torch.Tensor]", origin: str) -> None:
+def load_by_position(model: nn.Module, state: OrderedDict[str, torch.Tensor], origin: str) -> None:
     """Copy ``state`` into ``model`` matching tensors by position, after checking count and every shape.
 
     Raises:

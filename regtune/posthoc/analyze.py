@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +31,7 @@ from regtune.data.transforms import TransformedSubset, build_transforms
 from regtune.models import forward_parts
 from regtune.train.rundir import RunDir, run_preprocessing
 
-__all__ = ["extract", "analyze_run", "compare_runs"]
+__all__ = ["analyze_run", "compare_runs", "extract"]
 
 MARGIN_EDGES = torch.linspace(-1.0, 1.0, 81, dtype=torch.float64)
 """Bins of the saved margin histograms (margins outside [-1, 1] are counted in the end bins), shared by all runs so
@@ -151,9 +152,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
     logs = [read_epoch_log(run.epochs_csv) for run in runs]
     paths = {"figure": plot_comparison(results, logs, names, out / "analysis_compare.png",
                                        title="  vs  ".join(names))}
-    points, lines = [], ["| run | test acc | feature norm (train / test) | FMR entropy / log D (test) | "
-                         "I(F;Y) (train / test) | mean margin (test) | class margin (deg) | weighted top-10 overlap"
-                         " | head sparsity | head negative | MaxBoxAccV2 |", "|" + "---|" * 11]
+    points, lines = [], [("| run | test acc | feature norm (train / test) | FMR entropy / log D (test) | "
+                          "I(F;Y) (train / test) | mean margin (test) | class margin (deg) | weighted top-10 overlap"
+                          " | head sparsity | head negative | MaxBoxAccV2 |"), "|" + "---|" * 11]
     for run, name, r in zip(runs, names, results):
         located_json = run.localization_json()
         loc = json.loads(located_json.read_text()) if located_json.is_file() else None
@@ -170,7 +171,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, names: Sequenc
             f"{located} |")
     paths["sparsity"] = plot_head_sparsity(points, out / "head_sparsity.png")
     atomic_write_text(out / "analysis_compare.md",
-                      "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n" + "\n".join(lines)
+                      "I(F;Y) values compare only at the same N and D (see each run's analysis.json).\n\n"
+                      + "\n".join(lines)
         + "\n")
     paths["table"] = out / "analysis_compare.md"
     return paths

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from regtune.analysis.cam import NotAGapLinearHead, class_activation_maps, grad_
 from regtune.analysis.localization import (
     BoxAccuracy,
     box_accuracy,
-    boxes_from_cam,
     box_iou,
+    boxes_from_cam,
     localization_accuracy,
     normalize_cam,
 )
@@ -33,8 +34,15 @@ from regtune.data.base import Box, ImageDataset
 from regtune.models import data_config
 from regtune.train.rundir import RunDir
 
-__all__ = ["SOURCES", "localization_transform", "resize_box", "cam_maps", "evaluate_localization",
-           "localize_run", "write_cam_overlays"]
+__all__ = [
+    "SOURCES",
+    "cam_maps",
+    "evaluate_localization",
+    "localization_transform",
+    "localize_run",
+    "resize_box",
+    "write_cam_overlays",
+]
 
 _log = logging.getLogger(__name__)
 

@@ -17,18 +17,18 @@ import yaml
 from regtune._io import atomic_write_text
 
 __all__ = [
+    "SELECT_MODES",
+    "ConfigError",
     "DataConfig",
+    "FitConfig",
     "ModelConfig",
     "OptimConfig",
-    "TrainerConfig",
     "TermSpec",
-    "FitConfig",
-    "ConfigError",
-    "load_config",
-    "save_config",
+    "TrainerConfig",
     "apply_overrides",
     "check_names",
-    "SELECT_MODES",
+    "load_config",
+    "save_config",
 ]
 
 SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")

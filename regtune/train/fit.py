@@ -15,9 +15,10 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -34,14 +35,21 @@ from regtune.data.transforms import build_transforms
 from regtune.models import create_backbone
 from regtune.models.factory import Backbone
 from regtune.regularizers import create_criterion, create_regularizer
-from regtune.train.callbacks import (EpochLog, EpochSeed, MidEpochResume, Preemption, SetupArtifacts, StepLog,
-                                     read_epoch_log)
+from regtune.train.callbacks import (
+    EpochLog,
+    EpochSeed,
+    MidEpochResume,
+    Preemption,
+    SetupArtifacts,
+    StepLog,
+    read_epoch_log,
+)
 from regtune.train.config import FitConfig, check_names
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import FineTuner, NonFiniteLossError
 from regtune.train.rundir import RunDir, RunDirError, default_run_dir, make_split, run_preprocessing
 
-__all__ = ["fit", "RunDirError", "FitResult", "default_run_dir"]
+__all__ = ["FitResult", "RunDirError", "default_run_dir", "fit"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,8 +58,8 @@ _RUN_DIR_ENV = "REGTUNE_RUN_DIR"  # process 0's run directory, for the DDP proce
 _SELECT = {  # select mode -> (monitored metric, mode, what the results call it)
     "val_acc": ("val/acc", "max", "best validation accuracy (held-out split of the training subset)"),
     "val_loss": ("val/loss", "min", "lowest validation loss (held-out split of the training subset)"),
-    "test_acc": ("val/acc", "max", "best TEST accuracy over epochs (papers' protocol, optimistic: the test set chose "
-                                   "the checkpoint)"),
+    "test_acc": ("val/acc", "max", ("best TEST accuracy over epochs (papers' protocol, optimistic: the test set "
+                                    "chose the checkpoint)")),
     "last": (None, "max", "last epoch"),
 }
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, optim: OptimConfig) -> float:
     """Learning-rate multiplier at optimisation ``step`` (0-based): linear warm-up, then the schedule."""
-    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+    warmup = round(optim.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return (step + 1) / warmup
     if optim.scheduler == "constant":
@@ -299,7 +300,8 @@ class FineTuner(pl.LightningModule):
             stepwise.update({f"train/{self.criterion_name}/{key}": float(v) for key, v in criterion_stats.items()})
             for name, term in self.regularizers.items():
                 stepwise.update({f"train/{name}/{key}": float(v) for key, v in term.stats().items()})
-        # The bar shows the criterion's loss: the total can be negative (FMR adds a negative entropy) and reads as a bug.
+        # The bar shows the criterion's loss: the total can be negative (FMR adds a negative entropy) and reads as a
+        # bug.
         headline = f"train/{self.criterion_name}" if f"train/{self.criterion_name}" in stepwise else "train/loss"
         for name, value in stepwise.items():
             self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size,

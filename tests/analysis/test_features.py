@@ -101,7 +101,8 @@ def test_margin_stats_match_numpy() -> None:
     margins = [cos[b, y[b]] - max(cos[b, j] for j in range(3) if j != y[b]) for b in range(6)]
     result = margin_stats(torch.tensor(f), torch.tensor(y), torch.tensor(w))
     np.testing.assert_allclose(result["margins"], margins, rtol=1e-12)
-    assert result["margin_min"] == pytest.approx(min(margins)) and result["margin_mean"] == pytest.approx(np.mean(margins))
+    assert result["margin_min"] == pytest.approx(min(margins))
+    assert result["margin_mean"] == pytest.approx(np.mean(margins))
     wn = w / np.linalg.norm(w, axis=1, keepdims=True)
     angles = [np.degrees(np.arccos(np.clip(wn[i] @ wn[j], -1, 1))) for i in range(3) for j in range(3) if i != j]
     assert result["class_margin_deg"] == pytest.approx(min(angles))

@@ -1,4 +1,5 @@
-"""Cell names and the plot's split of a cell; the aggregation and plotting modules import each other in one direction."""
+"""Cell names and the plot's split of a cell; the aggregation and plotting modules import each other in one
+direction."""
 
 from __future__ import annotations
 

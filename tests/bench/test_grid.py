@@ -189,11 +189,11 @@ def test_shards_split_the_grid_without_overlap_and_share_failures(tmp_path: Path
                 raise FloatingPointError(f"non-finite loss in {run_dir.name}")
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "metrics.json").write_text(json.dumps({"test_acc": 0.5}))
-            return None
         return fit_fn
 
     counts: dict[int, dict[str, int]] = {}
-    threads = [threading.Thread(target=lambda k=k: counts.update({k: run_grid(grid, fit_fn=fit_fn_of(k), shard=(k, 2))}))
+    threads = [threading.Thread(target=lambda k=k: counts.update({k: run_grid(grid, fit_fn=fit_fn_of(k),
+                                                                             shard=(k, 2))}))
                for k in (1, 2)]
     for thread in threads:
         thread.start()

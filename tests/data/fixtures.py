@@ -149,7 +149,7 @@ def make_cars(root: Path) -> FixtureSpec:
     write = _ImageWriter()
     (base / "devkit").mkdir(parents=True)
     savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(classes, dtype=object).reshape(1, -1)})
-    for split, folder, annotations, per_class in (
+    for split, folder, annos, per_class in (
         ("train", "cars_train", base / "devkit" / "cars_train_annos.mat", 3),
         ("test", "cars_test", base / "cars_test_annos_withlabels.mat", 2),
     ):
@@ -160,7 +160,7 @@ def make_cars(root: Path) -> FixtureSpec:
                 size = write(base / folder / fname)
                 rows.append((fname, target + 1))
                 spec.splits[split].append(Item(f"stanford_cars/{folder}/{fname}", target, size))
-        savemat(annotations, {"annotations": _cars_annotations(rows)})
+        savemat(annos, {"annotations": _cars_annotations(rows)})
     return spec
 
 

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from regtune.cli import main
 from torch.utils.data import DataLoader
 
+from regtune.cli import main
 from regtune.posthoc.analyze import analyze_run, compare_runs, extract
-from regtune.train.rundir import RunDir
 from regtune.train.callbacks import read_epoch_log
 from regtune.train.config import apply_overrides
 from regtune.train.fit import fit
+from regtune.train.rundir import RunDir
 from tests.conftest import write_imagefolder
 from tests.train.test_fit import tiny_config
 

@@ -44,11 +44,12 @@ def test_two_process_fit_end_to_end(tmp_path: Path, launcher: str) -> None:
     launch = [] if launcher == "lightning" else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([sys.executable, *launch, "-m", "regtune.cli", "fit", "--config",
                            str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path / "run")], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert "GLOBAL_RANK: 1" in done.stdout + done.stderr  # two processes did run
     assert done.stdout.count("test accuracy:") == 1  # process 1 reports nothing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "images", "run", "weights.pth"]  # one run directory
+    # one run directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "images", "run", "weights.pth"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # each process trains on its 15 of the 30 images per epoch: 3 full batches of 4, so 3 steps per epoch
     rows = read_epoch_log(tmp_path / "run" / "epochs.csv")

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -15,7 +16,15 @@ from regtune.regularizers import Regularizer, TrainStep, register_regularizer
 from regtune.regularizers import base as reg_base
 from regtune.train import callbacks as callbacks_module
 from regtune.train.callbacks import read_epoch_log
-from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TermSpec, TrainerConfig, apply_overrides
+from regtune.train.config import (
+    DataConfig,
+    FitConfig,
+    ModelConfig,
+    OptimConfig,
+    TermSpec,
+    TrainerConfig,
+    apply_overrides,
+)
 from regtune.train.fit import RunDirError, fit
 from regtune.train.module import NonFiniteLossError
 from tests.conftest import TINY_BACKBONE, write_imagefolder
@@ -41,7 +50,7 @@ def toy_terms(monkeypatch: pytest.MonkeyPatch) -> type:
     @register_regularizer("toy_norm")
     class ToyNorm(Regularizer):
         needs_setup_pass = True
-        setups: list[int] = []
+        setups: ClassVar[list[int]] = []
 
         def __init__(self, weight: float = 0.01) -> None:
             super().__init__()
