@@ -62,8 +62,7 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
             points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
             if points:
                 ax.plot(*zip(*points), style, ms=3, label=name)
-        if metric == "loss" and own:
-            _total_loss_beside(ax, epochs, rows, own)
+        right = _total_loss_beside(ax, epochs, rows, own) if metric == "loss" and own else None
         if selected_epoch is not None:
             ax.axvline(selected_epoch, color="grey", ls="--", lw=1, label="selected")
         if metric == "acc" and test_acc is not None and selected_epoch is not None:
@@ -71,7 +70,11 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles, names = ax.get_legend_handles_labels()
+        if right is not None:  # one legend for both axes, drawn on the upper one so no curve hides it
+            more = right.get_legend_handles_labels()
+            handles, names = handles + more[0], names + more[1]
+        (right or ax).legend(handles, names, fontsize=8)
     lr_keys = sorted({k for r in rows for k in r if k.startswith("lr/")})
     for key in lr_keys:
         axes[2].plot(epochs, [r.get(key, float("nan")) for r in rows], "-", label=key.removeprefix("lr/"))
@@ -85,17 +88,18 @@ def plot_learning_curves(rows: Sequence[dict[str, Any]], path: str | Path, title
     return _save(fig, path, title)
 
 
-def _total_loss_beside(ax: Any, epochs: list[int], rows: Sequence[dict[str, Any]], own: str) -> None:
+def _total_loss_beside(ax: Any, epochs: list[int], rows: Sequence[dict[str, Any]], own: str) -> Any:
     """The training total (criterion + regularizer terms) on its own right-hand axis, where it differs from the
-    criterion's loss: FMR's term is a negative entropy, so the total can be far below zero."""
+    criterion's loss: FMR's term is a negative entropy, so the total can be far below zero. Returns that axis, or
+    ``None`` when the total is the criterion's loss."""
     points = [(e, r["train/loss"]) for e, r in zip(epochs, rows) if "train/loss" in r]
     if not points or all(abs(r["train/loss"] - r[own]) < 1e-9 for r in rows if "train/loss" in r and own in r):
-        return
+        return None
     right = ax.twinx()
-    right.plot(*zip(*points), ":", color="grey", lw=1, label="train total (incl. regularizers)")
+    right.plot(*zip(*points), ":", color="grey", lw=1.2, label="train total (incl. regularizers, right axis)")
     right.set_ylabel("total incl. regularizers", color="grey")
     right.tick_params(axis="y", colors="grey")
-    right.legend(loc="upper center", fontsize=7)
+    return right
 
 
 def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: Any, path: str | Path,
