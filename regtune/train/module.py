@@ -269,8 +269,9 @@ class FineTuner(pl.LightningModule):
         weight = self.model.get_classifier().weight.detach().float()
         n = labels.shape[0]
         values = {f"{prefix}/feature_norm": f.norm(dim=1).mean(),
-                  f"{prefix}/fmr_entropy": channel_entropy(f).mean() / math.log(f.shape[1]),
                   f"{prefix}/sample_margin": sample_margins(cosine_logits(f, weight), labels).mean()}
+        if f.shape[1] > 1:  # normalised by H_max = log D, which is 0 for a single channel: no such statistic
+            values[f"{prefix}/fmr_entropy"] = channel_entropy(f).mean() / math.log(f.shape[1])
         if prefix == "train":  # and the head's class margin, averaged over the epoch's steps
             values["train/class_margin_deg"] = torch.rad2deg(class_margin(weight))
         # Validation runs before the epoch's end: its sums join the training epoch's and reach epochs.csv with them.

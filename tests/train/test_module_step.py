@@ -67,3 +67,21 @@ def test_forward_step_captures_the_maps_a_term_asks_for() -> None:
     assert set(record.feature_maps) == {"last", *term.needs_feature_maps}
     assert all(m.shape[0] == 4 for m in record.feature_maps.values())
     assert record.images.is_contiguous(memory_format=torch.channels_last)  # the module's layout
+
+
+@pytest.mark.parametrize("dim", [1, 4])
+def test_feature_stats_of_single_channel_features_skip_the_normalised_entropy(dim: int) -> None:
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=CLASSES)
+    model.reset_classifier(CLASSES)
+    model.classifier = torch.nn.Linear(dim, CLASSES)  # only the head's weight is read by the statistics
+    module = FineTuner(model, CrossEntropy(), [], OptimConfig(), CLASSES, feature_stats=True)
+    features = torch.rand(6, dim, generator=torch.Generator().manual_seed(2)) + 0.1
+    module._log_feature_stats(features, torch.tensor([0, 1, 2, 0, 1, 2]), "val")
+    means = module.epoch_means()
+    assert means["val/feature_norm"] == pytest.approx(float(features.norm(dim=1).mean()), rel=1e-6)
+    if dim == 1:  # log D = 0: no normalised entropy instead of a division by zero
+        assert "val/fmr_entropy" not in means
+    else:
+        p = torch.softmax(features.double(), dim=1)
+        expected = float((-(p * p.log()).sum(1)).mean() / np.log(dim))
+        assert means["val/fmr_entropy"] == pytest.approx(expected, rel=1e-6)
