@@ -348,9 +348,21 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "wall_time_s": round(time.perf_counter() - started, 2),
         "fit_time_s": round(trained, 2),
         "resumed": resume,
-        "versions": {"regtune": regtune.__version__, "torch": torch.__version__, "lightning": pl.__version__,
-                     "python": platform.python_version()},
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict[str, str]:
+    """Versions of what decides a run's numbers: the same code on two machines with other timm, torchvision, NumPy
+    or Pillow versions (augmentation, resizing, weight loading) can give other digits."""
+    import numpy
+    import PIL
+    import timm
+    import torchvision
+
+    return {"regtune": regtune.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "lightning": pl.__version__, "numpy": numpy.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
 
 
 def _report(config: FitConfig, run: RunDir, metrics: dict[str, Any], made: _Trainer) -> None:

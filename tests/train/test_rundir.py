@@ -147,3 +147,17 @@ def test_load_model_rebuilds_the_run_as_trained(tmp_path: Path) -> None:
     assert accuracy == pytest.approx(result.metrics["test_acc"], abs=1e-6)
     assert json.loads(run.metrics_path.read_text()) == run.metrics()
     assert TermSpec("stochnorm") in run.config().regularizers
+    import timm
+
+    versions = run.metrics()["versions"]  # what decides the digits besides the code
+    assert versions["timm"] == timm.__version__ and {"torch", "torchvision", "numpy", "pillow"} <= set(versions)
+    assert run.metrics()["selected_epoch"] in (1, 2) and run.metrics()["epoch_base"] == 1
+
+
+def test_metrics_of_an_older_run_count_the_selected_epoch_from_1(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    _touch(run.config_path)
+    _touch(run.metrics_path, json.dumps({"test_acc": 0.5, "selected_epoch": 6}))  # written before epoch_base: 0-based
+    assert run.metrics()["selected_epoch"] == 7 and run.metrics()["epoch_base"] == 1
+    _touch(run.metrics_path, json.dumps({"test_acc": 0.5, "selected_epoch": 7, "epoch_base": 1}))
+    assert run.metrics()["selected_epoch"] == 7
