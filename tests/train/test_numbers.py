@@ -117,6 +117,8 @@ CLASS_ACC = [3 / 4, 1 / 3, 1 / 2, None]
 COUNTS = [4, 3, 2]
 
 
+# Lightning's own use of a torch pytree API that torch deprecates (fit() filters it the same way)
+@pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\)` is deprecated")
 def test_per_class_test_accuracy_hand_values() -> None:
     num_classes = 4
     logits = torch.nn.functional.one_hot(torch.tensor(PREDICTED), num_classes).float().reshape(-1, num_classes, 1, 1)
