@@ -147,7 +147,8 @@ def _add_fit(sub: Any) -> None:
                                 help="let torchvision download the dataset (internet) [data.download]")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar, or per-epoch lines only (default: a bar when the output is a terminal, "
-                          "lines when it goes to a file or a pipe) [trainer.progress_bar]")
+                          "lines when it goes to a file or a pipe; not recorded in the run's config, as it changes "
+                          "no result)")
     run.add_argument("--feature-stats", action="store_true",
                      help="log per-epoch feature norm, FMR entropy and margins [trainer.feature_stats]")
 
