@@ -32,7 +32,7 @@ from regtune.analysis.localization import (
 )
 from regtune.data.base import Box, ImageDataset
 from regtune.models import data_config
-from regtune.train.rundir import RunDir
+from regtune.train.rundir import RunDir, run_preprocessing
 
 __all__ = [
     "SOURCES",
@@ -187,7 +187,7 @@ def _load_run(run_dir: str | Path, split: str) -> tuple[RunDir, ImageDataset, nn
     config = run.config()
     dataset = run.dataset(split, config)
     model, _, checkpoint = run.load_model(dataset.num_classes, config=config)
-    return run, dataset, model, str(checkpoint), config.data.img_size or int(data_config(model, None)["input_size"][-1])
+    return run, dataset, model, str(checkpoint), int(run_preprocessing(model, config)["input_size"][-1])
 
 
 def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", limit: int | None = None,

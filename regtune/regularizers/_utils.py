@@ -40,6 +40,16 @@ def check_float_matrix(name: str, tensor: torch.Tensor, expected: str) -> None:
         raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}; cast it with .float()")
 
 
+def check_matching_matrices(names: tuple[str, str], first: torch.Tensor, second: torch.Tensor,
+                            expected: str) -> None:
+    """:func:`check_float_matrix` of both, and raise ValueError unless their shapes are equal."""
+    check_float_matrix(names[0], first, expected)
+    check_float_matrix(names[1], second, expected)
+    if first.shape != second.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape {expected}, got {tuple(first.shape)} "
+                         f"and {tuple(second.shape)}")
+
+
 def check_labels(labels: torch.Tensor, batch: int, classes: int, scores_name: str) -> None:
     """Raise unless ``labels`` are ``batch`` integer class indices in ``[0, classes)``."""
     if not isinstance(labels, torch.Tensor):

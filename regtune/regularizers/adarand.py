@@ -20,7 +20,7 @@ from regtune.regularizers._utils import (
     LazyShapeMixin,
     all_reduce_sum,
     check_choice,
-    check_float_matrix,
+    check_matching_matrices,
     check_positive,
     model_device,
     normalize_rows,
@@ -86,13 +86,7 @@ def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reducti
         >>> random_feature_loss(f, z).item(), random_feature_loss(f, z, reduction="sum_dim").item()
         (2.5, 5.0)
     """
-    check_float_matrix("features", features, "(B, D)")
-    check_float_matrix("reference", reference, "(B, D)")
-    if features.shape != reference.shape:
-        raise ValueError(
-            f"features and reference must have the same shape (B, D), got {tuple(features.shape)} and "
-            f"{tuple(reference.shape)}"
-        )
+    check_matching_matrices(("features", "reference"), features, reference, "(B, D)")
     check_choice("reduction", reduction, _RANDOM_FEATURE_REDUCTIONS)
     squared = (features - reference).pow(2)
     if reduction == "mean":
@@ -149,13 +143,7 @@ def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: st
         >>> round(l_intra.item(), 6), round(l_inter.item(), 6)
         (0.042893, 0.5)
     """
-    check_float_matrix("mu", mu, "(C, D)")
-    check_float_matrix("running_mean", running_mean, "(C, D)")
-    if mu.shape != running_mean.shape:
-        raise ValueError(
-            f"mu and running_mean must have the same shape (C, D), got {tuple(mu.shape)} and "
-            f"{tuple(running_mean.shape)}"
-        )
+    check_matching_matrices(("mu", "running_mean"), mu, running_mean, "(C, D)")
     if mu.shape[0] == 0:
         raise ValueError("mu must hold at least one class, got C = 0")
     check_choice("intra", intra, _INTRA_DISTANCES)

@@ -309,7 +309,7 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> tupl
     monitor = _SELECT[config.trainer.select][0]
     selected = made.best.best_model_path if monitor is not None else made.last.last_model_path
     selected = selected or str(run.last_checkpoint)
-    epoch = torch.load(selected, map_location="cpu", weights_only=False)["epoch"]
+    epoch = torch.load(selected, map_location="cpu", weights_only=True)["epoch"]  # tensors and plain types only
     with _quiet_lightning(), _no_uninitialized_fill():
         (result,) = made.trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=selected, verbose=False)
     result = {**result, "selected": selected,

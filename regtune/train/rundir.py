@@ -241,7 +241,9 @@ class RunDir:
         path = self.path / checkpoint if checkpoint is not None else self.selected_checkpoint()
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        # weights_only: a checkpoint holds tensors and plain types (callbacks.rng_state keeps it so); nothing loaded
+        # here runs code.
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         model = create_backbone(config.model.backbone, num_classes, pretrained="none").model
         create_criterion(config.criterion.name, **config.criterion.args).adapt_model(model)
