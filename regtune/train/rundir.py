@@ -6,7 +6,10 @@ Every run writes one directory::
     split.json       item ids of the training subset and the validation carve-out
     epochs.csv       one row per epoch: losses, accuracies, every logged term, learning rates, time
     steps.csv        one row per step (or every n steps): the loss, every term and every regularizer statistic
-    checkpoints/     last.ckpt (every epoch) and best.ckpt (selected checkpoint)
+    checkpoints/     last.ckpt (every epoch) and best.ckpt (selected checkpoint); start.safetensors (the weights
+                     training started from, for WiSE-FT)
+    model.safetensors  the weights that were tested, when they are not a checkpoint's own (a linear probe without
+                     fine-tuning, EMA weights, a WiSE-FT interpolation, a soup); ``metrics.json`` names it
     setup/           what regularizers computed before training (Co-Tuning's relationship, DELTA's attention)
     metrics.json     final numbers (written last: its presence marks a finished run)
     curves.png       learning curves
@@ -95,6 +98,14 @@ class RunDir:
     @property
     def last_checkpoint(self) -> Path:
         return self.checkpoints / "last.ckpt"
+
+    @property
+    def start_weights(self) -> Path:
+        return self.checkpoints / "start.safetensors"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
 
     @property
     def setup_dir(self) -> Path:
@@ -214,9 +225,23 @@ class RunDir:
             raise FileNotFoundError(f"{path} (the run's selected checkpoint) does not exist")
         return path
 
+    def tested_weights(self) -> Path:
+        """The file of the weights the finished run tested: ``model.safetensors`` where ``metrics.json`` names it
+        (``model_file``), else the selected checkpoint."""
+        name = self.metrics().get("model_file")
+        if name is None:
+            return self.selected_checkpoint()
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (the weights the run tested) does not exist")
+        return path
+
     def load_model(self, num_classes: int, checkpoint: str | Path | None = None,
                    config: FitConfig | None = None) -> tuple[torch.nn.Module, FitConfig, Path]:
-        """The run's model, built as it was trained, with the weights of its selected checkpoint, in eval mode.
+        """The run's model, built as it was trained, with the weights it was tested with, in eval mode.
+
+        Those are the selected checkpoint's, or ``model.safetensors`` where ``metrics.json`` names it (``model_file``:
+        a linear probe without fine-tuning, EMA weights, a WiSE-FT interpolation, a soup).
 
         The backbone is created without pretrained weights, then changed the way the run changed it before training
         (the criterion's ``adapt_model``, e.g. LM-Softmax's cosine head, and that of every regularizer that
@@ -226,11 +251,11 @@ class RunDir:
 
         Args:
             num_classes: Classes of the run's task.
-            checkpoint: A checkpoint path relative to the run directory (default: the selected one).
+            checkpoint: A checkpoint path relative to the run directory (default: what the run tested).
             config: The run's config, if already read.
 
         Returns:
-            ``(model, config, checkpoint path)``.
+            ``(model, config, path of the weights file)``.
         """
         import torch
 
@@ -238,13 +263,18 @@ class RunDir:
         from regtune.regularizers import create_criterion, create_regularizer
 
         config = config or self.config()
-        path = self.path / checkpoint if checkpoint is not None else self.selected_checkpoint()
+        path = self.path / checkpoint if checkpoint is not None else self.tested_weights()
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        # weights_only: a checkpoint holds tensors and plain types (callbacks.rng_state keeps it so); nothing loaded
-        # here runs code.
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            weights = load_file(path)  # tensors only, by design
+        else:
+            # weights_only: a checkpoint holds tensors and plain types (callbacks.rng_state keeps it so); nothing
+            # loaded here runs code.
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         model = create_backbone(config.model.backbone, num_classes, pretrained="none").model
         create_criterion(config.criterion.name, **config.criterion.args).adapt_model(model)
         for spec in config.regularizers:
