@@ -23,6 +23,8 @@ from regtune.regularizers.base import (
     register_criterion,
     register_regularizer,
     regularizer_class,
+    soft_cross_entropy,
+    soft_target_refusals,
 )
 
 
@@ -101,4 +103,6 @@ __all__ = [
     "register_criterion",
     "register_regularizer",
     "regularizer_class",
+    "soft_cross_entropy",
+    "soft_target_refusals",
 ]

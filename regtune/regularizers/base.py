@@ -1,6 +1,7 @@
 """The regularizer contract, the training-step record every term reads, and the registries of terms and criteria.
 
-Imports nothing but ``torch``: a user of another training loop can take a regularizer without regtune's trainer.
+Imports nothing but ``torch`` (and the package's private ``_utils``): a user of another training loop can take a
+regularizer without regtune's trainer.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from regtune.regularizers._utils import LazyShapeMixin, check_matching_matrices
 
 __all__ = [
     "Criterion",
@@ -32,6 +36,8 @@ __all__ = [
     "register_criterion",
     "register_regularizer",
     "regularizer_class",
+    "soft_cross_entropy",
+    "soft_target_refusals",
 ]
 
 
@@ -42,7 +48,8 @@ class TrainStep:
     Args:
         features: Penultimate features ``forward_head(forward_features(x), pre_logits=True)``.
         logits: Classifier outputs.
-        labels: Integer targets.
+        labels: Integer targets: each sample's own class. In a batch mixed by mixup / CutMix, each sample's own
+            (unmixed) label; the truth is then ``targets``.
         model: The model being trained (backbone with its head).
         global_step: Global optimisation step (0-based) this batch will produce, counted over the whole run (the
             first update is 0). ``step`` is its former name, still accepted (deprecated).
@@ -54,9 +61,13 @@ class TrainStep:
         images: The input batch, for terms that run another network on it (DELTA's frozen source network).
         indices: Position of each sample in the training subset (``0..N-1``, the order of the set-up loader), for
             terms with per-sample state (LwF's cached teacher outputs); ``None`` unless a term sets ``needs_indices``.
+        targets: Soft targets, set when the batch was mixed (mixup / CutMix): row b is sample b's class distribution
+            (non-negative, summing to 1; not checked, as that would wait for the device every step), e.g.
+            lambda one_hot(y_b) + (1 - lambda) one_hot(y_b'). ``None`` for an unmixed batch. Only terms that declare
+            ``accepts_soft_targets`` run on a mixed batch, and they read ``targets``, not ``labels``, when it is set.
 
     Shape:
-        features: (B, D). logits: (B, C). labels: (B,). images: (B, ...). indices: (B,).
+        features: (B, D). logits: (B, C). labels: (B,). images: (B, ...). indices: (B,). targets: (B, C).
     """
 
     features: torch.Tensor
@@ -69,6 +80,7 @@ class TrainStep:
     feature_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     images: torch.Tensor | None = None
     indices: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
     @property
     def step(self) -> int:
@@ -102,11 +114,11 @@ def _full(value: Any) -> Any:
 
 
 def in_float32(step: TrainStep) -> TrainStep:
-    """The step with its half / bfloat16 tensors (features, logits, maps, images) upcast to float32 (differentiably;
-    float64 stays float64)."""
+    """The step with its half / bfloat16 tensors (features, logits, maps, images, targets) upcast to float32
+    (differentiably; float64 stays float64)."""
     return dataclasses.replace(step, features=_full(step.features), logits=_full(step.logits),
                                feature_maps={k: _full(v) for k, v in step.feature_maps.items()},
-                               images=_full(step.images))
+                               images=_full(step.images), targets=_full(step.targets))
 
 
 def _call_in_float32(call: Callable[..., torch.Tensor], step: TrainStep, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -119,7 +131,7 @@ def _call_in_float32(call: Callable[..., torch.Tensor], step: TrainStep, *args: 
     """
     device = step.features.device.type
     low = any(isinstance(t, torch.Tensor) and t.dtype in _LOW_PRECISION
-              for t in (step.features, step.logits, step.images, *step.feature_maps.values()))
+              for t in (step.features, step.logits, step.images, step.targets, *step.feature_maps.values()))
     if not low and not torch.is_autocast_enabled(device):
         return call(step, *args, **kwargs)
     with torch.autocast(device_type=device, enabled=False):
@@ -160,6 +172,14 @@ class Regularizer(nn.Module):
         contract_kwargs: For the contract test: the constructor arguments it builds the term with on a tiny model
             (a conv-BN-ReLU backbone whose ``feature_info`` lists ``conv`` and ``bn``). The first entry is the main
             case (small windows and sample counts), the others are variants worth checking (priors, modes).
+        accepts_soft_targets: Whether the term is correct on a batch mixed by mixup / CutMix, whose truth is the
+            soft ``TrainStep.targets`` (``labels`` then hold each sample's own, unmixed, label). A term that never
+            reads ``labels`` (nor per-sample state of the unmixed images) is; one that reads ``labels`` must read
+            ``targets`` when it is set, or declare ``False``. ``False`` by default, on purpose: a term that does not
+            say is refused under mixup (:func:`soft_target_refusals`) rather than run on labels that are not the
+            truth. Set on the instance when it depends on the arguments (RandReg's class prior).
+        soft_targets_note: Why the term cannot take mixed targets (one sentence, shown to the user when a run with
+            mixup is refused); required when ``accepts_soft_targets`` is ``False``.
     """
 
     needs_feature_maps: tuple[str, ...] = ()
@@ -170,6 +190,8 @@ class Regularizer(nn.Module):
     changes_architecture: bool = False
     gradient_reaches: str = "features"
     contract_kwargs: tuple[dict[str, Any], ...] = ({},)
+    accepts_soft_targets: bool = False
+    soft_targets_note: str = ""
 
     def adapt_model(self, model: nn.Module) -> None:
         """Called once when the trainer is built, before the optimizer sees the model (see the class docstring).
@@ -250,10 +272,33 @@ class SourceHeadRegularizer(Regularizer):
 
 
 class Criterion(nn.Module):
-    """Base class of the classification loss that a run optimises (exactly one per run)."""
+    """Base class of the classification loss that a run optimises (exactly one per run).
+
+    Attributes:
+        accepts_soft_targets: Whether the loss reads the soft ``TrainStep.targets`` of a batch mixed by mixup /
+            CutMix (see :class:`Regularizer`); ``False`` by default, so that a criterion that does not say is
+            refused under mixup rather than trained on labels that are not the truth.
+        soft_targets_note: Why the criterion cannot take mixed targets (one sentence); required when
+            ``accepts_soft_targets`` is ``False``.
+    """
+
+    accepts_soft_targets: bool = False
+    soft_targets_note: str = ""
 
     def adapt_model(self, model: nn.Module) -> None:
         """Called once before training; a criterion that needs another head (e.g. cosine) installs it here."""
+
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """Receive the training subset's number of images per class, once before training (the trainer calls it).
+
+        For criteria whose loss depends on the class frequencies (class-balanced weights); the default ignores it.
+
+        Args:
+            counts: Images of each class in the training subset, int64.
+
+        Shape:
+            counts: (C,).
+        """
 
     def stats(self) -> dict[str, float]:
         """What the criterion wants logged after the last forward (margins, ...)."""
@@ -264,6 +309,35 @@ class Criterion(nn.Module):
 
     def forward(self, step: TrainStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def soft_target_refusals(terms: Iterable[Regularizer | Criterion]) -> list[str]:
+    """One message per term that does not accept mixed (soft) targets; empty when all do.
+
+    A trainer that mixes batches (mixup / CutMix) calls it with its criterion and regularizers before training and
+    refuses to start when it is not empty.
+
+    Args:
+        terms: The criterion and the regularizers of a run.
+
+    Returns:
+        ``"<name> does not accept mixed (soft) targets: <why>"`` for each term whose ``accepts_soft_targets`` is
+        false, in the order given (name: its registry name, else its class name).
+
+    Example:
+        >>> soft_target_refusals([CrossEntropy()])
+        []
+    """
+    refusals = []
+    for term in terms:
+        if getattr(term, "accepts_soft_targets", False):
+            continue
+        name = getattr(term, "registry_name", type(term).__name__)
+        note = getattr(term, "soft_targets_note", "") or (
+            "it does not declare accepts_soft_targets = True (a term that reads TrainStep.labels must read "
+            "TrainStep.targets when it is set; one that reads neither can declare True)")
+        refusals.append(f"{name} does not accept mixed (soft) targets: {note}")
+    return refusals
 
 
 class UnknownNameError(KeyError):
@@ -354,22 +428,187 @@ def list_criteria() -> list[str]:
     return sorted(_CRITERIA)
 
 
-@register_criterion("ce")
-class CrossEntropy(Criterion):
-    """Softmax cross-entropy on the logits, optionally with label smoothing.
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    r"""Cross-entropy to soft (mixed) targets, class-weighted and label-smoothed as torch's hard-label one.
+
+    .. math::
+
+        L = \frac{\sum_b \sum_c w_c\, t'_{b,c} \,(-\log p_{b,c})}{\sum_b \sum_c w_c\, t_{b,c}}, \qquad
+        t' = (1 - \varepsilon)\, t + \varepsilon / C
+
+    with p_b = softmax(logits_b), t_b the soft target of sample b (a distribution over the classes, e.g. a mixup
+    of two one-hot labels), t' the label-smoothed targets, w_c the weight of class c (1 without weights), epsilon
+    the label smoothing and C the number of classes. For one-hot t it is exactly ``F.cross_entropy(logits, labels,
+    weight=w, label_smoothing=epsilon)`` (whose denominator is sum_b w_{y_b}); without weights, the batch mean of
+    -sum_c t'_{b,c} log p_{b,c} (timm's ``SoftTargetCrossEntropy`` of the smoothed targets).
 
     Args:
-        label_smoothing: Mass moved uniformly to all classes, in ``[0, 1)``.
+        logits: Classifier outputs.
+        targets: Soft targets t, rows non-negative and summing to 1 (not checked: it would wait for the device).
+        weight: Class weights w, positive; ``None`` for all 1.
+        label_smoothing: epsilon, in ``[0, 1)``.
+
+    Shape:
+        logits: (B, C). targets: (B, C). weight: (C,). Output: scalar.
 
     Reduction:
-        Mean over the batch.
+        Weighted mean over the batch: divided by the total class weight of the targets (B without weights).
+
+    Raises:
+        ValueError: shapes that do not match, or ``label_smoothing`` outside ``[0, 1)``.
+        TypeError: non-floating logits or targets.
+
+    Example:
+        >>> round(soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[0.3, 0.7]])).item(), 6)  # log 2
+        0.693147
+    """
+    check_matching_matrices(("logits", "targets"), logits, targets, "(B, C)")
+    if weight is not None and tuple(weight.shape) != (logits.shape[1],):
+        raise ValueError(f"weight must hold one value per class, shape ({logits.shape[1]},), got {tuple(weight.shape)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    targets = targets.to(logits.dtype)
+    smoothed = (1.0 - label_smoothing) * targets + label_smoothing / logits.shape[1]
+    w = torch.ones_like(logits[0]) if weight is None else weight.to(logits.dtype)
+    loss = -(smoothed * w * nn.functional.log_softmax(logits, dim=1)).sum()
+    return loss / (targets * w).sum()
+
+
+def _explicit_class_weights(class_weights: Sequence[float]) -> torch.Tensor:
+    """The (C,) tensor of a list of class weights; raises unless they are finite and positive."""
+    try:
+        values = [float(value) for value in class_weights]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"class_weights must be None, 'balanced' or a list of C positive numbers (one per class), "
+                         f"got {class_weights!r}") from err
+    bad = [(i, v) for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
+    if not values or bad:
+        raise ValueError(f"class_weights must be positive and finite, one per class; got {values} "
+                         f"(offending entries as (class, weight): {bad})")
+    return torch.tensor(values)
+
+
+def _checked_counts(counts: torch.Tensor) -> torch.Tensor:
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError("counts must be a 1-D tensor of the number of training images of each class, shape (C,), "
+                         f"got {tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be integer image counts (int64), got dtype {counts.dtype}")
+    if int(counts.min()) < 0:
+        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
+    return counts
+
+
+@register_criterion("ce")
+class CrossEntropy(LazyShapeMixin, Criterion):
+    r"""Softmax cross-entropy on the logits, optionally label-smoothed and class-weighted, on hard or soft targets.
+
+    On integer labels y (an unmixed batch), torch's weighted, label-smoothed cross-entropy:
+
+    .. math::
+
+        L = \frac{\sum_b \big[(1 - \varepsilon)\, w_{y_b} (-\log p_{b,y_b})
+            + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{b,c})\big]}{\sum_b w_{y_b}}
+
+    with p_b = softmax(logits_b), w_c the weight of class c (1 without class weights), epsilon the label smoothing
+    and C the number of classes. On a batch mixed by mixup / CutMix (``TrainStep.targets`` set), the same loss on
+    the soft targets, :func:`soft_cross_entropy`, which is the above for one-hot targets; ``labels`` are then not read.
+
+    ``class_weights="balanced"`` sets w_c = n / (C n_c), with n_c the number of training images of class c and n
+    their total (scikit-learn's ``compute_class_weight("balanced")``): a class with half the mean count weighs 2.
+    The counts come from :meth:`set_class_counts`, which the trainer calls with the training subset's counts before
+    training. The weights are a buffer (``weight``, as ``nn.CrossEntropyLoss`` names it): a checkpoint carries them
+    and a resumed run uses the same.
+
+    Args:
+        label_smoothing: epsilon, mass moved uniformly to all classes, in ``[0, 1)``.
+        class_weights: ``None`` (all 1), ``"balanced"``, or C positive weights in class order.
+
+    Shape:
+        step.logits (B, C), step.labels (B,) or step.targets (B, C) -> scalar.
+
+    Reduction:
+        Weighted mean over the batch: divided by the total class weight of the samples' targets, sum_b w_{y_b}
+        (B without class weights), as torch's ``reduction="mean"``.
+
+    Raises:
+        ValueError: at construction, ``label_smoothing`` outside ``[0, 1)``, or ``class_weights`` an unknown string,
+            empty, or with an entry that is not positive and finite; at :meth:`set_class_counts`, a class without
+            training images under ``"balanced"``, or a weight list whose length is not the number of classes (at
+            the first forward if no counts were given).
+        RuntimeError: ``"balanced"`` at the first forward with no counts given (nor loaded from a checkpoint).
+
+    Example:
+        >>> step = TrainStep(features=torch.zeros(1, 2), logits=torch.zeros(1, 2), labels=torch.tensor([0]),
+        ...                  model=nn.Identity())
+        >>> round(CrossEntropy()(step).item(), 6)  # log 2
+        0.693147
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    accepts_soft_targets = True
+
+    def __init__(self, label_smoothing: float = 0.0, class_weights: None | str | Sequence[float] = None) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
+        if class_weights is None:
+            weight = None
+        elif isinstance(class_weights, str):
+            if class_weights != "balanced":
+                raise ValueError(f"class_weights must be None, 'balanced' or a list of C positive numbers, got "
+                                 f"{class_weights!r}")
+            weight = torch.zeros(0)  # (C,) once set_class_counts() or a checkpoint gives it
+        else:
+            weight = _explicit_class_weights(class_weights)
+            class_weights = tuple(weight.tolist())
+        self.class_weights = class_weights
+        self.register_buffer("weight", weight)
+
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """Compute the ``"balanced"`` weights from the training subset's images per class; check a weight list's
+        length against the number of classes; nothing without class weights.
+
+        Args:
+            counts: Images of each class in the training subset, int64.
+
+        Shape:
+            counts: (C,).
+
+        Raises:
+            ValueError: a class has no image (``"balanced"``), or the weight list does not hold C values.
+        """
+        counts = _checked_counts(counts)
+        if self.weight is None:
+            return
+        if self.class_weights != "balanced":
+            self._check_length(counts.numel(), "the class counts")
+            return
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"class_weights='balanced' needs a training image of every class, but class(es) {empty} have none "
+                "(their weight n / (C n_c) would be infinite). Give explicit class_weights=[...] (one positive weight "
+                "per class), or train on more data (a larger fraction or per-class count) so every class is present.")
+        n = counts.double()
+        self.weight = (n.sum() / (n.numel() * n)).to(self.weight.device, self.weight.dtype)
+
+    def _check_length(self, num_classes: int, against: str) -> None:
+        if self.weight.shape[0] != num_classes:
+            raise ValueError(f"class_weights holds {self.weight.shape[0]} weights but {against} have {num_classes} "
+                             f"classes: give one weight per class, in class order")
 
     def forward(self, step: TrainStep) -> torch.Tensor:
-        return nn.functional.cross_entropy(step.logits, step.labels, label_smoothing=self.label_smoothing)
+        weight = self.weight
+        if weight is not None:
+            if weight.numel() == 0:
+                raise RuntimeError("CrossEntropy(class_weights='balanced') has no class counts: call "
+                                   "set_class_counts(counts) with the training subset's images per class before the "
+                                   "first step (the trainer does), or load the checkpoint of a run that had them")
+            self._check_length(step.logits.shape[1], "the logits")
+            weight = weight.to(step.logits.dtype)
+        if step.targets is not None:
+            return soft_cross_entropy(step.logits, step.targets, weight, self.label_smoothing)
+        return nn.functional.cross_entropy(step.logits, step.labels, weight=weight,
+                                           label_smoothing=self.label_smoothing)

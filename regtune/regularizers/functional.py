@@ -1,15 +1,17 @@
 """The equations of every regularization term and margin quantity as plain functions, in one namespace.
 
 Each function lives next to its method's module (``fmr.py``, ``adarand.py``, ``penalties.py``, ``margins.py``,
-``l2sp.py``, ``delta.py``, ``bss.py``, ``cotuning.py``, ``lwf.py``, ``stochnorm.py``), where it is documented; this
-module re-exports them for training loops of your own and for the analysis code. Every function is stateless, takes
-tensors of any floating dtype on any device, never modifies its inputs, and is differentiable wherever the formula
-is. No weight (lambda, beta, gamma) is applied except in :func:`fmr_weight`, which computes one.
+``l2sp.py``, ``delta.py``, ``bss.py``, ``cotuning.py``, ``lwf.py``, ``stochnorm.py``; the soft cross-entropy next to
+the criterion in ``base.py``), where it is documented; this module re-exports them for training loops of your own
+and for the analysis code. Every function is stateless, takes tensors of any floating dtype on any device, never
+modifies its inputs, and is differentiable wherever the formula is. No weight (lambda, beta, gamma) is applied
+except in :func:`fmr_weight`, which computes one.
 """
 
 from __future__ import annotations
 
 from regtune.regularizers.adarand import adarand_prior_losses, random_feature_loss
+from regtune.regularizers.base import soft_cross_entropy
 from regtune.regularizers.bss import batch_spectral_shrinkage
 from regtune.regularizers.cotuning import class_relationship, co_tuning_loss, relationship_from_sums
 from regtune.regularizers.delta import channel_attention, delta_penalty
@@ -57,6 +59,7 @@ __all__ = [
     "relationship_from_sums",
     "sample_margin_loss",
     "sample_margins",
+    "soft_cross_entropy",
     "stochastic_batch_norm",
     "zero_centroid_loss",
 ]
