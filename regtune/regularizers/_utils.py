@@ -67,6 +67,17 @@ def check_labels(labels: torch.Tensor, batch: int, classes: int, scores_name: st
             )
 
 
+def check_soft_targets(targets: torch.Tensor, batch: int, classes: int, scores_name: str) -> None:
+    """Raise unless ``targets`` are ``batch`` floating rows over ``classes`` classes (soft targets of a mixed batch).
+
+    Their rows are not checked to sum to 1: that would wait for the device at every step.
+    """
+    check_float_matrix("targets", targets, "(B, C)")
+    if tuple(targets.shape) != (batch, classes):
+        raise ValueError(f"targets must have shape (B, C) = ({batch}, {classes}) to match {scores_name}, got "
+                         f"{tuple(targets.shape)}")
+
+
 def check_at_least_two_classes(cos: torch.Tensor, what: str) -> None:
     """Raise ValueError unless the (B, C) scores have C >= 2 (a non-target class must exist)."""
     if cos.shape[1] < 2:

@@ -238,8 +238,12 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
 
     Reduction:
         See ``reduction``.
+
+    Mixed batches (mixup / CutMix): the ``"uniform"``, ``"normal"`` and ``"pretrained"`` priors never read the
+    labels and accept them; the ``"class"`` prior does not (``accepts_soft_targets`` is set per instance).
     """
 
+    accepts_soft_targets = True  # the default prior; __init__ withdraws it for prior="class"
     contract_kwargs = (
         {},
         {"prior": "pretrained"},
@@ -266,6 +270,12 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
         self.weight, self.prior, self.reduction = weight, prior, reduction
         self.low, self.high, self.sigma_min, self.stop_epoch = low, high, sigma_min, stop_epoch
         self.needs_setup_pass = prior in ("pretrained", "class")
+        if prior == "class" and self.accepts_soft_targets:  # a subclass that refuses (AdaRand) keeps its own reason
+            self.accepts_soft_targets = False
+            self.soft_targets_note = (
+                "prior='class' (RandReg-CP) draws each sample's reference feature around the pretrained mean of its "
+                "one class, and a mixed image belongs to two classes in proportion (the 'uniform', 'normal' and "
+                "'pretrained' priors accept mixed batches)")
         # (C, D) for the class prior, (1, D) for the marginal one; empty until setup() or a checkpoint fills them.
         self.mu = nn.Parameter(torch.empty(0, 0), requires_grad=False)
         self.register_buffer("sigma", torch.empty(0, 0))
@@ -344,6 +354,11 @@ class AdaRand(RandomFeatureRegularizer):
         step.features (B, D), step.labels (B,) -> scalar.
     """
 
+    accepts_soft_targets = False
+    soft_targets_note = (
+        "its class-conditional prior pulls each sample's feature towards a draw around the prior mean of its one "
+        "class and moves that class's running mean with the feature, and a mixed image belongs to two classes in "
+        "proportion")
     contract_kwargs = (
         {},
         {"update_prior": False},

@@ -63,6 +63,7 @@ class BatchSpectralShrinkage(Regularizer):
         step.features (B, D) -> scalar.
     """
 
+    accepts_soft_targets = True  # reads only the features
     contract_kwargs = ({}, {"k": 2})
 
     def __init__(self, eta: float = 1e-3, k: int = 1) -> None:

@@ -15,6 +15,7 @@ from regtune.regularizers._utils import (
     check_float_matrix,
     check_labels,
     check_positive,
+    check_soft_targets,
     classifier_of,
     model_device,
     penultimate,
@@ -66,15 +67,27 @@ def relationship_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Te
     return sums / counts.unsqueeze(1).to(sums.dtype)
 
 
-def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor, relationship: torch.Tensor) -> torch.Tensor:
+def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor | None, relationship: torch.Tensor,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
     r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning, §6.4).
 
     .. math::
 
-        L = \frac{1}{B} \sum_b \Big[ -\sum_{s} R[y_b, s] \log \mathrm{softmax}(g(f_b))_s \Big]
+        L = \frac{1}{B} \sum_b \Big[ -\sum_{s} q_{b,s} \log \mathrm{softmax}(g(f_b))_s \Big], \qquad
+        q_b = R[y_b] \ \text{(labels)}, \quad q_b = \sum_c t_{b,c} R[c] \ \text{(soft targets)}
+
+    with g(f_b) the source logits of sample b, y_b its label and R the (C_t, C_s) relationship. On a mixed batch
+    (mixup / CutMix) with soft targets t, q_b mixes the rows of the sample's classes in its proportions; as the loss
+    is linear in q_b, it equals the same mix of the classes' losses (what mixup does to the main cross-entropy).
+
+    Args:
+        source_logits: Source-head outputs g(f).
+        labels: Integer target classes y; not read when ``targets`` are given (may then be ``None``).
+        relationship: Target-to-source relationship R (:func:`class_relationship`), rows summing to 1.
+        targets: Soft targets t of a mixed batch (rows summing to 1), or ``None``.
 
     Shape:
-        source_logits: (B, C_s). labels: (B,). relationship: (C_t, C_s). Output: scalar.
+        source_logits: (B, C_s). labels: (B,). relationship: (C_t, C_s). targets: (B, C_t). Output: scalar.
 
     Reduction:
         Mean over the batch.
@@ -88,9 +101,13 @@ def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor, relationsh
     if relationship.shape[1] != source_logits.shape[1]:
         raise ValueError(f"relationship has {relationship.shape[1]} source classes, the logits "
                          f"{source_logits.shape[1]}")
-    check_labels(labels, source_logits.shape[0], relationship.shape[0], "source_logits / relationship rows")
-    targets = relationship.detach()[labels].to(source_logits.dtype)
-    return -(targets * F.log_softmax(source_logits, dim=1)).sum(1).mean()
+    if targets is None:
+        check_labels(labels, source_logits.shape[0], relationship.shape[0], "source_logits / relationship rows")
+        source_targets = relationship.detach()[labels]
+    else:
+        check_soft_targets(targets, source_logits.shape[0], relationship.shape[0], "source_logits / relationship rows")
+        source_targets = targets.detach().to(relationship.dtype) @ relationship.detach()  # (B, C_s)
+    return -(source_targets.to(source_logits.dtype) * F.log_softmax(source_logits, dim=1)).sum(1).mean()
 
 
 @register_regularizer("co_tuning")
@@ -112,10 +129,11 @@ class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
             run on the same data wrote) instead of computing it.
 
     Shape:
-        step.features (B, D), step.labels (B,) -> scalar.
+        step.features (B, D), step.labels (B,) or step.targets (B, C_t) -> scalar.
     """
 
     needs_setup_pass = True
+    accepts_soft_targets = True  # a mixed batch's target mixes the relationship rows (see co_tuning_loss)
 
     def __init__(self, weight: float = 2.3, source_head: nn.Module | None = None,
                  relationship_file: str | None = None) -> None:
@@ -173,7 +191,7 @@ class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
         if self.source_head is None or self.relationship.numel() == 0:
             raise RuntimeError("Co-Tuning is not set up: call adapt_model(model) and setup(model, loader) first")
         source_logits = self.source_head(step.features)
-        value = co_tuning_loss(source_logits, step.labels, self.relationship)
+        value = co_tuning_loss(source_logits, step.labels, self.relationship, targets=step.targets)
         self._value = value.detach()
         return self.weight * value
 

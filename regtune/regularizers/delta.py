@@ -248,6 +248,9 @@ class DELTA(LazyShapeMixin, Regularizer):
 
     needs_setup_pass = True
     gradient_reaches = "model"
+    # Per step it compares the maps of the batch the model saw (mixed or not) with the source network's on the same
+    # images; the labels only serve the set-up pass, on the unmixed training subset.
+    accepts_soft_targets = True
     contract_kwargs = (
         {"num_layers": 1, "attention_samples": 6, "attention_chunk": 3},
         {"num_layers": 2, "attention": "uniform", "batch_reduction": "mean"},

@@ -194,6 +194,7 @@ class FeatureMagnitudeRegularization(Regularizer):
 
     needs_setup_pass = True
     setup_transform = "train"
+    accepts_soft_targets = True  # reads only the features (or logits)
     contract_kwargs = (
         {"window": 4},
         {"window": 4, "mode": "provided", "lambda_": 3.0},

@@ -117,6 +117,7 @@ class L2SP(Regularizer):
     """
 
     gradient_reaches = "model"
+    accepts_soft_targets = True  # reads only the weights
     contract_kwargs = ({}, {"exclude_norm": True, "exclude_bias": True, "beta": 0.0})
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01, exclude_norm: bool = False,

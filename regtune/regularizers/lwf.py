@@ -79,8 +79,15 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
 
     Shape:
         step.features (B, D), step.indices (B,) (cached) or step.images (online) -> scalar.
+
+    Mixed batches (mixup / CutMix): ``"online"`` accepts them (its teacher sees the mixed images too); ``"cached"``
+    does not (``accepts_soft_targets`` is set per instance).
     """
 
+    accepts_soft_targets = False  # the default teacher="cached"; True for teacher="online" (set in __init__)
+    soft_targets_note = (
+        "teacher='cached' distils the teacher's output on each sample's own unmixed image while the student sees the "
+        "mixed image; use teacher='online', which runs the teacher on the mixed batch")
     contract_kwargs = ({}, {"teacher": "online"})
 
     def __init__(self, weight: float = 4.0, temperature: float = 3.0, teacher: str = "cached",
@@ -94,6 +101,8 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
         self.teacher = teacher
         self.needs_indices = teacher == "cached"
         self.needs_setup_pass = teacher == "cached"
+        if teacher == "online":
+            self.accepts_soft_targets, self.soft_targets_note = True, ""
         self.frozen: nn.Module | None = None  # online teacher: pretrained model, its head swapped for the source head
         self.register_buffer("teacher_logits", torch.zeros(0, 0))
         self._value: torch.Tensor | None = None

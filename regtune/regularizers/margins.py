@@ -353,6 +353,11 @@ class LMSoftmax(Criterion):
         Mean over the batch.
     """
 
+    accepts_soft_targets = False
+    soft_targets_note = (
+        "the largest-margin softmax compares the cosine to each sample's one target class with the other classes' "
+        "(the target left out of the log-sum-exp), and a mixed image has two target classes in proportion")
+
     def __init__(self, s: float = 64.0) -> None:
         super().__init__()
         check_positive("s", s, allow_zero=False)
@@ -395,6 +400,11 @@ class SampleMarginRegularizer(Regularizer):
         Mean over the batch.
     """
 
+    accepts_soft_targets = False
+    soft_targets_note = (
+        "the sample margin is the cosine to the sample's one true class minus the largest other cosine, which a mixed "
+        "image, with two true classes in proportion, does not have")
+
     def __init__(self, weight: float = 0.5) -> None:
         super().__init__()
         check_positive("weight", weight)
@@ -436,6 +446,7 @@ class ZeroCentroidRegularizer(Regularizer):
     """
 
     gradient_reaches = "head"
+    accepts_soft_targets = True  # reads only the head's weight
     contract_kwargs = ({}, {"reduce": "mean", "squared": False})
 
     def __init__(self, weight: float = 0.01, reduce: str = "sum", squared: bool = True) -> None:

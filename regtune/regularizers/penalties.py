@@ -11,6 +11,7 @@ from regtune.regularizers._utils import (
     check_float_tensor,
     check_labels,
     check_positive,
+    check_soft_targets,
     classifier_of,
 )
 from regtune.regularizers.base import Regularizer, TrainStep, register_regularizer
@@ -33,7 +34,8 @@ _FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
 
 
 def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = None,
-                         labels: torch.Tensor | None = None, weighting: str = "none") -> torch.Tensor:
+                         labels: torch.Tensor | None = None, weighting: str = "none",
+                         targets: torch.Tensor | None = None) -> torch.Tensor:
     r"""Feature-norm penalty, plain or SGM-weighted (methods.md §3.2).
 
     Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and Hallucinating Features", ICCV 2017,
@@ -47,17 +49,22 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
 
     with f_b the penultimate feature, p_b = softmax(logits_b) and y_b the label of sample b. For softmax regression
     alpha_b ||f_b||^2 is the squared norm of the gradient of the cross-entropy w.r.t. the classifier weights (SGM).
+    On a mixed batch (mixup / CutMix) with soft targets t, [c = y_b] becomes t_{b,c}: alpha_b = ||p_b - t_b||^2 is then
+    the same squared gradient norm for the cross-entropy to the soft targets (whose gradient w.r.t. the logits is
+    p_b - t_b).
     UNVERIFIED (methods.md §3.2): whether gradients flow through alpha_b in the paper; here alpha_b is detached
     (treated as a per-sample weight), so only ``features`` receives gradient.
 
     Args:
         features: Penultimate features f.
         logits: Classifier outputs; required for ``'sgm'``, ignored for ``'none'``.
-        labels: Integer targets y; required for ``'sgm'``, ignored for ``'none'``.
+        labels: Integer targets y; required for ``'sgm'`` unless ``targets`` are given, ignored for ``'none'``.
         weighting: ``'none'`` (feature penalty) or ``'sgm'``.
+        targets: Soft targets t of a mixed batch (rows summing to 1); when given, ``'sgm'`` reads them instead of
+            ``labels``.
 
     Shape:
-        features: (B, D). logits: (B, C). labels: (B,). Output: scalar.
+        features: (B, D). logits: (B, C). labels: (B,). targets: (B, C). Output: scalar.
 
     Reduction:
         Summed over channels, averaged over the batch.
@@ -66,8 +73,9 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
         The 0-dim penalty (no lambda applied).
 
     Raises:
-        ValueError: Wrong shapes, labels out of range, ``'sgm'`` without logits/labels, or an unknown ``weighting``.
-        TypeError: Non-floating features/logits or non-integer labels.
+        ValueError: Wrong shapes, labels out of range, ``'sgm'`` without logits or without labels and targets, or an
+            unknown ``weighting``.
+        TypeError: Non-floating features/logits/targets or non-integer labels.
 
     Example:
         >>> f = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
@@ -81,16 +89,21 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
     squared_norms = features.pow(2).sum(dim=1)  # (B,)
     if weighting == "none":
         return squared_norms.mean()
-    if logits is None or labels is None:
-        raise ValueError("weighting='sgm' needs logits (B, C) and labels (B,); got "
+    if logits is None or (labels is None and targets is None):
+        raise ValueError("weighting='sgm' needs logits (B, C) and labels (B,) (or soft targets (B, C)); got "
                          f"logits={'None' if logits is None else 'a tensor'}, "
                          f"labels={'None' if labels is None else 'a tensor'}")
     check_float_matrix("logits", logits, "(B, C)")
     if logits.shape[0] != features.shape[0]:
         raise ValueError(f"logits must have B = {features.shape[0]} rows like features, got {tuple(logits.shape)}")
-    check_labels(labels, logits.shape[0], logits.shape[1], "logits")
+    if targets is None:
+        check_labels(labels, logits.shape[0], logits.shape[1], "logits")
+        truth = F.one_hot(labels, num_classes=logits.shape[1])
+    else:
+        check_soft_targets(targets, logits.shape[0], logits.shape[1], "logits")
+        truth = targets
     with torch.no_grad():
-        residual = logits.softmax(dim=1) - F.one_hot(labels, num_classes=logits.shape[1]).to(logits.dtype)
+        residual = logits.softmax(dim=1) - truth.to(logits.dtype)
         alpha = residual.pow(2).sum(dim=1).to(features.dtype)  # (B,)
     return (alpha * squared_norms).mean()
 
@@ -274,6 +287,7 @@ class FeatureNormPenalty(_Logged):
         Mean over the batch.
     """
 
+    accepts_soft_targets = True  # 'sgm' reads step.targets on a mixed batch
     contract_kwargs = ({}, {"weighting": "sgm"})
 
     def __init__(self, weight: float = 1e-3, weighting: str = "none") -> None:
@@ -284,7 +298,8 @@ class FeatureNormPenalty(_Logged):
         self.weighting = weighting
 
     def forward(self, step: TrainStep) -> torch.Tensor:
-        value = feature_norm_penalty(step.features, step.logits, step.labels, weighting=self.weighting)
+        value = feature_norm_penalty(step.features, step.logits, step.labels, weighting=self.weighting,
+                                     targets=step.targets)
         return self.weight * self._keep(value)
 
 
@@ -304,6 +319,8 @@ class MaxEntropy(_Logged):
         Mean over the batch.
     """
 
+    accepts_soft_targets = True  # reads only the logits
+
     def __init__(self, gamma: float = 0.1) -> None:
         super().__init__()
         check_positive("gamma", gamma)
@@ -319,6 +336,7 @@ class MaxEntropy(_Logged):
 
 class _HeadPenalty(_Logged):
     gradient_reaches = "head"
+    accepts_soft_targets = True  # reads only the head's weight
 
     def __init__(self, weight: float) -> None:
         super().__init__()

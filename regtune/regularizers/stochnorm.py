@@ -120,6 +120,7 @@ class StochNorm(Regularizer):
     """
 
     gradient_reaches = "none"
+    accepts_soft_targets = True  # adds no loss and never reads the labels
     changes_architecture = True  # the swapped layers are the model a finished run is rebuilt as
 
     def __init__(self, p: float = 0.5) -> None:

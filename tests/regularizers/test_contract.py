@@ -9,6 +9,7 @@ class's ``contract_kwargs`` (the main construction, then variants) and the gradi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ from regtune.regularizers import (
     list_criteria,
     list_regularizers,
     regularizer_class,
+    soft_target_refusals,
 )
 from tests.conftest import TINY_BACKBONE
 from tests.regularizers.tolerance import DTYPES, TOL
@@ -147,6 +149,17 @@ def build(name: str, kwargs: dict[str, Any], model: torch.nn.Module, dtype: torc
     return term
 
 
+def mixed_targets(labels: torch.Tensor, lam: float = 0.7) -> torch.Tensor:
+    """Soft targets as mixup makes them: lam one_hot(y_b) + (1 - lam) one_hot(y_{B-1-b}) (timm's flipped batch)."""
+    one_hot = nn.functional.one_hot(labels, NUM_CLASSES).double()
+    return (lam * one_hot + (1 - lam) * one_hot.flip(0)).float()
+
+
+def other_labels(labels: torch.Tensor) -> list[torch.Tensor]:
+    """Labels that disagree with ``labels``: each class moved by one, and a permutation of the batch."""
+    return [(labels + 1) % NUM_CLASSES, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(8))]]
+
+
 def assert_scalar(value: torch.Tensor, dtype: torch.dtype) -> None:
     assert isinstance(value, torch.Tensor)
     assert value.dim() == 0, value.shape
@@ -167,6 +180,8 @@ def check_declarations(name: str) -> None:
     for kwargs in cls.contract_kwargs:
         assert isinstance(kwargs, dict) and set(kwargs) <= params, (name, kwargs)
     assert cls.setup_transform in ("eval", "train"), name
+    assert type(cls.accepts_soft_targets) is bool and isinstance(cls.soft_targets_note, str), name
+    assert cls.accepts_soft_targets or cls.soft_targets_note.strip(), f"{name}: a refusal needs a soft_targets_note"
 
 
 def check_forward_is_finite_scalar_in_input_dtype(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
@@ -322,6 +337,29 @@ def check_architecture_changes_are_declared(name: str, kwargs: dict[str, Any]) -
     assert changed == create_regularizer(name, **kwargs).changes_architecture, (name, changed)
 
 
+def check_soft_targets_are_declared_truthfully(name: str, kwargs: dict[str, Any]) -> None:
+    """``accepts_soft_targets`` is a bool; a refusal says why; a term that accepts mixed batches does not read the
+    labels when the step holds soft targets (its value is the same whatever the labels say)."""
+    model = make_model()
+    term = build(name, kwargs, model, torch.float32)
+    assert type(term.accepts_soft_targets) is bool, name
+    if not term.accepts_soft_targets:
+        assert term.soft_targets_note.strip(), f"{name}: a refusal needs a soft_targets_note"
+        refusal = f"{name} does not accept mixed (soft) targets: {term.soft_targets_note}"
+        assert soft_target_refusals([term]) == [refusal]
+        return
+    assert soft_target_refusals([term]) == []
+    step = step_for(term, model, torch.float32, step=1, seed=50)
+    mixed = dataclasses.replace(step, targets=mixed_targets(step.labels))
+    torch.manual_seed(9)  # the random-feature terms draw their references: the same draws for every call
+    expected = copy.deepcopy(term)(mixed)
+    assert_scalar(expected, torch.float32)
+    for labels in other_labels(step.labels):
+        torch.manual_seed(9)
+        value = copy.deepcopy(term)(dataclasses.replace(mixed, labels=labels))
+        assert torch.equal(value, expected), f"{name} declares accepts_soft_targets but reads labels under mixup"
+
+
 # Every check of one registered term, as (check, whether it takes a dtype): a term passes the contract when each
 # passes for each of its contract_kwargs (and, where it takes one, each dtype of DTYPES).
 CHECKS: list[tuple[Callable[..., None], bool]] = [
@@ -335,6 +373,7 @@ CHECKS: list[tuple[Callable[..., None], bool]] = [
     (check_unknown_argument_lists_valid_ones, False),
     (check_param_group_options, False),
     (check_architecture_changes_are_declared, False),
+    (check_soft_targets_are_declared_truthfully, False),
 ]
 
 
@@ -405,6 +444,11 @@ def test_param_group_options(name: str, kwargs: dict[str, Any]) -> None:
     check_param_group_options(name, kwargs)
 
 
+@cases("test_soft_targets_are_declared_truthfully")
+def test_soft_targets_are_declared_truthfully(name: str, kwargs: dict[str, Any]) -> None:
+    check_soft_targets_are_declared_truthfully(name, kwargs)
+
+
 def test_checks_list_every_check() -> None:
     defined = {n for n, f in globals().items() if n.startswith("check_") and callable(f)} - {"check_declarations"}
     assert {check.__name__ for check, _ in CHECKS} == defined
@@ -425,6 +469,28 @@ def test_criterion_is_finite_scalar(name: str, dtype: torch.dtype) -> None:
     assert_scalar(value, dtype)
     value.backward()
     assert step.features.grad is not None and torch.isfinite(step.features.grad).all()
+
+
+@pytest.mark.parametrize("name", list_criteria())
+def test_criterion_soft_targets_are_declared_truthfully(name: str) -> None:
+    """A criterion that accepts mixed batches reads the soft targets, not the labels, when the step holds them."""
+    model = make_model()
+    criterion = create_criterion(name)
+    criterion.adapt_model(model)
+    assert type(criterion.accepts_soft_targets) is bool and isinstance(criterion.soft_targets_note, str)
+    if not criterion.accepts_soft_targets:
+        assert criterion.soft_targets_note.strip(), f"{name}: a refusal needs a soft_targets_note"
+        refusal = f"{name} does not accept mixed (soft) targets: {criterion.soft_targets_note}"
+        assert soft_target_refusals([criterion]) == [refusal]
+        return
+    step = make_step(model, torch.float32)
+    mixed = dataclasses.replace(step, targets=mixed_targets(step.labels))
+    expected = criterion(mixed)
+    assert_scalar(expected, torch.float32)
+    for labels in other_labels(step.labels):
+        assert torch.equal(criterion(dataclasses.replace(mixed, labels=labels)), expected), name
+    other_mix = criterion(dataclasses.replace(mixed, targets=mixed_targets(step.labels, lam=0.4)))
+    assert not torch.allclose(other_mix, expected), f"{name}: the soft targets do not change the loss"
 
 
 def test_criterion_unknown_argument() -> None:
