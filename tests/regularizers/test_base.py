@@ -19,6 +19,7 @@ from regtune.regularizers import (
     list_criteria,
     list_regularizers,
     register_regularizer,
+    soft_target_refusals,
 )
 from regtune.regularizers import base as base_module
 
@@ -85,6 +86,35 @@ def test_cross_entropy_matches_numpy(smoothing: float) -> None:
                      model=torch.nn.Identity())
     assert float(CrossEntropy(smoothing)(step)) == pytest.approx(expected, rel=1e-12)
     assert "ce" in list_criteria()
+
+
+def test_soft_target_refusals_name_each_refusing_term_with_its_reason(clean_registry: None) -> None:
+    @register_regularizer("toy_undeclared")
+    class Undeclared(Regularizer):  # a third-party term that says nothing: refused, and told what to declare
+        pass
+
+    class Unregistered(Regularizer):
+        accepts_soft_targets = False
+        soft_targets_note = "it needs one class per sample"
+
+    terms = [CrossEntropy(), create_regularizer("adarand"), create_regularizer("bss"), Undeclared(), Unregistered(),
+             create_regularizer("randreg", prior="class"), create_regularizer("randreg", prior="pretrained"),
+             create_regularizer("lwf"), create_regularizer("lwf", teacher="online"), create_criterion("lm_softmax")]
+    refusals = soft_target_refusals(terms)
+    assert [line.split(" does not accept mixed (soft) targets: ")[0] for line in refusals] == [
+        "adarand", "toy_undeclared", "Unregistered", "randreg", "lwf", "lm_softmax"]
+    assert "mean of its one class" in refusals[0]
+    assert "accepts_soft_targets = True" in refusals[1] and "TrainStep.targets" in refusals[1]
+    assert refusals[2].endswith(": it needs one class per sample")
+    assert "prior='class'" in refusals[3] and "teacher='online'" in refusals[4]
+    assert soft_target_refusals([]) == [] and soft_target_refusals(terms[2:3]) == []
+
+
+def test_train_step_targets_default_to_none() -> None:
+    step = TrainStep(features=torch.zeros(2, 3), logits=torch.zeros(2, 2), labels=torch.zeros(2).long(),
+                     model=torch.nn.Identity())
+    assert step.targets is None
+    assert base_module.in_float32(step).targets is None
 
 
 def test_cross_entropy_rejects_bad_smoothing() -> None:

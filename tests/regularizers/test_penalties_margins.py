@@ -94,6 +94,23 @@ def test_fnp_sgm_matches_numpy_and_alpha_is_detached(dtype: torch.dtype) -> None
     assert step.logits.grad is None
 
 
+@DTYPES
+def test_fnp_sgm_on_soft_targets_matches_numpy(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 4))
+    targets = rng.dirichlet(np.ones(4), size=3)
+    step = make_step(F3, [1, 3, 0], HeadNet(rng.normal(size=(4, 3)), dtype), dtype, logits=logits)
+    mixed = TrainStep(features=step.features, logits=step.logits, labels=step.labels, model=step.model,
+                      targets=torch.tensor(targets, dtype=dtype))
+    value = FeatureNormPenalty(weight=0.3, weighting="sgm")(mixed)
+    alpha = ((np_softmax(logits) - targets) ** 2).sum(1)  # sum_c (p_bc - t_bc)^2
+    check(value, 0.3 * (alpha * (F3**2).sum(1)).mean(), dtype)
+    one_hot = TrainStep(features=step.features, logits=step.logits, labels=torch.tensor([2, 2, 2]), model=step.model,
+                        targets=torch.eye(4, dtype=dtype)[[1, 3, 0]])
+    torch.testing.assert_close(FeatureNormPenalty(weight=0.3, weighting="sgm")(one_hot),
+                               FeatureNormPenalty(weight=0.3, weighting="sgm")(step), **TOL[dtype])
+
+
 def test_fnp_uses_features_not_logits() -> None:
     step = make_step(F3, [0, 1, 0], HeadNet(W_KNOWN))
     value = FeatureNormPenalty(weight=1.0)(step)

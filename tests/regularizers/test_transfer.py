@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -312,6 +313,27 @@ def test_co_tuning_loss_matches_numpy_and_gradcheck() -> None:
     assert gradcheck(lambda s: Fn.co_tuning_loss(s, torch.tensor(labels), torch.tensor(relationship)), (x,))
 
 
+def test_co_tuning_loss_on_soft_targets_mixes_the_relationship_rows() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 5))
+    relationship = rng.dirichlet(np.ones(5), size=3)
+    targets = rng.dirichlet(np.ones(3), size=4)  # (B, C_t) soft targets
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    mixed = [sum(targets[b, c] * relationship[c] for c in range(3)) for b in range(4)]  # q_b = sum_c t_bc R[c]
+    expected = np.mean([-np.sum(mixed[b] * log_p[b]) for b in range(4)])
+    value = Fn.co_tuning_loss(torch.tensor(logits), None, torch.tensor(relationship), targets=torch.tensor(targets))
+    np.testing.assert_allclose(value.item(), expected, rtol=1e-12)
+    # Linear in the target: a mixup of two labels gives the same mix of their losses.
+    lam, labels = 0.7, torch.tensor([2, 0, 1, 2])
+    one_hot = nn.functional.one_hot(labels, 3).double()
+    r, s = torch.tensor(relationship), torch.tensor(logits)
+    mix = Fn.co_tuning_loss(s, labels, r, targets=lam * one_hot + (1 - lam) * one_hot.flip(0))
+    torch.testing.assert_close(mix, lam * Fn.co_tuning_loss(s, labels, r) + (1 - lam) * Fn.co_tuning_loss(
+        s, labels.flip(0), r), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"targets must have shape \(B, C\) = \(4, 3\)"):
+        Fn.co_tuning_loss(s, labels, r, targets=torch.full((4, 5), 0.2, dtype=torch.float64))
+
+
 def test_co_tuning_module_relationship_from_pretrained_predictions() -> None:
     model = _tiny("resnet18")
     source = nn.Linear(model.num_features, 7)
@@ -333,6 +355,9 @@ def test_co_tuning_module_relationship_from_pretrained_predictions() -> None:
     step = _step(model, images, labels)
     expected_loss = 2.0 * Fn.co_tuning_loss(term.source_head(step.features), labels, term.relationship)
     torch.testing.assert_close(term(step), expected_loss)
+    targets = 0.6 * nn.functional.one_hot(labels, 3).float() + 0.4 * nn.functional.one_hot(labels.flip(0), 3).float()
+    expected_mixed = 2.0 * Fn.co_tuning_loss(term.source_head(step.features), None, term.relationship, targets=targets)
+    torch.testing.assert_close(term(dataclasses.replace(step, targets=targets)), expected_mixed)
 
 
 def test_co_tuning_without_source_head_says_what_to_do() -> None:
