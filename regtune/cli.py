@@ -41,16 +41,28 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--split-manifest": ("data", "data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
     "--img-size": ("data", "data.img_size", int, "input resolution in pixels"),
     "--batch-size": ("data", "data.batch_size", int, "training batch size"),
+    "--auto-augment": ("data", "data.auto_augment", str,
+                       "timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), rand-m10-n1-mstd101 (TrivialAugment-"
+                       "style)"),
+    "--re-prob": ("data", "data.re_prob", float, "random erasing probability"),
+    "--mixup": ("data", "data.mixup", float, "mixup's Beta alpha (0: off); soft targets"),
+    "--cutmix": ("data", "data.cutmix", float, "cutmix's Beta alpha (0: off); soft targets"),
     "--num-workers": ("data", "data.num_workers", int,
                       "DataLoader worker processes; unset picks 0 with 2 CPU cores or fewer, else min(8, cores - 1)"),
     "--backbone": ("model", "model.backbone", str, "timm model name"),
     "--pretrained": ("model", "model.pretrained", str, "auto | offline | hub | none | PATH to .pth/.safetensors"),
+    "--head-init": ("model", "model.head_init", str,
+                    "normal | timm | lp (the linear probe's head: LP-FT; with --epochs 0 the probe alone)"),
     "--optimizer": ("optimisation", "optim.optimizer", str, "sgd | adamw"),
     "--lr": ("optimisation", "optim.lr", float, "backbone learning rate"),
     "--head-lr-mult": ("optimisation", "optim.head_lr_mult", float, "head learning rate = lr x this"),
     "--weight-decay": ("optimisation", "optim.weight_decay", float, "weight decay"),
     "--scheduler": ("optimisation", "optim.scheduler", str, "cosine | step | constant"),
-    "--epochs": ("optimisation", "trainer.epochs", int, "training epochs"),
+    "--layer-decay": ("optimisation", "optim.layer_decay", float,
+                      "layer-wise lr decay: layer l of L at lr x this^(L-1-l)"),
+    "--epochs": ("optimisation", "trainer.epochs", int, "training epochs (0 with --head-init lp: the probe alone)"),
+    "--ema-decay": ("optimisation", "trainer.ema_decay", float,
+                    "keep an EMA of the weights, selected against the raw ones on validation"),
     "--criterion": ("regularization", "criterion", str, "classification loss: NAME[:key=value,...]"),
     "--seed": ("run", "trainer.seed", int, "seed of everything"),
     "--select": ("run", "trainer.select", str, "val_acc | val_loss | test_acc (papers' test-set selection) | last"),
@@ -66,6 +78,12 @@ _GROUPS = {  # help group of `regtune fit` -> its description
     "regularization": "the training loss: criterion and regularizers",
     "run": "config file, output, seed, model selection, hardware and display",
 }
+
+
+def _recipe_names() -> list[str]:
+    from regtune.train.recipes import RECIPES
+
+    return list(RECIPES)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -127,6 +145,14 @@ def _add_fit(sub: Any) -> None:
     fit.epilog = ("Defaults are regtune's own; with --config the file's values take their place, and an option "
                   "given here overrides either. [KEY] is the option's config field; --set KEY=VALUE sets any.")
     groups = {name: fit.add_argument_group(name, text) for name, text in _GROUPS.items()}
+    groups["regularization"].add_argument(
+        "--recipe", action="append", default=[], metavar="NAME",
+        help="a named baseline or recipe knob (repeatable, applied in order before the other options): "
+             + ", ".join(_recipe_names()) + " (see `regtune list recipes`)")
+    groups["regularization"].add_argument(
+        "--wise-alphas", default=None, metavar="A,B,...",
+        help="WiSE-FT: mix start and fine-tuned weights at these alphas, the best on validation is tested; needs "
+             "--head-init lp (default: none) [trainer.wise_alphas]")
     groups["regularization"].add_argument(
         "--reg", action="append", default=[], metavar="NAME[:k=v,...]",
         help="add a regularizer (repeatable), e.g. --reg fmr:beta=50 (see `regtune list regularizers`; default: none, "
@@ -217,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_cam(sub)
     lst = _subcommand(sub, "list", "list known names")
-    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "offline-weights"])
+    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights"])
     return parser
 
 
@@ -261,8 +287,14 @@ def _fit_config(args: argparse.Namespace) -> Any:
     """The run's :class:`~regtune.train.config.FitConfig`: --config (or the defaults), then the options given."""
     from regtune.train.config import FitConfig, apply_overrides, load_config
 
+    from regtune.train.recipes import recipe_overrides
+
     config = load_config(args.config) if args.config else FitConfig()
+    if args.recipe:
+        config = apply_overrides(config, recipe_overrides(args.recipe))
     overrides: dict[str, Any] = {}
+    if args.wise_alphas is not None:
+        overrides["trainer.wise_alphas"] = [float(a) for a in args.wise_alphas.split(",") if a.strip()]
     for flag, (_, key, _, _) in _FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is None:
@@ -288,6 +320,19 @@ def _fit_config(args: argparse.Namespace) -> Any:
     return apply_overrides(config, overrides)
 
 
+def _what_was_tested(m: dict[str, Any]) -> str:
+    """``checkpoint of epoch 7, selected by val_acc``, with the probe, EMA and WiSE-FT choices where made."""
+    if m.get("selected_epoch") is None:
+        probe = m.get("probe") or {}
+        return f"linear probe, C = {probe.get('C')} chosen on validation"
+    text = f"checkpoint of epoch {m['selected_epoch']}, selected by {m['selection']}"
+    if (m.get("ema") or {}).get("selected"):
+        text += ", its EMA weights"
+    if m.get("wise"):
+        text += f", WiSE-FT alpha {m['wise']['alpha']:g}"
+    return text
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -307,8 +352,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 130
     m = result.metrics
     print(f"test accuracy: {m['test_acc']:.4f}  (mean per class {m['test_mean_class_acc']:.4f}; "
-          f"checkpoint of epoch {m['selected_epoch']}, selected by {m['selection']}; "
-          f"{m['wall_time_s']:.0f} s)")
+          f"{_what_was_tested(m)}; {m['wall_time_s']:.0f} s)")
     if m["selection"] == "test_acc":
         print("note: the checkpoint was chosen on the TEST set (the papers' protocol): this accuracy is optimistic")
     print(f"run directory: {result.run_dir}")
@@ -463,6 +507,11 @@ def _offline_sources() -> dict[str, tuple[str, str]]:
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "datasets":
         names = _registered_names([_PACKAGE / "data" / "datasets.py"], "_register")
+    elif args.what == "recipes":
+        from regtune.train.recipes import RECIPES
+
+        width = max(map(len, RECIPES))
+        names = [f"{name:<{width}}  {recipe.summary}" for name, recipe in RECIPES.items()]
     elif args.what == "offline-weights":
         # find_spec on a top-level name looks for the package without importing it (as has_offline_weights does)
         names = [f"{name}  ({package}; {'installed' if importlib.util.find_spec(module) else 'not installed'})"

@@ -116,7 +116,8 @@ def test_fit_help_groups_options_and_shows_the_config_defaults(capsys: pytest.Ca
     assert headings == ["options", "data", "model", "optimisation", "regularization", "run"]
     help_text = " ".join(out.split())  # argparse wraps lines
     assert "--lr LR backbone learning rate (default: 0.02) [optim.lr]" in help_text
-    assert "--epochs EPOCHS training epochs (default: 15) [trainer.epochs]" in help_text
+    assert ("--epochs EPOCHS training epochs (0 with --head-init lp: the probe alone) (default: 15) "
+            "[trainer.epochs]") in help_text
     assert "(default: None)" not in help_text
 
 

@@ -16,6 +16,9 @@ seed                formula                                            seeds
                     ``2**32``, which torch accepts)                    epoch ``e``
 :func:`sample_seed` first 32-bit word of NumPy's                       the augmentation of item ``i`` in epoch
                     ``SeedSequence([s, e, i])``                        ``e`` (all three CPU generators)
+:func:`mix_seed`    first 32-bit word of NumPy's                       the mixup / cutmix draws of global
+                    ``SeedSequence([s, 2**31 - 1, g])``                optimisation step ``g`` (all three CPU
+                                                                       generators)
 =================== ================================================== ==========================================
 
 The two primes of :func:`epoch_seed` keep the seeds of nearby runs and epochs apart; ``SeedSequence`` hashes its
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["epoch_seed", "order_seed", "sample_seed"]
+__all__ = ["epoch_seed", "mix_seed", "order_seed", "sample_seed"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -68,3 +71,18 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
         2968811710
     """
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def mix_seed(seed: int, global_step: int) -> int:
+    """The seed of one training step's batch mixing (mixup / cutmix: which of the two, the mixing weight, the box):
+    the first ``uint32`` word of ``SeedSequence([seed, 2**31 - 1, global_step])``.
+
+    The middle word keeps these seeds apart from :func:`sample_seed`'s ``(seed, epoch, index)`` triples (no epoch
+    reaches it). The draws of a step depend only on the run's seed and the step, so a resumed run mixes its batches
+    as the uninterrupted one did.
+
+    Example:
+        >>> mix_seed(0, 0) == mix_seed(0, 0) != mix_seed(0, 1)
+        True
+    """
+    return int(np.random.SeedSequence([seed, 2**31 - 1, global_step]).generate_state(1, dtype=np.uint32)[0])

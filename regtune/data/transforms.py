@@ -23,6 +23,7 @@ def build_transforms(
         hflip: float = 0.5,
         color_jitter: float | None = None,
         auto_augment: str | None = None,
+        re_prob: float = 0.0,
 ) -> tuple[Callable, Callable]:
     """Build ``(train_transform, eval_transform)`` with :func:`timm.data.create_transform`.
 
@@ -37,6 +38,8 @@ def build_transforms(
         hflip: Probability of a horizontal flip.
         color_jitter: Strength of colour jitter, ``None`` for none.
         auto_augment: timm auto-augment policy string (e.g. ``"rand-m9-mstd0.5"``), ``None`` for none.
+        re_prob: Random erasing probability (timm's ``RandomErasing`` after normalisation, per-pixel normal values,
+            one box), 0 for none.
     """
     common = {
         "input_size": data_config["input_size"],
@@ -51,6 +54,8 @@ def build_transforms(
         hflip=hflip,
         color_jitter=color_jitter if color_jitter else None,
         auto_augment=auto_augment,
+        re_prob=re_prob,
+        re_mode="pixel",
     )
     evaluation = create_transform(
         **common,

@@ -17,6 +17,7 @@ import yaml
 from regtune._io import atomic_write_text
 
 __all__ = [
+    "HEAD_INITS",
     "SELECT_MODES",
     "ConfigError",
     "DataConfig",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")
+HEAD_INITS = ("normal", "timm", "lp")
 
 
 class ConfigError(ValueError):
@@ -63,7 +65,15 @@ class DataConfig:
         scale: RandomResizedCrop area range.
         hflip: Horizontal flip probability.
         color_jitter: Colour jitter strength, ``None`` for none.
-        auto_augment: timm auto-augment policy, ``None`` for none.
+        auto_augment: timm auto-augment policy, ``None`` for none: RandAugment ``"rand-m9-mstd0.5-inc1"`` (timm's
+            recipe), TrivialAugment-style ``"rand-m10-n1-mstd101"`` (one operation, magnitude uniform), AutoAugment
+            ``"original"``, AugMix ``"augmix-m5-w4-d2"``.
+        re_prob: Random erasing probability (timm's, after normalisation, per-pixel random values), 0 for none.
+        mixup: Mixup's Beta(alpha, alpha) parameter, 0 for no mixup.
+        cutmix: CutMix's Beta(alpha, alpha) parameter, 0 for no cutmix. With both, each batch takes one of the two
+            (``mix_switch_prob``); a mixed batch has soft targets, and every term of the loss must accept them.
+        mix_prob: Probability that a batch is mixed at all.
+        mix_switch_prob: Probability of cutmix rather than mixup when both are on.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation and test.
         num_workers: DataLoader worker processes; ``None`` picks 0 on machines with 2 cores or fewer (workers
@@ -83,6 +93,11 @@ class DataConfig:
     hflip: float = 0.5
     color_jitter: float | None = None
     auto_augment: str | None = None
+    re_prob: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
     batch_size: int = 32
     eval_batch_size: int = 128
     num_workers: int | None = None
@@ -95,13 +110,20 @@ class ModelConfig:
     Attributes:
         backbone: timm model name.
         pretrained: ``auto`` | ``offline`` | ``hub`` | ``none`` | path to a weights file.
-        head_init: ``normal`` (N(0, 0.01), zero bias, as the papers) or ``timm``.
+        head_init: ``normal`` (N(0, 0.01), zero bias, as the papers), ``timm``, or ``lp``: the head of a linear probe
+            (multinomial logistic regression on the frozen backbone's features of the training images, evaluation
+            transform, features computed once; its strength chosen on the validation split among ``lp_cs``).
+            Fine-tuning from it is LP-FT (Kumar et al., 2022); with ``trainer.epochs: 0`` the probe is the run.
+        lp_cs: Inverse L2 strengths C of the probe tried (scikit-learn's ``LogisticRegression(C=...)``).
+        lp_max_iter: L-BFGS iterations of each probe fit.
         drop_rate: Dropout before the classifier.
     """
 
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "auto"
     head_init: str = "normal"
+    lp_cs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    lp_max_iter: int = 1000
     drop_rate: float = 0.0
 
 
@@ -121,6 +143,9 @@ class OptimConfig:
         warmup_epochs: Linear warm-up length, in epochs (fractions allowed).
         milestones: Epochs where ``step`` multiplies the learning rate by ``gamma``.
         gamma: Factor of the ``step`` schedule.
+        layer_decay: Layer-wise learning-rate decay (timm's layer grouping of the backbone): the backbone's layer
+            ``l`` of ``L`` trains at ``lr * layer_decay ** (L - l)``, so the stem moves least; ``None`` for none. The
+            head keeps ``lr * head_lr_mult``.
     """
 
     optimizer: str = "sgd"
@@ -133,6 +158,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
+    layer_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,14 @@ class TrainerConfig:
             margin: the curves ``regtune analyze`` compares across runs. Costs a few vector operations per batch.
         train_fraction: Share of each epoch's (shuffled) training batches to run, in (0, 1]: a step budget on large
             data (e.g. 0.25 of the 1,687 batches of full Fashion-MNIST); the schedule spans the shortened epochs.
+        ema_decay: Also keep an exponential moving average of the weights (``torch.optim.swa_utils``, buffers
+            included), updated after every step: ``ema = decay * ema + (1 - decay) * weights``. Each validation
+            evaluates both, and selection picks the better of the two per epoch (ties: the raw weights); with
+            ``select: last`` the EMA weights are tested. ``None`` for none.
+        wise_alphas: WiSE-FT (Wortsman et al., 2022): after training, the weights ``(1 - a) * start + a * selected``
+            for each ``a`` given, ``start`` being the weights training began from (pretrained backbone, probe
+            head: needs ``model.head_init: lp``), are evaluated on the validation split and the best is tested
+            once. Empty for none.
     """
 
     epochs: int = 15
@@ -171,6 +205,8 @@ class TrainerConfig:
     log_every_n_steps: int = 1
     feature_stats: bool = False
     train_fraction: float = 1.0
+    ema_decay: float | None = None
+    wise_alphas: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,20 +247,16 @@ def _plain(value: Any) -> Any:
 def validate(config: FitConfig) -> None:
     """Check values that would otherwise fail late (after minutes of set-up)."""
     d, o, t = config.data, config.optim, config.trainer
+    for ok, message in [*_data_checks(d), *_recipe_checks(config)]:
+        if not ok:
+            raise ConfigError(message)
     checks = [
-        (d.fraction is None or 0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1], got {d.fraction}"),
-        (d.per_class is None or d.per_class >= 1, f"data.per_class must be >= 1, got {d.per_class}"),
-        (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
-        (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
-        (d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
-        (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),
-        (d.batch_size >= 1 and d.eval_batch_size >= 1, "batch sizes must be >= 1"),
-        (d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
         (o.optimizer in ("sgd", "adamw"), f"optim.optimizer must be 'sgd' or 'adamw', got {o.optimizer!r}"),
         (o.scheduler in ("cosine", "step", "constant"),
          f"optim.scheduler must be 'cosine', 'step' or 'constant', got {o.scheduler!r}"),
         (o.lr > 0 and o.head_lr_mult > 0, "optim.lr and optim.head_lr_mult must be > 0"),
-        (t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}"),
+        (t.epochs >= 1 or (t.epochs == 0 and config.model.head_init == "lp"),
+         f"trainer.epochs must be >= 1 (or 0 with model.head_init: lp, a linear probe alone), got {t.epochs}"),
         (0.0 < t.train_fraction <= 1.0, f"trainer.train_fraction must be in (0, 1], got {t.train_fraction}"),
         (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}"),
         (t.select in SELECT_MODES, f"trainer.select must be one of {', '.join(SELECT_MODES)}, got {t.select!r}"),
@@ -234,6 +266,49 @@ def validate(config: FitConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    return [
+        (d.fraction is None or 0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1], got {d.fraction}"),
+        (d.per_class is None or d.per_class >= 1, f"data.per_class must be >= 1, got {d.per_class}"),
+        (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
+        (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
+        (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),
+        (d.batch_size >= 1 and d.eval_batch_size >= 1, "batch sizes must be >= 1"),
+        (d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
+        (0.0 <= d.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {d.re_prob}"),
+        (d.mixup >= 0.0 and d.cutmix >= 0.0, f"data.mixup and data.cutmix must be >= 0, got {d.mixup}, {d.cutmix}"),
+        (0.0 <= d.mix_prob <= 1.0 and 0.0 <= d.mix_switch_prob <= 1.0,
+         "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
+        (not (d.mixup > 0 or d.cutmix > 0) or d.batch_size % 2 == 0,
+         f"mixup / cutmix mix each batch with its mirror image (timm's Mixup): data.batch_size must be even, got "
+         f"{d.batch_size}"),
+    ]
+
+
+def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
+    """The baselines' settings (probe, EMA, WiSE-FT, layer decay) and the combinations that make no sense."""
+    m, o, t = config.model, config.optim, config.trainer
+    probe_only = t.epochs == 0
+    return [
+        (m.head_init in HEAD_INITS, f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {m.head_init!r}"),
+        (len(m.lp_cs) >= 1 and all(c > 0 for c in m.lp_cs), f"model.lp_cs must be positive numbers, got {m.lp_cs}"),
+        (m.lp_max_iter >= 1, f"model.lp_max_iter must be >= 1, got {m.lp_max_iter}"),
+        (o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got "
+                                                               f"{o.layer_decay}"),
+        (t.ema_decay is None or 0.0 <= t.ema_decay < 1.0, f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}"),
+        (all(0.0 <= a <= 1.0 for a in t.wise_alphas), f"trainer.wise_alphas must lie in [0, 1], got {t.wise_alphas}"),
+        (not t.wise_alphas or m.head_init == "lp",
+         "trainer.wise_alphas (WiSE-FT) interpolates from the starting weights to the fine-tuned ones; its starting "
+         "head must be a trained one: set model.head_init: lp (a random head is no endpoint worth mixing in)"),
+        (not (probe_only and (t.ema_decay is not None or t.wise_alphas or config.regularizers)),
+         "trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
+         "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs"),
+        (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
+         "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
+    ]
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -287,16 +362,41 @@ def check_names(config: FitConfig) -> None:
         UnknownDatasetError, UnknownBackboneError, UnknownNameError: an unknown name or argument (the message lists
             the valid ones).
         ValueError: an argument value a term refuses.
+        ConfigError: mixing (mixup / cutmix) with a term that cannot take mixed targets; an unknown augmentation
+            policy.
     """
     from regtune.data.datasets import check_dataset_name
     from regtune.models import check_backbone_name
     from regtune.regularizers import create_criterion, create_regularizer
 
+    from regtune.regularizers import soft_target_refusals
+
     check_dataset_name(config.data.dataset)
     check_backbone_name(config.model.backbone)
-    create_criterion(config.criterion.name, **config.criterion.args)
-    for term in config.regularizers:
-        create_regularizer(term.name, **term.args)
+    terms = [create_criterion(config.criterion.name, **config.criterion.args)]
+    terms += [create_regularizer(term.name, **term.args) for term in config.regularizers]
+    d = config.data
+    if d.mixup > 0 or d.cutmix > 0:
+        refused = soft_target_refusals(terms)
+        if refused:
+            raise ConfigError("data.mixup / data.cutmix train on mixed images with soft targets, and "
+                              + "; ".join(refused) + ". Drop mixing, or these terms.")
+    if d.auto_augment:
+        _check_auto_augment(d.auto_augment)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """Build timm's policy once on a tiny image size, so that a typo fails before the run starts."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"data.auto_augment {policy!r} is not a timm policy ({type(err).__name__}: {err}); e.g. "
+            "'rand-m9-mstd0.5-inc1' (RandAugment), 'rand-m10-n1-mstd101' (TrivialAugment-style), 'original' "
+            "(AutoAugment), 'augmix-m5-w4-d2' (AugMix)"
+        ) from err
 
 
 def load_config(path: str | Path, check: bool = True) -> FitConfig:

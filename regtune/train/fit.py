@@ -8,6 +8,7 @@ described in :mod:`regtune.train.rundir`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -31,7 +32,7 @@ from regtune.analysis.plots import plot_learning_curves
 from regtune.data.base import ImageDataset
 from regtune.data.datasets import build_dataset
 from regtune.data.subset import Split
-from regtune.data.transforms import build_transforms
+from regtune.data.transforms import TransformedSubset, build_transforms
 from regtune.models import create_backbone
 from regtune.models.factory import Backbone
 from regtune.regularizers import create_criterion, create_regularizer
@@ -181,13 +182,16 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
             "Raise data.val_fraction, use more data, or --select last."
         )
     backbone = create_backbone(config.model.backbone, train_set.num_classes, pretrained=config.model.pretrained,
-                               head_init=config.model.head_init, drop_rate=config.model.drop_rate)
+                               head_init="normal" if config.model.head_init == "lp" else config.model.head_init,
+                               drop_rate=config.model.drop_rate)  # the probe's head replaces the drawn one
     for term in regularizers:
         if term.needs_source_head:
             term.attach_source_head(backbone.source_head)
     preprocessing = run_preprocessing(backbone.model, config)
-    train_tf, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip,
-                                         color_jitter=d.color_jitter, auto_augment=d.auto_augment)
+    train_tf, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip, color_jitter=d.color_jitter,
+                                         auto_augment=d.auto_augment, re_prob=d.re_prob)
+    targets = torch.as_tensor(train_set.targets)[torch.as_tensor(split.train, dtype=torch.long)]
+    criterion.set_class_counts(torch.bincount(targets, minlength=train_set.num_classes))
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed,
@@ -196,8 +200,26 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
     # directory exists.
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
-                       channels_last=t.channels_last, feature_stats=t.feature_stats, resuming=resume_from is not None)
+                       channels_last=t.channels_last, feature_stats=t.feature_stats, resuming=resume_from is not None,
+                       mixup=_mixup(config, train_set.num_classes), seed=t.seed, ema_decay=t.ema_decay,
+                       select_by=t.select)
+    if config.model.head_init == "lp" and not isinstance(backbone.model.get_classifier(), torch.nn.Linear):
+        raise ValueError(f"model.head_init: lp fits a linear head, but the criterion {config.criterion.name!r} "
+                         f"replaced the classifier with a {type(backbone.model.get_classifier()).__name__}; use "
+                         "criterion ce with the probe")
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
+
+
+def _mixup(config: FitConfig, num_classes: int) -> Any:
+    """timm's batch mixing (mixup and / or cutmix, soft targets without smoothing: the criterion smooths), or
+    ``None``."""
+    d = config.data
+    if d.mixup <= 0 and d.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=d.mix_prob, switch_prob=d.mix_switch_prob,
+                 mode="batch", label_smoothing=0.0, num_classes=num_classes)
 
 
 def _claim_run_dir(config: FitConfig, parts: _Parts, run_dir: str | Path | None, resume: bool,
@@ -304,23 +326,147 @@ def _train(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, resume
     return trainer.interrupted
 
 
-def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> tuple[dict[str, Any], int]:
-    """Test the selected checkpoint once; ``(test results, 0-based epoch of the checkpoint)``."""
+def _prepare_start(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module) -> None:
+    """Before the first step (not on resume): the linear probe's head (``model.head_init: lp``), then the starting
+    weights WiSE-FT interpolates from (``checkpoints/start.safetensors``)."""
+    if config.model.head_init == "lp":
+        _probe(config, parts, run, model)
+    if config.trainer.wise_alphas and rank_zero_only.rank == 0:
+        from safetensors.torch import save_file
+
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run.start_weights)
+
+
+def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module) -> dict[str, Any]:
+    """Fit the linear probe on the frozen model's features of the training images (evaluation transform), choose
+    its strength on the validation images, install it as the head; ``probe.json`` records it.
+
+    Every process extracts all features (no sharding): each then fits the same probe."""
+    from torch.utils.data import DataLoader
+
+    from regtune.train.probe import linear_probe, set_head
+
+    m, dm = config.model, parts.datamodule
+    loader = lambda indices: DataLoader(  # noqa: E731
+        TransformedSubset(parts.train_set, indices, dm.eval_transform), batch_size=dm.eval_batch_size,
+        num_workers=dm.num_workers)
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    result = linear_probe(model, loader(parts.split.train), loader(parts.split.val) if parts.split.val else None,
+                          parts.train_set.num_classes, Cs=m.lp_cs, max_iter=m.lp_max_iter,
+                          cache=run.path / "probe_features.npz", device=device)
+    set_head(model, result)
+    record = {"C": result.C, "val_acc": {str(c): a for c, a in result.val_acc.items()},
+              "val_loss": {str(c): v for c, v in result.val_loss.items()}, "train_acc": result.train_acc,
+              "time_s": round(time.perf_counter() - started, 2)}
+    if rank_zero_only.rank == 0:
+        atomic_write_json(run.path / "probe.json", record)
+    _log.info("linear probe: C = %g, validation accuracy %s, %.1f s", result.C,
+              f"{result.val_acc[result.C]:.4f}" if result.val_acc else "n/a", record["time_s"])
+    return record
+
+
+def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict[str, Any]:
+    """A linear-probe run (``trainer.epochs: 0``): the probe on the frozen backbone, tested once."""
+    module = parts.module
+    module.to(made.trainer.strategy.root_device)
+    probe = _probe(config, parts, run, module.model)
+    with _quiet_lightning(), _no_uninitialized_fill():
+        (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    if made.trainer.is_global_zero:
+        _save_weights(module.model, run)
+    best_val = probe["val_acc"].get(str(probe["C"])) if config.trainer.select == "val_acc" else None
+    return {**result, "selected": None, "epoch": None, "ema_selected": False, "wise": None,
+            "model_file": run.model_path.name, "best_val": best_val}
+
+
+def _selected_checkpoint(config: FitConfig, run: RunDir, made: _Trainer) -> str:
     monitor = _SELECT[config.trainer.select][0]
     selected = made.best.best_model_path if monitor is not None else made.last.last_model_path
-    selected = selected or str(run.last_checkpoint)
-    epoch = torch.load(selected, map_location="cpu", weights_only=True)["epoch"]  # tensors and plain types only
+    return selected or str(run.last_checkpoint)
+
+
+@torch.no_grad()
+def _val_score(parts: _Parts, made: _Trainer) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of the module's model on the validation split, at the run's precision."""
+    module, device = parts.module, made.trainer.strategy.root_device
+    module.to(device).eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    dm = parts.datamodule
+    loader = torch.utils.data.DataLoader(  # the held-out validation images, all of them in every process
+        TransformedSubset(parts.train_set, parts.split.val, dm.eval_transform), batch_size=dm.eval_batch_size,
+        num_workers=dm.num_workers)
+    with made.trainer.precision_plugin.forward_context():
+        for images, labels, *_ in loader:
+            images, labels = module._layout(images.to(device)), labels.to(device)
+            sums += module._batch_sums(module.model, images, labels)[2].double().cpu()
+    loss, correct, count = sums.tolist()
+    return correct / count, loss / count
+
+
+def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
+          end: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """WiSE-FT: each ``(1 - a) * start + a * end`` on the validation split; the best (accuracy, then loss, then the
+    earlier ``a``) is returned with the record of all."""
+    from safetensors.torch import load_file
+
+    from regtune.train.averaging import interpolate_states
+
+    start = load_file(run.start_weights)
+    end = {k: v.detach().cpu().clone() for k, v in end.items()}  # not the live weights the mixes overwrite
+    scores = []
+    for alpha in config.trainer.wise_alphas:
+        parts.module.model.load_state_dict(interpolate_states(start, end, alpha))
+        scores.append(_val_score(parts, made))
+        _log.info("WiSE-FT alpha %.2f: validation accuracy %.4f, loss %.4f", alpha, *scores[-1])
+    best = min(range(len(scores)), key=lambda i: (-scores[i][0], scores[i][1], i))
+    alpha = config.trainer.wise_alphas[best]
+    record = {"alphas": list(config.trainer.wise_alphas), "val_acc": [a for a, _ in scores],
+              "val_loss": [v for _, v in scores], "alpha": alpha}
+    return record, interpolate_states(start, end, alpha)
+
+
+def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict[str, Any]:
+    """Test once the weights selection chose: the selected checkpoint's, its EMA's where validation preferred them,
+    their WiSE-FT interpolation where asked for. Returns the test results with what was chosen."""
+    selected = _selected_checkpoint(config, run, made)
+    checkpoint = torch.load(selected, map_location="cpu", weights_only=True)  # tensors and plain types only
+    module = parts.module
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    module.on_load_checkpoint(checkpoint)
+    weights = module.selected_weights(config.trainer.select)
+    ema = module.ema is not None and (module.ema_selected or config.trainer.select == "last")
+    wise = None
+    if config.trainer.wise_alphas:
+        wise, weights = _wise(config, parts, run, made, weights)
+    module.model.load_state_dict(weights)
     with _quiet_lightning(), _no_uninitialized_fill():
-        (result,) = made.trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=selected, verbose=False)
-    result = {**result, "selected": selected,
-              "best_val": float(made.best.best_model_score) if made.best.best_model_score is not None else None}
-    return result, int(epoch)
+        (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    own = not ema and wise is None  # the checkpoint's own weights were tested
+    if not own and made.trainer.is_global_zero:
+        _save_weights(module.model, run)
+    return {**result, "selected": selected, "epoch": int(checkpoint["epoch"]), "ema_selected": ema, "wise": wise,
+            "model_file": None if own else run.model_path.name,
+            "best_val": float(made.best.best_model_score) if made.best.best_model_score is not None else None}
 
 
-def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, Any], epoch: int, resume: bool,
+def _save_weights(model: torch.nn.Module, run: RunDir) -> None:
+    """``model.safetensors``: the tested weights, when no checkpoint holds them as they are (tensors only)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.NamedTemporaryFile(dir=run.path, suffix=".tmp", delete=False) as handle:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, handle.name)
+    os.replace(handle.name, run.model_path)
+
+
+def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, Any], resume: bool,
              started: float, trained: float) -> dict[str, Any]:
     """What ``metrics.json`` holds."""
     d, t = config.data, config.trainer
+    epoch = result["epoch"]
     return {
         "test_acc": result["test/acc"],
         "test_loss": result["test/loss"],
@@ -328,10 +474,14 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "test_class_acc": parts.module.test_class_accuracy(),
         "selection": t.select,
         "selection_note": _SELECT[t.select][2],
-        "selected_epoch": epoch + 1,
+        "selected_epoch": epoch + 1 if epoch is not None else None,
         "epoch_base": 1,  # epochs counted from 1 here, in epochs.csv and on the console (older runs: from 0)
-        "selected_checkpoint": str(Path(result["selected"]).relative_to(run.path)),
+        "selected_checkpoint": (str(Path(result["selected"]).relative_to(run.path)) if result["selected"] else None),
         "best_val": result["best_val"],
+        "model_file": result["model_file"],
+        "probe": json.loads((run.path / "probe.json").read_text()) if config.model.head_init == "lp" else None,
+        "ema": {"decay": t.ema_decay, "selected": result["ema_selected"]} if t.ema_decay is not None else None,
+        "wise": result["wise"],
         "epochs": t.epochs,
         "num_train": len(parts.split.train),
         "num_val": len(parts.split.val),
@@ -370,12 +520,13 @@ def _report(config: FitConfig, run: RunDir, metrics: dict[str, Any], made: _Trai
     if config.trainer.select == "test_acc":
         _log.warning("selection on the TEST set (papers' protocol): test accuracy is optimistic")
     if made.trainer.is_global_zero:
-        plot_learning_curves(read_epoch_log(run.epochs_csv), run.curves_png,
-                             title=f"{run.path.name} ({config.trainer.select})", criterion=config.criterion.name,
-                             selected_epoch=metrics["selected_epoch"], test_acc=metrics["test_acc"])
+        if config.trainer.epochs > 0:  # a probe alone has no epochs to plot
+            plot_learning_curves(read_epoch_log(run.epochs_csv), run.curves_png,
+                                 title=f"{run.path.name} ({config.trainer.select})", criterion=config.criterion.name,
+                                 selected_epoch=metrics["selected_epoch"], test_acc=metrics["test_acc"])
         atomic_write_json(run.metrics_path, metrics)
     # The result itself is the caller's to print (the CLI prints it once).
-    _log.debug("test accuracy %.4f, checkpoint of epoch %d; run directory %s", metrics["test_acc"],
+    _log.debug("test accuracy %.4f, checkpoint of epoch %s; run directory %s", metrics["test_acc"],
                metrics["selected_epoch"], run)
 
 
@@ -411,6 +562,8 @@ def fit(
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     parts = _build_parts(config, RunDir(Path(run_dir).absolute()) if resume else None)
     run = _claim_run_dir(config, parts, run_dir, resume, overwrite)
+    if not resume and config.trainer.epochs > 0 and (config.model.head_init == "lp" or config.trainer.wise_alphas):
+        parts.module.prepare = lambda model: _prepare_start(config, parts, run, model)
     made = _make_trainer(config, run, parts.split, callbacks, progress_bar)
     d = config.data
     _log.info("run directory: %s", run)
@@ -418,10 +571,13 @@ def fit(
               d.dataset, "train", len(parts.split.train), len(parts.split.val), len(parts.test_set),
               parts.train_set.num_classes, parts.backbone.name, parts.backbone.weights,
               parts.preprocessing["input_size"])
-    if _train(config, parts, run, made, resume):
+    if config.trainer.epochs == 0:
+        result = _probe_only(config, parts, run, made)
+    elif _train(config, parts, run, made, resume):
         return FitResult(run_dir=run.path, metrics={}, interrupted=True)
+    else:
+        result = _test(config, parts, run, made)
     trained = time.perf_counter() - started
-    result, epoch = _test(config, parts, run, made)
-    metrics = _metrics(config, parts, run, result, epoch, resume, started, trained)
+    metrics = _metrics(config, parts, run, result, resume, started, trained)
     _report(config, run, metrics, made)
     return FitResult(run_dir=run.path, metrics=metrics)

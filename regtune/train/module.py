@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from regtune.data.seeds import mix_seed
+from regtune.data.transforms import seeded_rng
 from regtune.models import forward_parts
 from regtune.regularizers import Criterion, Regularizer, TrainStep, capture_outputs
 from regtune.regularizers._utils import all_reduce_sum
@@ -72,6 +74,16 @@ class FineTuner(pl.LightningModule):
             steps); the others are means of per-sample values, so the batch-size-weighted epoch mean (the module's
             own sums, reduced across processes) is the exact mean over the epoch's images.
         resuming: The fit continues from a checkpoint, which holds the terms' set-up state: no set-up pass runs.
+        mixup: Mixes each training batch (timm's ``Mixup`` with ``label_smoothing=0``: ``(images, labels) ->
+            (mixed images, soft targets)``); its draws are seeded per step (:func:`~regtune.data.seeds.mix_seed`).
+            The step record then carries the soft ``targets``.
+        seed: The run's seed (for the per-step mixing seed).
+        ema_decay: Keep an exponential moving average of the weights (``self.ema``, saved in checkpoints), updated
+            after every optimisation step, evaluated beside the raw weights at each validation.
+        select_by: The run's selection (``trainer.select``): with an EMA, validation loss or accuracy decides which
+            of the two weights an epoch stands for.
+        prepare: Called once with the model before the terms' set-up (not on resume): the linear probe that gives
+            LP-FT its head.
     """
 
     def __init__(
@@ -86,11 +98,19 @@ class FineTuner(pl.LightningModule):
             train_loader: Any = None,
             feature_stats: bool = False,
             resuming: bool = False,
+            mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+            seed: int = 0,
+            ema_decay: float | None = None,
+            select_by: str = "val_acc",
+            prepare: Callable[[nn.Module], None] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        self.mixup = mixup
+        self.seed = seed
+        self.prepare = prepare
         # Before the optimizer sees the model: LM-Softmax installs its cosine head, L2-SP snapshots the starting
         # weights, DELTA copies the pretrained network, StochNorm swaps the BatchNorms.
         criterion.adapt_model(model)
@@ -98,6 +118,13 @@ class FineTuner(pl.LightningModule):
             term.adapt_model(model)
         self.criterion = criterion
         self.regularizers = nn.ModuleDict(dict(zip(_unique_names(regularizers), regularizers)))
+        # The average starts as a copy; its first update copies the weights again (n_averaged = 0), so it starts
+        # from the weights of the first step whatever happened before (the probe's head).
+        self.ema = None if ema_decay is None else torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True,
+        ).requires_grad_(False)
+        self.ema_selected = False  # whether the last validation preferred the EMA weights (saved with checkpoints)
+        self.select_by = select_by
         self.optim = optim
         self.num_classes = num_classes
         self.setup_loader = setup_loader
@@ -112,6 +139,7 @@ class FineTuner(pl.LightningModule):
         self._test_counts = torch.zeros(num_classes, dtype=torch.long)
         self._epoch_sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x batch size, sum of batch sizes]
         self._eval_sums: torch.Tensor | None = None  # [loss sum, correct, count] of the running evaluation
+        self._ema_sums: torch.Tensor | None = None  # the same for the EMA weights
 
     # -- set-up -----------------------------------------------------------------------------------------------------
 
@@ -123,6 +151,10 @@ class FineTuner(pl.LightningModule):
         if stage != "fit" or self.regularizers_ready or self.resuming:
             return
         self.to(self.trainer.strategy.root_device)
+        if self.prepare is not None:
+            mode = self.model.training
+            self.prepare(self.model)
+            self.model.train(mode)
         self.prepare_regularizers()
 
     def prepare_regularizers(self) -> None:
@@ -145,10 +177,18 @@ class FineTuner(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["regtune_regularizers_ready"] = self.regularizers_ready
         checkpoint["regtune_epoch_sums"] = {k: v.detach().cpu() for k, v in self._epoch_sums.items()}
+        checkpoint["regtune_ema_selected"] = self.ema_selected
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.regularizers_ready = bool(checkpoint.get("regtune_regularizers_ready", False))
         self._epoch_sums = dict(checkpoint.get("regtune_epoch_sums", {}))
+        self.ema_selected = bool(checkpoint.get("regtune_ema_selected", False))
+
+    def selected_weights(self, select: str) -> dict[str, torch.Tensor]:
+        """A copy of the model weights the run's selection stands for: the EMA's when it was preferred (or, with
+        ``select`` ``"last"``, whenever an EMA is kept), else the raw weights."""
+        use_ema = self.ema is not None and (self.ema_selected or select == "last")
+        return {k: v.detach().clone() for k, v in (self.ema.module if use_ema else self.model).state_dict().items()}
 
     # -- per-epoch means ---------------------------------------------------------------------------------------------
     # The module sums the values of an epoch itself (training terms and statistics, and the validation feature
@@ -202,7 +242,8 @@ class FineTuner(pl.LightningModule):
         return any(term.needs_indices for term in self.regularizers.values())
 
     def forward_step(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
-                     total_steps: int | None = None, indices: torch.Tensor | None = None) -> TrainStep:
+                     total_steps: int | None = None, indices: torch.Tensor | None = None,
+                     targets: torch.Tensor | None = None) -> TrainStep:
         """One forward pass of the model on a batch, recorded as the criterion and the regularizers read it.
 
         The images take the module's memory layout; the outputs of the modules that some regularizer lists in
@@ -215,9 +256,10 @@ class FineTuner(pl.LightningModule):
             epoch: Current epoch (0-based).
             total_steps: Planned optimisation steps of the run, when known.
             indices: Positions of the samples in the training subset, for terms that set ``needs_indices``.
+            targets: Soft targets of a mixed batch (mixup / cutmix), ``None`` otherwise.
 
         Shape:
-            images: (B, 3, H, W). labels: (B,). indices: (B,).
+            images: (B, 3, H, W). labels: (B,). indices: (B,). targets: (B, C).
 
         Returns:
             The step record: features, logits, feature maps (``"last"`` and the captured ones), labels, images.
@@ -228,7 +270,7 @@ class FineTuner(pl.LightningModule):
             feature_map, features, logits = forward_parts(self.model, images)
         return TrainStep(features=features, logits=logits, labels=labels, model=self.model, global_step=step,
                          epoch=epoch, total_steps=total_steps, feature_maps={"last": feature_map, **maps},
-                         images=images, indices=indices)
+                         images=images, indices=indices, targets=targets)
 
     def loss_terms(self, record: TrainStep) -> dict[str, torch.Tensor]:
         """The criterion and every regularizer evaluated on one step record, without logging.
@@ -246,8 +288,8 @@ class FineTuner(pl.LightningModule):
         return terms
 
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
-                      total_steps: int | None = None,
-                      indices: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
+                      total_steps: int | None = None, indices: torch.Tensor | None = None,
+                      targets: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
         """One forward pass and every term of the loss, without logging (:meth:`forward_step`, :meth:`loss_terms`).
 
         What :meth:`training_step` runs and the overhead benchmark times; the arguments are :meth:`forward_step`'s.
@@ -255,7 +297,7 @@ class FineTuner(pl.LightningModule):
         Returns:
             ``({name: term}, step record)``; the criterion's term first; the record holds features and logits.
         """
-        record = self.forward_step(images, labels, step, epoch, total_steps, indices)
+        record = self.forward_step(images, labels, step, epoch, total_steps, indices, targets)
         return self.loss_terms(record), record
 
     @staticmethod
@@ -280,8 +322,12 @@ class FineTuner(pl.LightningModule):
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels, *rest = batch
+        targets = None
+        if self.mixup is not None:
+            with seeded_rng(mix_seed(self.seed, self.global_step)):  # timm's Mixup draws from NumPy and random
+                images, targets = self.mixup(images, labels)
         terms, record = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps(),
-                                           indices=rest[0] if rest else None)
+                                           indices=rest[0] if rest else None, targets=targets)
         logits = record.logits
         if self.feature_stats:
             self._log_feature_stats(record.features, labels, "train")
@@ -314,36 +360,75 @@ class FineTuner(pl.LightningModule):
     def _total_steps(self) -> int | None:
         return self._steps_total
 
-    def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
-        images, labels = batch[0], batch[1]
-        _, features, logits = forward_parts(self.model, self._layout(images))
-        if self.feature_stats and prefix == "val":
-            self._log_feature_stats(features, labels, prefix)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def _batch_sums(self, model: nn.Module, images: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(features, predictions, [loss sum, correct, count])`` of one evaluation batch."""
+        _, features, logits = forward_parts(model, images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         loss = loss.to(self._sum_dtype(loss.device))
         predicted = logits.argmax(-1)
         sums = torch.stack([loss, (predicted == labels).sum().to(loss.dtype), torch.full_like(loss, labels.shape[0])])
+        return features, predicted, sums
+
+    def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
+        images, labels = self._layout(batch[0]), batch[1]
+        features, predicted, sums = self._batch_sums(self.model, images, labels)
+        if self.feature_stats and prefix == "val":
+            self._log_feature_stats(features, labels, prefix)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+        if self.ema is not None and prefix == "val":
+            ema_sums = self._batch_sums(self.ema.module, images, labels)[2]
+            self._ema_sums = ema_sums if self._ema_sums is None else self._ema_sums + ema_sums
         return predicted
 
-    def _log_evaluation(self, prefix: str) -> None:
-        """Loss and accuracy over the whole split: sums and counts, reduced across processes (each holds a share)."""
-        sums = self._eval_sums if self._eval_sums is not None else torch.zeros(
-            3, dtype=self._sum_dtype(self.device), device=self.device)  # a process without items joins with zeros
-        self._eval_sums = None
+    def _reduce_evaluation(self, sums: torch.Tensor | None) -> tuple[float, float] | None:
+        """``(mean loss, accuracy)`` over the whole split: sums and counts reduced across processes (each holds a
+        share); ``None`` for a split without items."""
+        if sums is None:  # a process without items joins with zeros
+            sums = torch.zeros(3, dtype=self._sum_dtype(self.device), device=self.device)
         loss, correct, count = all_reduce_sum(sums).tolist()
-        if count > 0:
-            self.log(f"{prefix}/loss", loss / count, sync_dist=False)
-            self.log(f"{prefix}/acc", correct / count, sync_dist=False)
+        return (loss / count, correct / count) if count > 0 else None
+
+    def _log_evaluation(self, prefix: str) -> tuple[float, float] | None:
+        result = self._reduce_evaluation(self._eval_sums)
+        self._eval_sums = None
+        if result is not None:
+            self.log(f"{prefix}/loss", result[0], sync_dist=False)
+            self.log(f"{prefix}/acc", result[1], sync_dist=False)
+        return result
+
+    def _log_ema_evaluation(self, raw: tuple[float, float] | None) -> None:
+        """The EMA weights' validation loss and accuracy, and which of the two weights selection prefers this epoch:
+        ``select/acc`` and ``select/loss`` are the preferred one's (ties: the raw weights), ``select/ema`` is 1 when
+        it is the EMA."""
+        ema = self._reduce_evaluation(self._ema_sums)
+        self._ema_sums = None
+        if ema is None or raw is None:
+            return
+        self.log("val_ema/loss", ema[0], sync_dist=False)
+        self.log("val_ema/acc", ema[1], sync_dist=False)
+        raw_loss, raw_acc = raw
+        by_loss = self.select_by == "val_loss"
+        self.ema_selected = ema[0] < raw_loss if by_loss else ema[1] > raw_acc
+        self.log("select/ema", float(self.ema_selected), sync_dist=False)
+        self.log("select/loss", ema[0] if self.ema_selected else raw_loss, sync_dist=False)
+        self.log("select/acc", ema[1] if self.ema_selected else raw_acc, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = None
+        self._ema_sums = None
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
+        raw = self._log_evaluation("val")
+        if self.ema is not None:
+            self._log_ema_evaluation(raw)
 
     def on_test_epoch_start(self) -> None:
         self._eval_sums = None
@@ -382,7 +467,7 @@ class FineTuner(pl.LightningModule):
         head_ids = {id(p) for p in head}
         backbone = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
         groups = [
-            {"name": "backbone", "params": backbone, "lr": self.optim.lr},
+            *self._backbone_groups(backbone),
             {"name": "head", "params": [p for p in head if p.requires_grad],
              "lr": self.optim.lr * self.optim.head_lr_mult},
         ]
@@ -392,6 +477,29 @@ class FineTuner(pl.LightningModule):
             if params and options is not None:  # None: the term steps its own parameters
                 groups.append({"name": f"reg/{name}", "params": params, "lr": self.optim.lr, **options})
         return [g for g in groups if g["params"]]
+
+    def _backbone_groups(self, backbone: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """``backbone`` at ``lr``; with layer-wise decay, one group per layer ``l`` of ``L`` (timm's grouping of the
+        model's blocks, its ``group_matcher``, as :func:`timm.optim.param_groups_layer_decay` uses it), named
+        ``backbone/<l>``, at ``lr * layer_decay ** (L - 1 - l)``: the last layer (where timm puts the head) at
+        ``lr``, the stem lowest. Weight decay is not changed (timm's helper would also drop it from biases and norms).
+        """
+        decay = self.optim.layer_decay
+        if decay is None:
+            return [{"name": "backbone", "params": backbone, "lr": self.optim.lr}]
+        if not hasattr(self.model, "group_matcher"):
+            raise ValueError(f"optim.layer_decay needs timm's layer grouping, but {type(self.model).__name__} has no "
+                             "group_matcher(); use a timm model or drop layer_decay")
+        from timm.models import group_parameters
+
+        layer_of = group_parameters(self.model, self.model.group_matcher(coarse=False), reverse=True)
+        top = max(layer_of.values())
+        by_id = {id(p): name for name, p in self.model.named_parameters()}
+        layers: dict[int, list[nn.Parameter]] = {}
+        for param in backbone:  # in the model's parameter order: the groups' contents are deterministic
+            layers.setdefault(layer_of.get(by_id[id(param)], top), []).append(param)
+        return [{"name": f"backbone/{layer}", "params": layers[layer], "lr": self.optim.lr * decay ** (top - layer)}
+                for layer in sorted(layers)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.param_groups()
