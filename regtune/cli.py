@@ -42,8 +42,8 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--img-size": ("data", "data.img_size", int, "input resolution in pixels"),
     "--batch-size": ("data", "data.batch_size", int, "training batch size"),
     "--auto-augment": ("data", "data.auto_augment", str,
-                       "timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), rand-m10-n1-mstd101 (TrivialAugment-"
-                       "style)"),
+                       ("timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), rand-m10-n1-mstd101 "
+                        "(TrivialAugment-style)")),
     "--re-prob": ("data", "data.re_prob", float, "random erasing probability"),
     "--mixup": ("data", "data.mixup", float, "mixup's Beta alpha (0: off); soft targets"),
     "--cutmix": ("data", "data.cutmix", float, "cutmix's Beta alpha (0: off); soft targets"),
@@ -286,7 +286,6 @@ def _progress_bar(args: argparse.Namespace) -> bool | None:
 def _fit_config(args: argparse.Namespace) -> Any:
     """The run's :class:`~regtune.train.config.FitConfig`: --config (or the defaults), then the options given."""
     from regtune.train.config import FitConfig, apply_overrides, load_config
-
     from regtune.train.recipes import recipe_overrides
 
     config = load_config(args.config) if args.config else FitConfig()

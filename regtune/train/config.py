@@ -283,8 +283,8 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
         (0.0 <= d.mix_prob <= 1.0 and 0.0 <= d.mix_switch_prob <= 1.0,
          "data.mix_prob and data.mix_switch_prob must be in [0, 1]"),
         (not (d.mixup > 0 or d.cutmix > 0) or d.batch_size % 2 == 0,
-         f"mixup / cutmix mix each batch with its mirror image (timm's Mixup): data.batch_size must be even, got "
-         f"{d.batch_size}"),
+         "mixup / cutmix mix each batch with its mirror image (timm's Mixup): data.batch_size must be even, got "
+         + str(d.batch_size)),
     ]
 
 
@@ -296,16 +296,17 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
         (m.head_init in HEAD_INITS, f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {m.head_init!r}"),
         (len(m.lp_cs) >= 1 and all(c > 0 for c in m.lp_cs), f"model.lp_cs must be positive numbers, got {m.lp_cs}"),
         (m.lp_max_iter >= 1, f"model.lp_max_iter must be >= 1, got {m.lp_max_iter}"),
-        (o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, f"optim.layer_decay must be in (0, 1], got "
-                                                               f"{o.layer_decay}"),
+        (o.layer_decay is None or 0.0 < o.layer_decay <= 1.0,
+         f"optim.layer_decay must be in (0, 1], got {o.layer_decay}"),
         (t.ema_decay is None or 0.0 <= t.ema_decay < 1.0, f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}"),
         (all(0.0 <= a <= 1.0 for a in t.wise_alphas), f"trainer.wise_alphas must lie in [0, 1], got {t.wise_alphas}"),
         (not t.wise_alphas or m.head_init == "lp",
-         "trainer.wise_alphas (WiSE-FT) interpolates from the starting weights to the fine-tuned ones; its starting "
-         "head must be a trained one: set model.head_init: lp (a random head is no endpoint worth mixing in)"),
+         ("trainer.wise_alphas (WiSE-FT) interpolates from the starting weights to the fine-tuned ones; its "
+          "starting head must be a trained one: set model.head_init: lp (a random head is no endpoint worth mixing "
+          "in)")),
         (not (probe_only and (t.ema_decay is not None or t.wise_alphas or config.regularizers)),
-         "trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
-         "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs"),
+         ("trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
+          "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]
@@ -367,9 +368,7 @@ def check_names(config: FitConfig) -> None:
     """
     from regtune.data.datasets import check_dataset_name
     from regtune.models import check_backbone_name
-    from regtune.regularizers import create_criterion, create_regularizer
-
-    from regtune.regularizers import soft_target_refusals
+    from regtune.regularizers import create_criterion, create_regularizer, soft_target_refusals
 
     check_dataset_name(config.data.dataset)
     check_backbone_name(config.model.backbone)

@@ -348,7 +348,7 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
     from regtune.train.probe import linear_probe, set_head
 
     m, dm = config.model, parts.datamodule
-    loader = lambda indices: DataLoader(  # noqa: E731
+    loader = lambda indices: DataLoader(
         TransformedSubset(parts.train_set, indices, dm.eval_transform), batch_size=dm.eval_batch_size,
         num_workers=dm.num_workers)
     started = time.perf_counter()
