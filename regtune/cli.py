@@ -231,6 +231,22 @@ def _add_cam(sub: Any) -> None:
     cam.add_argument("--limit", type=int, default=None, help="localize only the first N images of the split")
 
 
+def _add_soup(sub: Any) -> None:
+    soup = _subcommand(sub, "soup", "greedy model soup of finished runs: average the weights of the runs that help "
+                                    "on validation, test the soup once")
+    soup.epilog = ("The runs must share backbone, dataset, preprocessing, split (split.json) and architecture. "
+                   "The soup is written as a finished run directory (config.yaml, split.json, model.safetensors, "
+                   "metrics.json) with soup.json; the same command continues an interrupted soup.")
+    soup.add_argument("runs", type=Path, nargs="+", metavar="RUN_OR_FOLDER",
+                      help="run directories, or folders holding them (every finished run below is an ingredient)")
+    soup.add_argument("--out", type=Path, required=True, help="directory of the soup")
+    soup.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    soup.add_argument("--device", default="cpu", help="where the models are evaluated: cpu | cuda | cuda:N")
+    soup.add_argument("--batch-size", type=int, default=None,
+                      help="evaluation batch size (default: the runs' data.eval_batch_size)")
+    soup.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading the images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``regtune`` parser: one sub-command per task; no option may be abbreviated."""
     parser = argparse.ArgumentParser(prog="regtune", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -242,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_analyze(sub)
     _add_cam(sub)
+    _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights"])
     return parser
@@ -453,6 +470,19 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soup(args: argparse.Namespace) -> int:
+    from regtune.posthoc.soup import make_soup
+
+    result = make_soup(args.runs, args.out, overwrite=args.overwrite, device=args.device,
+                       batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"soup of {len(result.members)} of {result.metrics['ingredients']} runs:")
+    print("\n".join(f"  {member}" for member in result.members))
+    print(f"validation accuracy {result.val_acc:.4f}, test accuracy {result.test_acc:.4f} (mean per class "
+          f"{result.metrics['test_mean_class_acc']:.4f})")
+    print(f"run directory: {result.run_dir} (the greedy steps in soup.json)")
+    return 0
+
+
 def _registered_names(paths: Sequence[Path], register: str) -> list[str]:
     """The names that the source files ``paths`` register with ``register("name", ...)``, sorted, read without
     importing them.
@@ -538,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "cam":
             return _cmd_cam(args)
+        if args.command == "soup":
+            return _cmd_soup(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
