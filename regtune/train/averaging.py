@@ -66,7 +66,8 @@ def interpolate_states(start: Mapping[str, Tensor], end: Mapping[str, Tensor], a
 
     Returns:
         A new state dict (new tensors, on the inputs' devices): floating entries interpolated, integer and boolean
-        entries (``num_batches_tracked``) copied from ``end``.
+        entries (``num_batches_tracked``) copied from the nearer endpoint (``start`` for alpha < 0.5), so that both
+        endpoints are reproduced exactly.
 
     Raises:
         ValueError: ``alpha`` outside [0, 1], or the state dicts differ in keys, shapes or dtypes.
@@ -84,7 +85,7 @@ def interpolate_states(start: Mapping[str, Tensor], end: Mapping[str, Tensor], a
 
 def _mix(start: Tensor, end: Tensor, alpha: float) -> Tensor:
     if not start.is_floating_point():
-        return end.clone()
+        return (start if alpha < 0.5 else end).clone()
     if alpha in (0.0, 1.0):  # lerp's start + 0 * (end - start) turns -0.0 into 0.0 and inf into NaN
         return (end if alpha == 1.0 else start).clone()
     return torch.lerp(start, end, alpha)
