@@ -16,6 +16,7 @@ soup.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -300,9 +301,15 @@ def _read_record(record: dict[str, Any] | None, inputs: list[str]) -> tuple[list
 # -- evaluation -------------------------------------------------------------------------------------------------------
 
 
+def _autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The forward passes at a run's precision (``trainer.precision``), as Lightning runs them in ``fit``."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, batches: Iterable[Sequence[torch.Tensor]], num_classes: int,
-              device: str) -> dict[str, Any]:
+              device: str, precision: str = "32-true") -> dict[str, Any]:
     """Accuracy, mean cross-entropy, per-class and mean per-class accuracy, as ``fit`` tests (sums in float64)."""
     model.to(device).eval()
     loss = torch.zeros((), dtype=torch.float64)
@@ -310,7 +317,9 @@ def _evaluate(model: torch.nn.Module, batches: Iterable[Sequence[torch.Tensor]],
     counts = torch.zeros(num_classes, dtype=torch.long)
     try:
         for images, labels, *_ in batches:
-            logits = forward_parts(model, images.to(device))[2].float().cpu()
+            with _autocast(precision, device):
+                logits = forward_parts(model, images.to(device))[2]
+            logits = logits.float().cpu()
             loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
             counts += torch.bincount(labels, minlength=num_classes)
             hits += torch.bincount(labels[logits.argmax(-1) == labels], minlength=num_classes)
@@ -327,12 +336,13 @@ def _evaluate(model: torch.nn.Module, batches: Iterable[Sequence[torch.Tensor]],
 
 @dataclass(frozen=True)
 class _Data:
-    """The shared validation images (transformed once, kept in memory: every soup is evaluated on them) and the
-    test loader."""
+    """The shared validation images (transformed once, kept in memory: every soup is evaluated on them), the
+    test loader, and the precision of the forward passes (the first run's ``trainer.precision``)."""
 
     val_batches: list[Sequence[torch.Tensor]]
     test_loader: DataLoader
     num_train: int
+    precision: str
 
 
 def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_size: int | None,
@@ -346,7 +356,7 @@ def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_siz
     val = DataLoader(TransformedSubset(train_set, split.val, eval_tf), batch_size=size, num_workers=num_workers)
     test = DataLoader(TransformedSubset(test_set, range(len(test_set)), eval_tf), batch_size=size,
                       num_workers=num_workers)
-    return _Data(list(val), test, len(split.train))
+    return _Data(list(val), test, len(split.train), config.trainer.precision)
 
 
 def _check_device(device: str) -> str:
@@ -403,6 +413,7 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
         "regularizers": [r.name for r in config.regularizers],
         "criterion": config.criterion.name,
         "seed": config.trainer.seed,
+        "eval_precision": data.precision,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "resumed": resumed,
         "versions": _versions(),
@@ -425,7 +436,7 @@ def _score_ingredients(models: Sequence[torch.nn.Module], inputs: list[str], sco
     """Each ingredient's own validation score (those an interrupted soup scored already are kept)."""
     for i, model in enumerate(models):
         if scores[i] is None:
-            result = _evaluate(model, data.val_batches, num_classes, device)
+            result = _evaluate(model, data.val_batches, num_classes, device, data.precision)
             scores[i] = Score(result["acc"], result["loss"])
             _log.info("ingredient %d/%d (%s): validation accuracy %.4f, loss %.4f", i + 1, len(models), inputs[i],
                       result["acc"], result["loss"])
@@ -445,7 +456,8 @@ def make_soup(
 
     Every check (runs found and finished, shared backbone, task, preprocessing, split and architecture, a
     validation split, ``out`` free) passes before anything is written. An unfinished soup of the same runs in
-    ``out`` is continued.
+    ``out`` is continued. The forward passes run at the first run's ``trainer.precision`` (``metrics.json``'s
+    ``eval_precision``).
 
     Args:
         paths: Run directories, or folders holding them (every finished run below is an ingredient).
@@ -488,13 +500,13 @@ def make_soup(
 
     def evaluate(members: list[int]) -> Score:
         vessel.load_state_dict(average_states([models[i].state_dict() for i in members]), strict=True)
-        result = _evaluate(vessel, data.val_batches, num_classes, device)
+        result = _evaluate(vessel, data.val_batches, num_classes, device, data.precision)
         return Score(result["acc"], result["loss"])
 
     members, steps = greedy_soup(scores, evaluate, done=done, on_step=save, names=inputs)
     state = average_states([models[i].state_dict() for i in members])
     vessel.load_state_dict(state, strict=True)
-    test = _evaluate(vessel, data.test_loader, num_classes, device)  # the soup's one test
+    test = _evaluate(vessel, data.test_loader, num_classes, device, data.precision)  # the soup's one test
     record = save(steps, {k: test[k] for k in ("acc", "loss", "mean_class_acc")})
     metrics = _metrics(ingredients[members[0]], record, test, data, preprocessing, previous is not None, started)
     _write_soup(run, ingredients[members[0]], state, metrics)

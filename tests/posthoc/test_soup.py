@@ -72,6 +72,12 @@ def test_a_soup_of_one_ingredient_evaluates_nothing() -> None:
         greedy_soup([], evaluate)
 
 
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
+def test_forward_passes_run_at_the_runs_precision(precision: str, dtype: torch.dtype) -> None:
+    with soup_module._autocast(precision, "cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
 # -- finished runs ----------------------------------------------------------------------------------------------------
 
 
