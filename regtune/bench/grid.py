@@ -21,6 +21,7 @@ A grid file (YAML)::
       fmr-l100: {regularizers: [{name: fmr, args: {mode: provided, lambda_: 100}}]}
       lm_softmax: {criterion: lm_softmax}
       adarand-lr01: {regularizers: [adarand], set: {optim.lr: 0.01}}
+      lp_ft-ema: {recipes: [lp_ft, ema]}  # named recipes (`regtune list recipes`), then `set` if any
 
 Layout of the output folder::
 
@@ -177,20 +178,27 @@ def _check_every_config(grid: Grid) -> None:
     """Build and check every run's config (keys, values, names and arguments of terms) before anything runs."""
     checked: set[str] = set()
     for run in expand(grid):
-        c = run.config
-        key = repr((c.data.dataset, c.model.backbone, c.criterion, c.regularizers))
+        plain = run.config.to_dict()
+        plain["trainer"].pop("seed")
+        key = repr(plain)  # every distinct config but the seed: a refusal may depend on any field (mixup, AdaRand)
         if key in checked:
             continue
         try:
-            check_names(c)
+            check_names(run.config)
         except (KeyError, ValueError) as err:
             raise GridError(f"method {run.method!r} at {run.cell} seed {run.seed}: {err}") from err
         checked.add(key)
 
 
 def _method_config(base: dict[str, Any], changes: dict[str, Any], label: str) -> dict[str, Any]:
+    from regtune.train.recipes import UnknownRecipeError, recipe_overrides
+
     changes = dict(changes)
-    overrides = changes.pop("set", {}) or {}
+    recipes = changes.pop("recipes", []) or []
+    try:  # the method's recipes first, its own `set` after them (it may refine a recipe's value)
+        overrides = {**recipe_overrides(list(recipes)), **(changes.pop("set", {}) or {})}
+    except UnknownRecipeError as err:
+        raise GridError(f"method {label!r}: {err}") from err
     merged = json.loads(json.dumps(base))  # deep copy of plain data
     for section, value in changes.items():
         if section in ("regularizers", "criterion"):
@@ -198,7 +206,8 @@ def _method_config(base: dict[str, Any], changes: dict[str, Any], label: str) ->
         elif isinstance(value, dict):
             merged.setdefault(section, {}).update(value)
         else:
-            raise GridError(f"method {label!r}: {section!r} must be a mapping, 'regularizers', 'criterion' or 'set'")
+            raise GridError(f"method {label!r}: {section!r} must be a mapping, 'regularizers', 'criterion', 'recipes' "
+                            "or 'set'")
     return {"config": merged, "set": overrides}
 
 

@@ -53,6 +53,16 @@ def test_expand_order_paths_and_overrides(tmp_path: Path) -> None:
     assert len({r.run_dir for r in runs}) == len(runs)
 
 
+def test_methods_name_recipes_and_refine_them_with_set(tmp_path: Path) -> None:
+    spec = tiny_grid(tmp_path / "data", tmp_path / "out")
+    spec["methods"] = {"ft": {}, "wise": {"recipes": ["wise_ft", "ema"], "set": {"trainer.ema_decay": 0.9}},
+                       "lp": {"recipes": ["lp"]}}
+    runs = {r.method: r.config for r in expand(grid_from_dict(spec)) if r.seed == 0 and r.config.data.fraction == 1.0}
+    assert runs["wise"].model.head_init == "lp" and runs["wise"].trainer.wise_alphas[-1] == 1.0
+    assert runs["wise"].trainer.ema_decay == 0.9  # the method's own `set` after its recipes
+    assert runs["lp"].trainer.epochs == 0 and runs["ft"].model.head_init == "normal"
+
+
 def test_where_rules_override_matching_cells_only(tmp_path: Path) -> None:
     spec = tiny_grid(tmp_path / "data", tmp_path / "out",
                      where=[{"match": {"data.fraction": 1.0}, "set": {"trainer.epochs": 1, "optim.lr": 0.3}}])
@@ -76,6 +86,9 @@ def test_where_rules_override_matching_cells_only(tmp_path: Path) -> None:
     ({"per_class": [5]}, "not both"),
     ({"axes": {"optim.lrr": [0.1]}}, "unknown config key"),
     ({"methods": {"ft": {}, "bad": {"regularizers": [{"name": "fnp"}], "optim": {"lr": -1}}}}, "optim.lr"),
+    ({"methods": {"ft": {}, "bad": {"recipes": ["lpft"]}}}, "method 'bad': unknown recipe 'lpft'"),
+    ({"methods": {"ft": {}, "mixed": {"recipes": ["mix"], "regularizers": ["adarand"]}}},
+     "adarand does not accept mixed"),
 ])
 def test_bad_grids_are_refused_before_running(tmp_path: Path, change: dict, message: str) -> None:
     spec = {**tiny_grid(tmp_path, tmp_path / "out"), **change}
