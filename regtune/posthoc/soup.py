@@ -216,8 +216,9 @@ def _load_models(ingredients: Sequence[_Ingredient]) -> tuple[list[torch.nn.Modu
             modules = [(n, type(m).__name__) for n, m in model.named_modules()]
             reference = [(n, type(m).__name__) for n, m in models[0].named_modules()]
             if modules != reference:
-                where = next(a for a, b in zip(modules, reference) if a != b)
-                raise ValueError(f"module {where[0]!r} is a {where[1]} in {ingredient.name} but not in {first}")
+                where = next((a for a, b in zip(modules, reference) if a != b), None)
+                raise ValueError(f"module {where[0]!r} is a {where[1]} in {ingredient.name} but not in {first}"
+                                 if where else f"{ingredient.name} and {first} have different numbers of modules")
         except ValueError as err:
             raise ValueError(f"{err}. The ingredients of a soup must share one architecture: runs whose criterion or "
                              "regularizers change the model (LM-Softmax's cosine head, StochNorm's layers) cannot be "
