@@ -122,7 +122,7 @@ class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "auto"
     head_init: str = "normal"
-    lp_cs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    lp_cs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     lp_max_iter: int = 1000
     drop_rate: float = 0.0
 

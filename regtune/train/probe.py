@@ -7,11 +7,18 @@ minimises
 
 .. math::
 
-    \tfrac12 \lVert W \rVert_F^2 + C \sum_{i=1}^{n} -\log \operatorname{softmax}(W f_i + b)_{y_i}
+    \tfrac12 \lVert V \rVert_F^2 + C \sum_{i=1}^{n} -\log \operatorname{softmax}(V z_i + c)_{y_i},
+    \qquad z_i = (f_i - \mu) / \sigma
 
-f_i: the penultimate features (D,) of training image i, as the backbone gives them (no standardisation, so the
-head applies to the features unchanged); y_i its class; W (C_classes, D), b (C_classes,): the head; C: the inverse
-regularization strength, chosen from a grid by validation accuracy. The validation images are never trained on.
+f_i: the penultimate features (D,) of training image i; mu, sigma: their per-channel mean and standard deviation
+over the training images (a channel with sigma = 0 is left unscaled); y_i its class; V (C_classes, D),
+c (C_classes,): the head on the standardised features; C: the inverse regularization strength, chosen from a grid
+by validation accuracy. The validation images are never trained on.
+
+The returned head applies to the features as the backbone gives them: W = V / sigma (per column),
+b = c - W mu, so ``W f + b = V z + c`` exactly. Standardising makes the penalty the same for every channel whatever
+its scale, and the problem well conditioned: on 540 EfficientNet-Lite0 features (D = 1280) L-BFGS converges in
+about 100 iterations (1-2 s) instead of stopping at its 1000-iteration limit after 20 s on the raw features.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ __all__ = ["DEFAULT_CS", "ProbeResult", "extract_features", "fit_linear_probe", 
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 """Grid of the inverse regularization strength C."""
 
 ABSENT_CLASS_GAP = 100.0
@@ -120,7 +127,24 @@ def _check_probe_inputs(train_x: Tensor, train_y: Tensor, val_x: Tensor | None, 
 
 def _fit_one(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float, max_iter: int,
              tol: float) -> tuple[Tensor, Tensor]:
-    """One L-BFGS fit at ``C``; the (num_classes, D), (num_classes,) float64 head, absent classes filled in."""
+    """One L-BFGS fit at ``C`` on standardised features; the (num_classes, D), (num_classes,) float64 head on the
+    raw features, absent classes filled in."""
+    mean = features.mean(0)
+    std = features.std(0)
+    std = np.where(std > 0, std, 1.0)
+    coef, intercept = _fit_standardised((features - mean) / std, labels, C, max_iter, tol)
+    coef = coef / torch.from_numpy(std)  # W = V / sigma, b = c - W mu: the same logits on the raw features
+    intercept = intercept - coef @ torch.from_numpy(mean)
+    present = torch.from_numpy(np.unique(labels).astype(np.int64))
+    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
+    bias = torch.full((num_classes,), float(intercept.min()) - ABSENT_CLASS_GAP, dtype=torch.float64)
+    weight[present], bias[present] = coef, intercept
+    return weight, bias
+
+
+def _fit_standardised(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int,
+                      tol: float) -> tuple[Tensor, Tensor]:
+    """scikit-learn's fit at ``C``: the head ``(V, c)`` of the classes present, in float64."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -142,11 +166,7 @@ def _fit_one(features: np.ndarray, labels: np.ndarray, num_classes: int, C: floa
     intercept = torch.from_numpy(np.asarray(regression.intercept_, dtype=np.float64))
     if binary:
         coef, intercept = torch.cat([-coef / 2, coef / 2]), torch.cat([-intercept / 2, intercept / 2])
-    index = torch.from_numpy(present.astype(np.int64))
-    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
-    bias = torch.full((num_classes,), float(intercept.min()) - ABSENT_CLASS_GAP, dtype=torch.float64)
-    weight[index], bias[index] = coef, intercept
-    return weight, bias
+    return coef, intercept
 
 
 def _scores(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor) -> tuple[float, float]:
@@ -182,9 +202,9 @@ def fit_linear_probe(
         num_classes: Classes of the task (rows of the head).
         Cs: Grid of C, the inverse strength of the L2 penalty 1/2 ||W||^2 against the summed cross-entropy.
         max_iter: L-BFGS iterations per fit; a fit that stops there logs a warning saying to raise it.
-        tol: L-BFGS gradient tolerance (scikit-learn's, on its objective divided by C N). scikit-learn's default
-            1e-4 stops far from the optimum on raw backbone features (relative gradient 0.5 measured on 1000 x 1280
-            features of 100 classes at C = 1); 1e-6 brought it to 5e-3.
+        tol: L-BFGS gradient tolerance (scikit-learn's, on its objective divided by C N); scikit-learn's default
+            1e-4 can stop well short of the optimum with many classes, 1e-6 is close to it (the test of the fit
+            checks the gradient at 1e-4 of the data term).
 
     Returns:
         The :class:`ProbeResult`.

@@ -36,7 +36,7 @@ def test_linear_probe_alone_is_a_run(imagefolder: Path, tmp_path: Path) -> None:
     m = result.metrics
     assert m["selected_epoch"] is None and m["selected_checkpoint"] is None and m["model_file"] == "model.safetensors"
     probe = json.loads((result.run_dir / "probe.json").read_text())
-    assert m["probe"] == probe and probe["C"] in (0.01, 0.03, 0.1, 0.3, 1.0)
+    assert m["probe"] == probe and probe["C"] in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     assert m["best_val"] == probe["val_acc"][str(probe["C"])]
     # the tested model is the pretrained backbone with the probe's head, and RunDir loads exactly it
     run = RunDir(result.run_dir)
