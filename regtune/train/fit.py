@@ -202,7 +202,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
                        channels_last=t.channels_last, feature_stats=t.feature_stats, resuming=resume_from is not None,
                        mixup=_mixup(config, train_set.num_classes), seed=t.seed, ema_decay=t.ema_decay,
-                       select_by=t.select)
+                       select_by=t.select, freeze_bn_stats=config.model.freeze_bn_stats)
     if config.model.head_init == "lp" and not isinstance(backbone.model.get_classifier(), torch.nn.Linear):
         raise ValueError(f"model.head_init: lp fits a linear head, but the criterion {config.criterion.name!r} "
                          f"replaced the classifier with a {type(backbone.model.get_classifier()).__name__}; use "
@@ -345,7 +345,7 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
     Every process extracts all features (no sharding): each then fits the same probe."""
     from torch.utils.data import DataLoader
 
-    from regtune.train.probe import linear_probe, set_head
+    from regtune.train.probe import adapt_batchnorm, linear_probe, set_head
 
     m, dm = config.model, parts.datamodule
     loader = lambda indices: DataLoader(
@@ -353,12 +353,14 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
         num_workers=dm.num_workers)
     started = time.perf_counter()
     device = next(model.parameters()).device
+    adapted = m.lp_adapt_bn and adapt_batchnorm(model, loader(parts.split.train), device)
     result = linear_probe(model, loader(parts.split.train), loader(parts.split.val) if parts.split.val else None,
                           parts.train_set.num_classes, Cs=m.lp_cs, max_iter=m.lp_max_iter,
                           cache=run.path / "probe_features.npz", device=device)
     set_head(model, result)
     record = {"C": result.C, "val_acc": {str(c): a for c, a in result.val_acc.items()},
               "val_loss": {str(c): v for c, v in result.val_loss.items()}, "train_acc": result.train_acc,
+              "batchnorm_adapted": adapted,
               "time_s": round(time.perf_counter() - started, 2)}
     if rank_zero_only.rank == 0:
         atomic_write_json(run.path / "probe.json", record)

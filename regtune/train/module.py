@@ -82,6 +82,8 @@ class FineTuner(pl.LightningModule):
             after every optimisation step, evaluated beside the raw weights at each validation.
         select_by: The run's selection (``trainer.select``): with an EMA, validation loss or accuracy decides which
             of the two weights an epoch stands for.
+        freeze_bn_stats: Keep the model's BatchNorm layers in evaluation mode during training (see
+            ``ModelConfig.freeze_bn_stats``).
         prepare: Called once with the model before the terms' set-up (not on resume): the linear probe that gives
             LP-FT its head.
     """
@@ -102,6 +104,7 @@ class FineTuner(pl.LightningModule):
             seed: int = 0,
             ema_decay: float | None = None,
             select_by: str = "val_acc",
+            freeze_bn_stats: bool = False,
             prepare: Callable[[nn.Module], None] | None = None,
     ) -> None:
         super().__init__()
@@ -110,6 +113,7 @@ class FineTuner(pl.LightningModule):
             model.to(memory_format=torch.channels_last)
         self.mixup = mixup
         self.seed = seed
+        self.freeze_bn_stats = freeze_bn_stats  # Lightning keeps the modes it finds; train() below sets them
         self.prepare = prepare
         # Before the optimizer sees the model: LM-Softmax installs its cosine head, L2-SP snapshots the starting
         # weights, DELTA copies the pretrained network, StochNorm swaps the BatchNorms.
@@ -140,6 +144,7 @@ class FineTuner(pl.LightningModule):
         self._epoch_sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x batch size, sum of batch sizes]
         self._eval_sums: torch.Tensor | None = None  # [loss sum, correct, count] of the running evaluation
         self._ema_sums: torch.Tensor | None = None  # the same for the EMA weights
+        self.train()
 
     # -- set-up -----------------------------------------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class FineTuner(pl.LightningModule):
             self.prepare(self.model)
             self.model.train(mode)
         self.prepare_regularizers()
+        self.train(self.training)  # the set-up passes restored plain train mode: frozen BatchNorms again
 
     def prepare_regularizers(self) -> None:
         """Run every term's set-up (its statistics pass over the loader it asks for) once."""
@@ -202,6 +208,17 @@ class FineTuner(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._epoch_sums = {}  # callbacks (EpochLog) have read epoch_means() by now
+
+    def train(self, mode: bool = True) -> FineTuner:
+        """Training mode; with ``freeze_bn_stats`` the model's BatchNorm layers stay in evaluation mode (they normalise
+        with, and keep, their running statistics). Lightning keeps the modes it finds at the start of training and
+        restores them after each validation."""
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def _sum_dtype(self, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64

@@ -148,6 +148,7 @@ def test_mixup_gives_the_terms_soft_targets(imagefolder: Path, tmp_path: Path,
     ({"model.head_init": "lp", "trainer.epochs": 0, "regularizers": [{"name": "fmr"}]}, "linear probe alone"),
     ({"trainer.epochs": 0}, "trainer.epochs must be >= 1"),
     ({"data.mixup": 0.8, "data.batch_size": 7}, "must be even"),
+    ({"model.freeze_bn_stats": True, "regularizers": [{"name": "stochnorm"}]}, "StochNorm's layers are plain"),
     ({"data.auto_augment": "rand-x9"}, "not a timm policy"),
     ({"optim.layer_decay": 0.0}, "layer_decay"),
     ({"trainer.ema_decay": 1.0}, "ema_decay"),
@@ -211,7 +212,8 @@ def test_balanced_cross_entropy_weights_come_from_the_training_subset(tmp_path: 
 
 def test_recipes_compose_and_are_recorded_as_values(tmp_path: Path) -> None:
     values = recipe_overrides(["lp_ft", "ema", "mix"])
-    assert values == {"model.head_init": "lp", "trainer.ema_decay": 0.99, "data.mixup": 0.8, "data.cutmix": 1.0}
+    assert values == {"model.head_init": "lp", "model.freeze_bn_stats": True, "optim.lr": 0.002,
+                      "optim.head_lr_mult": 1.0, "trainer.ema_decay": 0.99, "data.mixup": 0.8, "data.cutmix": 1.0}
     config = apply_overrides(FitConfig(), recipe_overrides(["wise_ft"]))
     assert config.trainer.wise_alphas == tuple(round(0.1 * k, 1) for k in range(11))
     for name, recipe in RECIPES.items():  # every recipe gives a valid config
@@ -239,3 +241,41 @@ def test_cli_recipe_reaches_the_config(imagefolder: Path, tmp_path: Path) -> Non
     assert config.model.head_init == "lp" and config.trainer.ema_decay == 0.99
     assert config.trainer.wise_alphas == (0.0, 0.5, 1.0)
     assert config.regularizers == () and config.criterion == TermSpec("ce")
+
+
+def test_frozen_batchnorm_statistics_stay_pretrained_while_the_rest_trains(imagefolder: Path, tmp_path: Path) -> None:
+    config = _config(imagefolder, **{"model.freeze_bn_stats": True})
+    result = fit(config, run_dir=tmp_path / "run")
+    trained = _model_weights(result.run_dir / "checkpoints/last.ckpt")
+    from regtune.models import create_backbone
+    from tests.conftest import TINY_BACKBONE
+
+    torch.manual_seed(0)
+    initial = create_backbone(TINY_BACKBONE, 3, pretrained="none").model.state_dict()
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(trained[k], initial[k]) for k in stats)  # never updated
+    affine = [k for k in trained if k.endswith("bn1.weight")]
+    assert affine and not all(torch.equal(trained[k], initial[k]) for k in affine)  # scale and shift trained
+    unfrozen = fit(_config(imagefolder), run_dir=tmp_path / "free")
+    moved = _model_weights(unfrozen.run_dir / "checkpoints/last.ckpt")
+    assert not all(torch.equal(moved[k], initial[k]) for k in stats)  # the comparison can fail
+
+
+def test_adapt_batchnorm_re_estimates_the_running_statistics() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from regtune.train.probe import adapt_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4)).eval()
+    images = 3.0 + 2.0 * torch.randn(12, 3, 5, 5)
+    assert adapt_batchnorm(model, DataLoader(TensorDataset(images, torch.zeros(12)), batch_size=4))
+    assert not model.training  # mode restored
+    with torch.no_grad():
+        out = model[0](images)  # the batches' means and (unbiased) variances, averaged over the 3 equal batches
+    batches = out.split(4)
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert not adapt_batchnorm(torch.nn.Linear(2, 2), [])  # nothing to adapt
