@@ -319,8 +319,8 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
          ("trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
           "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs")),
         (not (m.freeze_bn_stats and any(r.name == "stochnorm" for r in config.regularizers)),
-         "model.freeze_bn_stats keeps every BatchNorm in evaluation mode, where StochNorm's layers are plain "
-         "BatchNorm: the regularizer would do nothing; drop one of the two"),
+         ("model.freeze_bn_stats keeps every BatchNorm in evaluation mode, where StochNorm's layers are plain "
+          "BatchNorm: the regularizer would do nothing; drop one of the two")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]
