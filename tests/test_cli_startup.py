@@ -88,6 +88,8 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
     (["report", "runs", "--out", "x", "--base", "ft"], "--base"),
     (["analyze", "runs", "--mi", "5"], "--mi"),
     (["cam", "run", "--thresh", "0.3"], "--thresh"),
+    (["soup", "runs", "--out", "x", "--over"], "--over"),
+    (["fit", "--recip", "lp"], "--recip"),
 ])
 def test_abbreviated_options_are_errors(capsys: pytest.CaptureFixture, argv: list[str], prefix: str) -> None:
     with pytest.raises(SystemExit) as exit_:

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import logging
-import platform
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,14 +30,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-import regtune
 from regtune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from regtune.data.subset import read_manifest
 from regtune.data.transforms import TransformedSubset, build_transforms
 from regtune.models import forward_parts
 from regtune.train.averaging import average_states, check_same_layout
 from regtune.train.config import FitConfig, save_config
-from regtune.train.rundir import RunDir, RunDirError, find_runs, run_preprocessing
+from regtune.train.rundir import RunDir, RunDirError, find_runs, library_versions, run_preprocessing
 
 __all__ = ["SOUP_FILE", "Score", "SoupResult", "SoupStep", "greedy_soup", "make_soup", "rank_ingredients"]
 
@@ -370,20 +368,6 @@ def _check_device(device: str) -> str:
 # -- the soup ---------------------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    """The library versions ``fit`` records in ``metrics.json`` (the same keys)."""
-    from importlib.metadata import version
-
-    import numpy
-    import PIL
-    import timm
-    import torchvision
-
-    return {"regtune": regtune.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "lightning": version("lightning"), "numpy": numpy.__version__,
-            "pillow": PIL.__version__, "python": platform.python_version()}
-
-
 def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], data: _Data,
              preprocessing: dict[str, Any], resumed: bool, started: float) -> dict[str, Any]:
     """``metrics.json`` of the soup: ``fit``'s keys where they mean something for a soup."""
@@ -417,7 +401,7 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
         "eval_precision": data.precision,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "resumed": resumed,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import signal
 import threading
 import time
@@ -26,7 +25,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-import regtune
 from regtune._io import atomic_write_json
 from regtune.analysis.plots import plot_learning_curves
 from regtune.data.base import ImageDataset
@@ -48,7 +46,14 @@ from regtune.train.callbacks import (
 from regtune.train.config import FitConfig, check_names
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import FineTuner, NonFiniteLossError
-from regtune.train.rundir import RunDir, RunDirError, default_run_dir, make_split, run_preprocessing
+from regtune.train.rundir import (
+    RunDir,
+    RunDirError,
+    default_run_dir,
+    library_versions,
+    make_split,
+    run_preprocessing,
+)
 
 __all__ = ["FitResult", "RunDirError", "default_run_dir", "fit"]
 
@@ -500,21 +505,8 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "wall_time_s": round(time.perf_counter() - started, 2),
         "fit_time_s": round(trained, 2),
         "resumed": resume,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-
-
-def _versions() -> dict[str, str]:
-    """Versions of what decides a run's numbers: the same code on two machines with other timm, torchvision, NumPy
-    or Pillow versions (augmentation, resizing, weight loading) can give other digits."""
-    import numpy
-    import PIL
-    import timm
-    import torchvision
-
-    return {"regtune": regtune.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "lightning": pl.__version__, "numpy": numpy.__version__,
-            "pillow": PIL.__version__, "python": platform.python_version()}
 
 
 def _report(config: FitConfig, run: RunDir, metrics: dict[str, Any], made: _Trainer) -> None:

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # heavy imports only where a model or a dataset is loaded
     from regtune.data.base import ImageDataset
     from regtune.data.subset import Split
 
-__all__ = ["RUN_STATUSES", "RunDir", "RunDirError", "default_run_dir", "find_runs", "make_split", "run_preprocessing"]
+__all__ = ["RUN_STATUSES", "RunDir", "RunDirError", "default_run_dir", "find_runs", "library_versions", "make_split",
+           "run_preprocessing"]
 
 RUN_STATUSES = ("new", "started", "interrupted", "finished")
 
@@ -335,3 +336,22 @@ def find_runs(paths: Iterable[str | Path], status: str = "finished") -> list[Run
             [p.parent for p in sorted(path.rglob("config.yaml"))]
         found += [RunDir(p) for p in candidates if RunDir(p).status == status]
     return found
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what decides a run's numbers, as ``metrics.json`` records them: the same code on two machines with
+    other timm, torchvision, NumPy or Pillow versions (augmentation, resizing, weight loading) can give other digits."""
+    import platform
+    from importlib.metadata import version
+
+    import numpy
+    import PIL
+    import timm
+    import torch
+    import torchvision
+
+    import regtune
+
+    return {"regtune": regtune.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "lightning": version("lightning"), "numpy": numpy.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
