@@ -394,22 +394,14 @@ def _selected_checkpoint(config: FitConfig, run: RunDir, made: _Trainer) -> str:
     return selected or str(run.last_checkpoint)
 
 
-@torch.no_grad()
 def _val_score(parts: _Parts, made: _Trainer) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of the module's model on the validation split, at the run's precision."""
-    module, device = parts.module, made.trainer.strategy.root_device
-    module.to(device).eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    """``(accuracy, mean cross-entropy)`` of the module's model on the validation split, at the run's precision;
+    every process evaluates all of it."""
     dm = parts.datamodule
-    loader = torch.utils.data.DataLoader(  # the held-out validation images, all of them in every process
-        TransformedSubset(parts.train_set, parts.split.val, dm.eval_transform), batch_size=dm.eval_batch_size,
-        num_workers=dm.num_workers)
-    with made.trainer.precision_plugin.forward_context():
-        for images, labels, *_ in loader:
-            images, labels = module._layout(images.to(device)), labels.to(device)
-            sums += module._batch_sums(module.model, images, labels)[2].double().cpu()
-    loss, correct, count = sums.tolist()
-    return correct / count, loss / count
+    loader = torch.utils.data.DataLoader(TransformedSubset(parts.train_set, parts.split.val, dm.eval_transform),
+                                         batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+    return parts.module.score(loader, made.trainer.strategy.root_device,
+                              made.trainer.precision_plugin.forward_context)
 
 
 def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -390,6 +391,26 @@ class FineTuner(pl.LightningModule):
         predicted = logits.argmax(-1)
         sums = torch.stack([loss, (predicted == labels).sum().to(loss.dtype), torch.full_like(loss, labels.shape[0])])
         return features, predicted, sums
+
+    @torch.no_grad()
+    def score(self, loader: Iterable[Sequence[torch.Tensor]], device: torch.device,
+              context: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, float]:
+        """``(accuracy, mean cross-entropy)`` of the model, in evaluation mode, on every batch of ``loader`` in this
+        process (no sharding, no logging): WiSE-FT's choice among its mixes.
+
+        Args:
+            loader: Yields ``(images, labels, ...)``.
+            device: Where the forward passes run (the module is moved there).
+            context: Entered around the passes, e.g. the trainer's precision (``precision_plugin.forward_context``).
+        """
+        self.to(device).eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        with context():
+            for images, labels, *_ in loader:
+                images, labels = self._layout(images.to(device)), labels.to(device)
+                sums += self._batch_sums(self.model, images, labels)[2].double().cpu()
+        loss, correct, count = sums.tolist()
+        return correct / count, loss / count
 
     def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
         images, labels = self._layout(batch[0]), batch[1]
