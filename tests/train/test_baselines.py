@@ -111,8 +111,10 @@ def test_ema_is_selected_when_better_and_tested(imagefolder: Path, tmp_path: Pat
         assert _same(load_file(run.model_path), ema)
 
 
-def test_ema_and_mixup_resume_bit_identical(imagefolder: Path, tmp_path: Path) -> None:
-    config = _config(imagefolder, epochs=3, **{"trainer.ema_decay": 0.6, "data.mixup": 0.8, "data.cutmix": 1.0})
+def test_ema_mixup_randaugment_layer_decay_resume_bit_identical(imagefolder: Path, tmp_path: Path) -> None:
+    config = _config(imagefolder, epochs=3, **{"trainer.ema_decay": 0.6, "data.mixup": 0.8, "data.cutmix": 1.0,
+                                               "data.auto_augment": "rand-m9-mstd0.5-inc1", "data.re_prob": 0.5,
+                                               "optim.layer_decay": 0.7})
     whole = fit(config, run_dir=tmp_path / "whole")
     assert fit(config, run_dir=tmp_path / "cut", callbacks=[_StopAt(2)]).interrupted
     resumed = fit(run_dir=tmp_path / "cut", resume=True)
