@@ -155,8 +155,8 @@ class OptimConfig:
         milestones: Epochs where ``step`` multiplies the learning rate by ``gamma``.
         gamma: Factor of the ``step`` schedule.
         layer_decay: Layer-wise learning-rate decay (timm's layer grouping of the backbone): the backbone's layer
-            ``l`` of ``L`` trains at ``lr * layer_decay ** (L - l)``, so the stem moves least; ``None`` for none. The
-            head keeps ``lr * head_lr_mult``.
+            ``l`` of ``0..L-1`` trains at ``lr * layer_decay ** (L - 1 - l)``, so the stem moves least; ``None`` for
+            none. The head keeps ``lr * head_lr_mult``.
     """
 
     optimizer: str = "sgd"
