@@ -533,7 +533,9 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
         config = FitConfig(
             data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, per_class=None, val_fraction=0.0,
                             img_size=settings.img_size, batch_size=settings.batch_size, num_workers=0),
-            model=ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained),
+            # the bare loop's training: a fresh head, BatchNorm in training mode (no probe, which is set-up time)
+            model=ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained, head_init="normal",
+                              freeze_bn_stats=False),
             trainer=TrainerConfig(epochs=epochs, seed=settings.seed, select="last", progress_bar=False,
                                   accelerator="cpu"),
         )

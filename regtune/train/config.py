@@ -105,12 +105,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The backbone and its weights.
+    """The backbone, its weights and its head.
 
     Attributes:
         backbone: timm model name.
         pretrained: ``auto`` | ``offline`` | ``hub`` | ``none`` | path to a weights file.
-        head_init: ``normal`` (N(0, 0.01), zero bias, as the papers), ``timm``, or ``lp``: the head of a linear probe
+        head_init: ``normal`` (default): N(0, 0.01) weights and zero bias, as the papers; ``timm``: the model's
+            own initialisation; ``lp``: the head of a linear probe
             (multinomial logistic regression on the frozen backbone's features of the training images, evaluation
             transform, features computed once; its strength chosen on the validation split among ``lp_cs``).
             Fine-tuning from it is LP-FT (Kumar et al., 2022); with ``trainer.epochs: 0`` the probe is the run.
@@ -144,8 +145,9 @@ class OptimConfig:
 
     Attributes:
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
-        lr: Backbone learning rate.
-        head_lr_mult: Head learning rate = ``lr * head_lr_mult`` (the papers use 10).
+        lr: Backbone learning rate (LP-FT's recipe: 0.002).
+        head_lr_mult: Head learning rate = ``lr * head_lr_mult`` (the papers use 10 for a random head; LP-FT's
+            recipe 1 for the probe's).
         momentum: SGD momentum.
         nesterov: SGD Nesterov momentum.
         weight_decay: Decoupled (AdamW) or L2 (SGD) weight decay on every trained parameter.
@@ -319,8 +321,9 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
          ("trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
           "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs")),
         (not (m.freeze_bn_stats and any(r.name == "stochnorm" for r in config.regularizers)),
-         ("model.freeze_bn_stats keeps every BatchNorm in evaluation mode, where StochNorm's layers are plain "
-          "BatchNorm: the regularizer would do nothing; drop one of the two")),
+         ("model.freeze_bn_stats (set by the lp_ft and wise_ft recipes) keeps every BatchNorm in evaluation mode, "
+          "where StochNorm's layers are plain BatchNorm: the regularizer would do nothing. Set "
+          "model.freeze_bn_stats: false (--set model.freeze_bn_stats=false)")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]

@@ -30,13 +30,17 @@ WISE_ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))
 # training images in evaluation mode and 13.7 % in training mode (batch statistics of the new domain). Chosen on
 # seed 0's validation split at 64 px (3 epochs: 0.88 against 0.55-0.72 for the other settings tried).
 _LP_FT = {"model.head_init": "lp", "model.freeze_bn_stats": True, "optim.lr": 0.002, "optim.head_lr_mult": 1.0}
+_FT = {"model.head_init": "normal", "model.freeze_bn_stats": False, "optim.lr": 0.02, "optim.head_lr_mult": 10.0,
+       "trainer.wise_alphas": []}
 
 RECIPES: dict[str, Recipe] = {
-    "ft": Recipe("plain fine-tuning with regtune's defaults (the baseline every method is compared with)", {}),
+    "ft": Recipe("plain fine-tuning from a random head (the papers' recipe, regtune's default): N(0, 0.01) head, "
+                 "lr 0.02, head x10, BatchNorm statistics trained", _FT),
     "lp": Recipe("linear probe: logistic regression on the frozen backbone's features, no fine-tuning (seconds)",
-                 {"model.head_init": "lp", "trainer.epochs": 0}),
-    "lp_ft": Recipe("LP-FT (Kumar et al., ICLR 2022): fine-tune from the linear probe's head, at lr 0.002 for "
-                    "backbone and head, BatchNorm statistics kept as pretrained (the probe's features)", _LP_FT),
+                 {"model.head_init": "lp", "trainer.epochs": 0, "trainer.wise_alphas": []}),
+    "lp_ft": Recipe("LP-FT (Kumar et al., ICLR 2022): fine-tune from the linear probe's head, at "
+                    "lr 0.002 for backbone and head, BatchNorm statistics kept as pretrained (the probe's features)",
+                    {**_LP_FT, "trainer.wise_alphas": []}),
     "wise_ft": Recipe("WiSE-FT (Wortsman et al., CVPR 2022): LP-FT, then the mix (1 - a) * start + a * fine-tuned "
                       "with a in 0, 0.1, ..., 1 chosen on validation",
                       {**_LP_FT, "trainer.wise_alphas": list(WISE_ALPHAS)}),

@@ -145,7 +145,7 @@ def test_trained_run_overlays_and_localization(cub: Path, tmp_path: Path, capsys
     config = FitConfig(
         data=DataConfig(dataset="cub200", root=str(cub), fraction=None, val_fraction=0.0, img_size=32,
                         batch_size=6, eval_batch_size=9, num_workers=0),
-        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none"),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
         optim=OptimConfig(lr=0.05),
         trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last"),
     )
@@ -182,7 +182,7 @@ def test_cam_command_on_a_vit_uses_gradcam(imagefolder: Path, tmp_path: Path, ca
     config = FitConfig(
         data=DataConfig(dataset="imagefolder", root=str(imagefolder), fraction=None, val_fraction=0.0, img_size=32,
                         batch_size=6, eval_batch_size=12, num_workers=0),
-        model=ModelConfig(backbone="test_vit", pretrained="none"),
+        model=ModelConfig(backbone="test_vit", pretrained="none", head_init="normal", freeze_bn_stats=False),
         optim=OptimConfig(lr=0.01),
         trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", channels_last=False),
     )

@@ -263,10 +263,16 @@ def test_shipped_grids_parse_and_cover_the_methods() -> None:
     for path in shipped:
         grid = load_grid(path)
         runs = list(expand(grid))
-        assert grid.baseline == "ft" and runs
         names = {t.name for r in runs for t in r.config.regularizers} | {r.config.criterion.name for r in runs}
+        assert grid.baseline == "ft" and runs
         if path.stem == "quick":  # the README's ten-minute comparison: FT vs FMR vs AdaRand
             assert {"fmr", "adarand"} <= names and "ft" in grid.methods and len(grid.axes["trainer.seed"]) >= 3
+            continue
+        if path.stem == "baselines":  # the strong baselines, each by its recipe, and the best regularizers on them
+            configs = {r.method: r.config for r in runs}
+            assert configs["ft"].model.head_init == "normal" and configs["ft"].optim.lr == 0.02
+            assert configs["lp"].trainer.epochs == 0 and configs["wise_ft"].trainer.wise_alphas
+            assert {"head_l1", "lwf", "co_tuning"} <= names
             continue
         if path.stem.endswith("_tuning"):  # variants of a few terms, selected on validation
             tuned = {"zero_centroid"} if path.stem.startswith("zero_centroid") else {"fmr", "adarand"}

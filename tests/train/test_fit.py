@@ -33,11 +33,13 @@ COMPARED = ("test_acc", "test_loss", "selected_epoch", "best_val")
 
 
 def tiny_config(root: Path, epochs: int = 3, **trainer: object) -> FitConfig:
+    """Plain fine-tuning from a random head (``--recipe ft``) of the tiny model: what most tests of the loop need
+    (the default LP-FT is tested in test_baselines.py)."""
     return FitConfig(
         data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, val_fraction=0.2, img_size=32,
                         batch_size=8, eval_batch_size=16, num_workers=0),
-        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none"),
-        optim=OptimConfig(lr=0.05, warmup_epochs=0.5),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
+        optim=OptimConfig(lr=0.05, head_lr_mult=10.0, warmup_epochs=0.5),
         trainer=TrainerConfig(epochs=epochs, progress_bar=False, accelerator="cpu", **trainer),
     )
 

@@ -61,7 +61,8 @@ def term_config(images: Path, weights: Path | str, name: str, args: dict[str, An
                 epochs: int = 2) -> FitConfig:
     """``tiny_config`` with the weights file as the pretrained source and one regularizer."""
     return dataclasses.replace(tiny_config(images, epochs=epochs),
-                               model=ModelConfig(backbone=TINY_BACKBONE, pretrained=str(weights)),
+                               model=ModelConfig(backbone=TINY_BACKBONE, pretrained=str(weights), head_init="normal",
+                                                 freeze_bn_stats=False),
                                regularizers=(TermSpec(name, args),))
 
 
