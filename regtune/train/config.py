@@ -116,6 +116,9 @@ class ModelConfig:
             transform, features computed once; its strength chosen on the validation split among ``lp_cs``).
             Fine-tuning from it is LP-FT (Kumar et al., 2022); with ``trainer.epochs: 0`` the probe is the run.
         lp_cs: Inverse L2 strengths C of the probe tried (scikit-learn's ``LogisticRegression(C=...)``).
+        lp_select: How the probe's C is chosen on the validation split: ``best`` (highest accuracy, then lowest
+            loss) or ``one_se`` (the most regularised C within one standard error of the best accuracy:
+            :func:`regtune.train.probe.fit_linear_probe`).
         lp_adapt_bn: Before the probe, re-estimate the backbone's BatchNorm running statistics on the training
             images (AdaBN; evaluation transform, no gradient step), so that the probe's features are normalised as
             training mode normalises them (:func:`regtune.train.probe.adapt_batchnorm`). Off by default: on the
@@ -133,6 +136,7 @@ class ModelConfig:
     pretrained: str = "auto"
     head_init: str = "normal"
     lp_cs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    lp_select: str = "best"
     lp_adapt_bn: bool = False
     lp_max_iter: int = 1000
     drop_rate: float = 0.0
@@ -309,6 +313,7 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
         (m.head_init in HEAD_INITS, f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {m.head_init!r}"),
         (len(m.lp_cs) >= 1 and all(c > 0 for c in m.lp_cs), f"model.lp_cs must be positive numbers, got {m.lp_cs}"),
         (m.lp_max_iter >= 1, f"model.lp_max_iter must be >= 1, got {m.lp_max_iter}"),
+        (m.lp_select in ("best", "one_se"), f"model.lp_select must be 'best' or 'one_se', got {m.lp_select!r}"),
         (o.layer_decay is None or 0.0 < o.layer_decay <= 1.0,
          f"optim.layer_decay must be in (0, 1], got {o.layer_decay}"),
         (t.ema_decay is None or 0.0 <= t.ema_decay < 1.0, f"trainer.ema_decay must be in [0, 1), got {t.ema_decay}"),

@@ -360,7 +360,7 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
     device = next(model.parameters()).device
     adapted = m.lp_adapt_bn and adapt_batchnorm(model, loader(parts.split.train), device)
     result = linear_probe(model, loader(parts.split.train), loader(parts.split.val) if parts.split.val else None,
-                          parts.train_set.num_classes, Cs=m.lp_cs, max_iter=m.lp_max_iter,
+                          parts.train_set.num_classes, Cs=m.lp_cs, max_iter=m.lp_max_iter, select=m.lp_select,
                           cache=run.path / "probe_features.npz", device=device)
     set_head(model, result)
     record = {"C": result.C, "val_acc": {str(c): a for c, a in result.val_acc.items()},

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,12 +40,13 @@ from torch.utils.data import DataLoader
 from regtune._io import atomic_write_bytes
 from regtune.models import forward_parts
 
-__all__ = ["DEFAULT_CS", "ProbeResult", "adapt_batchnorm", "extract_features", "fit_linear_probe", "linear_probe",
-           "set_head"]
+__all__ = ["DEFAULT_CS", "PROBE_SELECTIONS", "ProbeResult", "adapt_batchnorm", "extract_features", "fit_linear_probe",
+           "linear_probe", "set_head"]
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+PROBE_SELECTIONS = ("best", "one_se")
 """Grid of the inverse regularization strength C."""
 
 ABSENT_CLASS_GAP = 100.0
@@ -202,6 +204,16 @@ def _scores(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor) -> t
     return float((logits.argmax(1) == labels).double().mean()), float(loss)
 
 
+def _choose(val_acc: dict[float, float], val_loss: dict[float, float], select: str, count: int) -> float:
+    """The C that ``select`` picks from the validation scores of the grid (see :func:`fit_linear_probe`)."""
+    best = min(val_acc, key=lambda c: (-val_acc[c], val_loss[c], c))
+    if select == "best":
+        return best
+    accuracy = val_acc[best]
+    margin = math.sqrt(accuracy * (1.0 - accuracy) / count)
+    return min(c for c in val_acc if val_acc[c] >= accuracy - margin - 1e-12)  # rounding of equal accuracies
+
+
 def fit_linear_probe(
         train_x: Tensor,
         train_y: Tensor,
@@ -211,11 +223,18 @@ def fit_linear_probe(
         Cs: Sequence[float] = DEFAULT_CS,
         max_iter: int = 1000,
         tol: float = 1e-6,
+        select: str = "best",
 ) -> ProbeResult:
     """Fit the linear probe once per C on the training features and keep the fit that validates best.
 
-    The chosen fit has the highest validation accuracy; ties go to the lower validation cross-entropy, then to the
-    smaller C. Its head was trained on the training features only. The same inputs give the same result.
+    ``select="best"``: the chosen fit has the highest validation accuracy; ties go to the lower validation
+    cross-entropy, then to the smaller C. ``select="one_se"``: the one-standard-error rule (Breiman et al., 1984;
+    Hastie et al., *Elements of Statistical Learning*, 7.10): the smallest C (the most regularised head) whose
+    validation accuracy is within one binomial standard error sqrt(a (1 - a) / M) of the best accuracy a, over the
+    M validation images. With 60 validation images a C that wins by one image is noise, and a weakly regularised
+    head has large weights: LP-FT from such a head (C = 1, won by 1 of 60 images) diverged in its first epoch
+    where C = 0.01 trained smoothly. The chosen head was trained on the training features only. The same inputs
+    give the same result.
 
     Classes without training features get a zero weight row and a bias :data:`ABSENT_CLASS_GAP` below the smallest
     fitted bias, so they are never predicted (a warning names them).
@@ -231,14 +250,17 @@ def fit_linear_probe(
         tol: L-BFGS gradient tolerance (scikit-learn's, on its objective divided by C N); scikit-learn's default
             1e-4 can stop well short of the optimum with many classes, 1e-6 is close to it (the test of the fit
             checks the gradient at 1e-4 of the data term).
+        select: ``"best"`` or ``"one_se"`` (see above); without validation features the one C is taken.
 
     Returns:
         The :class:`ProbeResult`.
 
     Raises:
         ValueError: inconsistent shapes, labels out of range, a non-positive C, several C without validation
-            features, or training features of fewer than two classes.
+            features, training features of fewer than two classes, or an unknown ``select``.
     """
+    if select not in PROBE_SELECTIONS:
+        raise ValueError(f"select must be one of {', '.join(PROBE_SELECTIONS)}, got {select!r}")
     has_val = _check_probe_inputs(train_x, train_y, val_x, val_y, num_classes, Cs)
     present = torch.unique(train_y)
     if present.numel() < 2:
@@ -254,7 +276,7 @@ def fit_linear_probe(
         if has_val:
             val_acc[C], val_loss[C] = _scores(*fits[C], val_x, val_y)
             _log.info("linear probe C=%g: validation accuracy %.4f, loss %.4f", C, val_acc[C], val_loss[C])
-    chosen = min(fits, key=lambda c: (-val_acc[c], val_loss[c], c)) if has_val else next(iter(fits))
+    chosen = _choose(val_acc, val_loss, select, val_x.shape[0]) if has_val else next(iter(fits))
     weight, bias = fits[chosen]
     train_acc = _scores(weight, bias, train_x, train_y)[0]
     return ProbeResult(weight=weight.float(), bias=bias.float(), C=chosen, val_acc=val_acc, val_loss=val_loss,
@@ -297,6 +319,7 @@ def linear_probe(
         cache: Path | None = None,
         device: str | torch.device = "cpu",
         tol: float = 1e-6,
+        select: str = "best",
 ) -> ProbeResult:
     """Extract the frozen model's features once and fit the linear probe on them (:func:`fit_linear_probe`).
 
@@ -311,6 +334,7 @@ def linear_probe(
             It is keyed by nothing but its path: delete it when the model, the data or the transform change.
         device: Where the features are extracted.
         tol: L-BFGS gradient tolerance (see :func:`fit_linear_probe`).
+        select: How C is chosen on validation (see :func:`fit_linear_probe`).
 
     Returns:
         The :class:`ProbeResult`.
@@ -327,7 +351,7 @@ def linear_probe(
         if cache is not None:
             _write_cache(Path(cache), arrays)
     return fit_linear_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], num_classes,
-                            Cs=Cs, max_iter=max_iter, tol=tol)
+                            Cs=Cs, max_iter=max_iter, tol=tol, select=select)
 
 
 @torch.no_grad()

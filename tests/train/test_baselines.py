@@ -214,7 +214,8 @@ def test_balanced_cross_entropy_weights_come_from_the_training_subset(tmp_path: 
 
 def test_recipes_compose_and_are_recorded_as_values(tmp_path: Path) -> None:
     values = recipe_overrides(["lp_ft", "ema", "mix"])
-    assert values == {"model.head_init": "lp", "model.freeze_bn_stats": True, "optim.lr": 0.002,
+    assert values == {"model.head_init": "lp", "model.lp_select": "one_se", "model.freeze_bn_stats": True,
+                      "optim.lr": 0.002,
                       "optim.head_lr_mult": 1.0, "trainer.wise_alphas": [], "trainer.ema_decay": 0.99,
                       "data.mixup": 0.8, "data.cutmix": 1.0}
     assert apply_overrides(FitConfig(), recipe_overrides(["ft"])) == FitConfig()  # `ft` names the default values

@@ -220,3 +220,22 @@ def test_the_config_default_grid_is_the_probe_default() -> None:
     from regtune.train.config import ModelConfig
 
     assert ModelConfig().lp_cs == probe.DEFAULT_CS
+
+
+@pytest.mark.parametrize(("accuracies", "chosen"), [
+    # 60 validation images: the best 0.767 (46/60), one standard error sqrt(0.767 * 0.233 / 60) = 0.0546
+    ({0.003: 0.75, 0.01: 0.75, 0.1: 0.75, 1.0: 46 / 60}, 0.003),  # won by one image: the most regularised
+    ({0.003: 0.70, 0.01: 0.75, 0.1: 0.75, 1.0: 46 / 60}, 0.01),  # 0.70 < 0.767 - 0.0546: out of reach
+    ({0.003: 0.5, 0.01: 0.6, 0.1: 0.9, 1.0: 0.9}, 0.1),  # 0.9 - sqrt(0.09 / 60) = 0.861: only the two best
+])
+def test_one_standard_error_rule(monkeypatch: pytest.MonkeyPatch, accuracies: dict[float, float],
+                                 chosen: float) -> None:
+    monkeypatch.setattr(probe, "_fit_one", lambda x, y, k, C, *_: (torch.full((k, 2), C, dtype=torch.float64),
+                                                                   torch.zeros(k, dtype=torch.float64)))
+    monkeypatch.setattr(probe, "_scores", lambda w, b, x, y: (accuracies.get(float(w[0, 0]), 1.0), 0.5))
+    x, y = torch.zeros(60, 2), torch.arange(60) % 2
+    assert fit_linear_probe(x, y, x, y, num_classes=2, Cs=tuple(accuracies), select="one_se").C == chosen
+    best = fit_linear_probe(x, y, x, y, num_classes=2, Cs=tuple(accuracies), select="best").C
+    assert best == max(accuracies, key=lambda c: (accuracies[c], -c))
+    with pytest.raises(ValueError, match="select must be one of best, one_se"):
+        fit_linear_probe(x, y, x, y, num_classes=2, Cs=(1.0,), select="1se")
