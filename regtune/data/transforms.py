@@ -9,12 +9,32 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 
 from regtune.data.seeds import sample_seed
 
+_TIMM_POSTERIZE = auto_augment.posterize
+
 __all__ = ["TransformedSubset", "build_transforms", "seeded_rng"]
+
+
+def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's posterize, where keeping 0 bits gives the black image, as Pillow did before 13.0.
+
+    timm's RandAugment asks for 0 bits at the top magnitudes (``4 - int(level / 10 * 4)``), and Pillow 13's
+    ``ImageOps.posterize`` refuses 0 ("bits must be between or equal to 1 and 8"), so every run with RandAugment
+    stopped within a few epochs. With 0 bits every pixel keeps no bit: zero, as Pillow 12 computed it.
+    """
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+def _patch_timm_posterize() -> None:
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is _TIMM_POSTERIZE:
+            auto_augment.NAME_TO_OP[name] = _posterize
 
 
 def build_transforms(
@@ -41,6 +61,7 @@ def build_transforms(
         re_prob: Random erasing probability (timm's ``RandomErasing`` after normalisation, per-pixel normal values,
             one box), 0 for none.
     """
+    _patch_timm_posterize()  # RandAugment under Pillow >= 13 (see _posterize)
     common = {
         "input_size": data_config["input_size"],
         "interpolation": data_config.get("interpolation", "bilinear"),

@@ -42,3 +42,20 @@ def test_train_transform_uses_requested_crop_scale() -> None:
     crop = train_tf.transforms[0]
     assert tuple(crop.scale) == (0.5, 1.0) and crop.size == (40, 40)
     assert not any("Flip" in type(t).__name__ for t in train_tf.transforms)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_under_any_pillow() -> None:
+    """timm's RandAugment asks Pillow to keep 0 bits at its top magnitudes; Pillow 13 refuses, Pillow 12 gave zeros."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from regtune.data.transforms import _posterize
+
+    build_transforms({"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3},
+                     auto_augment="rand-m10-n1-mstd0")
+    assert auto_augment.NAME_TO_OP["PosterizeIncreasing"] is _posterize
+    image = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
+    assert np.asarray(_posterize(image, 0)).max() == 0
+    assert np.asarray(_posterize(image, 2)).max() == 192  # 200 = 0b11001000 keeps its two top bits
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # 4 - int(10 / 10 * 4) = 0 bits
+    assert np.asarray(op(image)).max() == 0
