@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -158,9 +159,15 @@ def piped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]
     root = tmp_path_factory.mktemp("piped")
     argv = [a for a in TINY if a != "--no-progress"]
     out, err = io.StringIO(), io.StringIO()  # not terminals: what `regtune fit ... > log 2>&1` writes to
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["fit", *argv, "--epochs", "2", "--reg", "head_l2:weight=0.5", "--data-root",
-                     str(write_imagefolder(root / "images")), "--run-dir", str(root / "run")])
+    logger = logging.getLogger("regtune")  # main() configures it; a module-scoped fixture restores it itself
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["fit", *argv, "--epochs", "2", "--reg", "head_l2:weight=0.5", "--data-root",
+                         str(write_imagefolder(root / "images")), "--run-dir", str(root / "run")])
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
     assert code == 0, err.getvalue()
     return root / "run", out.getvalue(), err.getvalue()
 
