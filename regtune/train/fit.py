@@ -337,10 +337,7 @@ def _prepare_start(config: FitConfig, parts: _Parts, run: RunDir, model: torch.n
     if config.model.head_init == "lp":
         _probe(config, parts, run, model)
     if config.trainer.wise_alphas and rank_zero_only.rank == 0:
-        from safetensors.torch import save_file
-
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, run.start_weights)
+        _save_weights(model, run.start_weights)
 
 
 def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module) -> dict[str, Any]:
@@ -353,9 +350,11 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
     from regtune.train.probe import adapt_batchnorm, linear_probe, set_head
 
     m, dm = config.model, parts.datamodule
-    loader = lambda indices: DataLoader(
-        TransformedSubset(parts.train_set, indices, dm.eval_transform), batch_size=dm.eval_batch_size,
-        num_workers=dm.num_workers)
+
+    def loader(indices: Sequence[int]) -> DataLoader:  # in order, unsharded, with the evaluation transform
+        return DataLoader(TransformedSubset(parts.train_set, indices, dm.eval_transform),
+                          batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+
     started = time.perf_counter()
     device = next(model.parameters()).device
     adapted = m.lp_adapt_bn and adapt_batchnorm(model, loader(parts.split.train), device)
@@ -382,8 +381,8 @@ def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -
     with _quiet_lightning(), _no_uninitialized_fill():
         (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
     if made.trainer.is_global_zero:
-        _save_weights(module.model, run)
-    best_val = probe["val_acc"].get(str(probe["C"])) if config.trainer.select == "val_acc" else None
+        _save_weights(module.model, run.model_path)
+    best_val = probe["val_acc"].get(str(probe["C"]))  # the probe's C is chosen on validation whatever `select` says
     return {**result, "selected": None, "epoch": None, "ema_selected": False, "wise": None,
             "model_file": run.model_path.name, "best_val": best_val}
 
@@ -444,21 +443,23 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict
         (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
     own = not ema and wise is None  # the checkpoint's own weights were tested
     if not own and made.trainer.is_global_zero:
-        _save_weights(module.model, run)
+        _save_weights(module.model, run.model_path)
     return {**result, "selected": selected, "epoch": int(checkpoint["epoch"]), "ema_selected": ema, "wise": wise,
             "model_file": None if own else run.model_path.name,
             "best_val": float(made.best.best_model_score) if made.best.best_model_score is not None else None}
 
 
-def _save_weights(model: torch.nn.Module, run: RunDir) -> None:
-    """``model.safetensors``: the tested weights, when no checkpoint holds them as they are (tensors only)."""
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's weights as safetensors (tensors only), whole or not at all: ``model.safetensors`` when no
+    checkpoint holds the tested weights as they are, ``checkpoints/start.safetensors`` for WiSE-FT."""
     import tempfile
 
     from safetensors.torch import save_file
 
-    with tempfile.NamedTemporaryFile(dir=run.path, suffix=".tmp", delete=False) as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, handle.name)
-    os.replace(handle.name, run.model_path)
+    os.replace(handle.name, path)
 
 
 def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, Any], resume: bool,
