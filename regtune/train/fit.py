@@ -8,6 +8,7 @@ described in :mod:`regtune.train.rundir`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from regtune._io import atomic_write_json
+from regtune._io import atomic_write_bytes, atomic_write_json
 from regtune.analysis.plots import plot_learning_curves
 from regtune.data.base import ImageDataset
 from regtune.data.datasets import build_dataset
@@ -340,21 +341,23 @@ def _prepare_start(config: FitConfig, parts: _Parts, run: RunDir, model: torch.n
         _save_weights(model, run.start_weights)
 
 
+def _eval_loader(parts: _Parts, indices: Sequence[int]) -> torch.utils.data.DataLoader:
+    """Training-split items in order with the evaluation transform, all of them in every process (not sharded): the
+    probe's features and WiSE-FT's validation."""
+    dm = parts.datamodule
+    return torch.utils.data.DataLoader(TransformedSubset(parts.train_set, indices, dm.eval_transform),
+                                       batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+
+
 def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module) -> dict[str, Any]:
     """Fit the linear probe on the frozen model's features of the training images (evaluation transform), choose
     its strength on the validation images, install it as the head; ``probe.json`` records it.
 
     Every process extracts all features (no sharding): each then fits the same probe."""
-    from torch.utils.data import DataLoader
-
     from regtune.train.probe import adapt_batchnorm, linear_probe, set_head
 
-    m, dm = config.model, parts.datamodule
-
-    def loader(indices: Sequence[int]) -> DataLoader:  # in order, unsharded, with the evaluation transform
-        return DataLoader(TransformedSubset(parts.train_set, indices, dm.eval_transform),
-                          batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
-
+    m = config.model
+    loader = functools.partial(_eval_loader, parts)
     started = time.perf_counter()
     device = next(model.parameters()).device
     adapted = m.lp_adapt_bn and adapt_batchnorm(model, loader(parts.split.train), device)
@@ -396,10 +399,7 @@ def _selected_checkpoint(config: FitConfig, run: RunDir, made: _Trainer) -> str:
 def _val_score(parts: _Parts, made: _Trainer) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` of the module's model on the validation split, at the run's precision;
     every process evaluates all of it."""
-    dm = parts.datamodule
-    loader = torch.utils.data.DataLoader(TransformedSubset(parts.train_set, parts.split.val, dm.eval_transform),
-                                         batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
-    return parts.module.score(loader, made.trainer.strategy.root_device,
+    return parts.module.score(_eval_loader(parts, parts.split.val), made.trainer.strategy.root_device,
                               made.trainer.precision_plugin.forward_context)
 
 
@@ -452,14 +452,10 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     """The model's weights as safetensors (tensors only), whole or not at all: ``model.safetensors`` when no
     checkpoint holds the tested weights as they are, ``checkpoints/start.safetensors`` for WiSE-FT."""
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, handle.name)
-    os.replace(handle.name, path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ does not exist yet before the first epoch
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
 def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, Any], resume: bool,

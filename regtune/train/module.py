@@ -158,11 +158,9 @@ class FineTuner(pl.LightningModule):
             return
         self.to(self.trainer.strategy.root_device)
         if self.prepare is not None:
-            mode = self.model.training
             self.prepare(self.model)
-            self.model.train(mode)
         self.prepare_regularizers()
-        self.train(self.training)  # the set-up passes restored plain train mode: frozen BatchNorms again
+        self.train(self.training)  # the probe's and terms' passes switched modes: this module's modes again
 
     def prepare_regularizers(self) -> None:
         """Run every term's set-up (its statistics pass over the loader it asks for) once."""
@@ -404,11 +402,11 @@ class FineTuner(pl.LightningModule):
             context: Entered around the passes, e.g. the trainer's precision (``precision_plugin.forward_context``).
         """
         self.to(device).eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=self._sum_dtype(device), device=device)  # read once, after the last batch
         with context():
             for images, labels, *_ in loader:
                 images, labels = self._layout(images.to(device)), labels.to(device)
-                sums += self._batch_sums(self.model, images, labels)[2].double().cpu()
+                sums += self._batch_sums(self.model, images, labels)[2]
         loss, correct, count = sums.tolist()
         return correct / count, loss / count
 
