@@ -52,7 +52,8 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--backbone": ("model", "model.backbone", str, "timm model name"),
     "--pretrained": ("model", "model.pretrained", str, "auto | offline | hub | none | PATH to .pth/.safetensors"),
     "--head-init": ("model", "model.head_init", str,
-                    "normal | timm | lp (the linear probe's head: LP-FT; with --epochs 0 the probe alone)"),
+                    ("lp (the linear probe's head: LP-FT; with --epochs 0 the probe alone) | normal (random, as "
+                     "the papers' plain fine-tuning: --recipe ft) | timm")),
     "--optimizer": ("optimisation", "optim.optimizer", str, "sgd | adamw"),
     "--lr": ("optimisation", "optim.lr", float, "backbone learning rate"),
     "--head-lr-mult": ("optimisation", "optim.head_lr_mult", float, "head learning rate = lr x this"),
@@ -60,7 +61,7 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--scheduler": ("optimisation", "optim.scheduler", str, "cosine | step | constant"),
     "--layer-decay": ("optimisation", "optim.layer_decay", float,
                       "layer-wise lr decay: layer l of L at lr x this^(L-1-l)"),
-    "--epochs": ("optimisation", "trainer.epochs", int, "training epochs (0 with --head-init lp: the probe alone)"),
+    "--epochs": ("optimisation", "trainer.epochs", int, "training epochs (0: the linear probe alone, --recipe lp)"),
     "--ema-decay": ("optimisation", "trainer.ema_decay", float,
                     "keep an EMA of the weights, selected against the raw ones on validation"),
     "--criterion": ("regularization", "criterion", str, "classification loss: NAME[:key=value,...]"),
@@ -142,8 +143,10 @@ def _add_fit(sub: Any) -> None:
     from regtune.train.config import FitConfig
 
     fit = _subcommand(sub, "fit", "fine-tune one model and test the selected checkpoint")
-    fit.epilog = ("Defaults are regtune's own; with --config the file's values take their place, and an option "
-                  "given here overrides either. [KEY] is the option's config field; --set KEY=VALUE sets any.")
+    fit.epilog = ("Defaults are regtune's own, WiSE-FT's recipe (a linear probe, fine-tuning from it, the best mix of "
+                  "the two on validation; --recipe ft: plain fine-tuning from a random head); with --config the "
+                  "file's values take their place, and an option given here overrides either. [KEY] is the option's "
+                  "config field; --set KEY=VALUE sets any.")
     groups = {name: fit.add_argument_group(name, text) for name, text in _GROUPS.items()}
     groups["regularization"].add_argument(
         "--recipe", action="append", default=[], metavar="NAME",
@@ -152,11 +155,11 @@ def _add_fit(sub: Any) -> None:
     groups["regularization"].add_argument(
         "--wise-alphas", default=None, metavar="A,B,...",
         help="WiSE-FT: mix start and fine-tuned weights at these alphas, the best on validation is tested; needs "
-             "--head-init lp (default: none) [trainer.wise_alphas]")
+             "--head-init lp; '' for none (default: 0,0.1,...,1) [trainer.wise_alphas]")
     groups["regularization"].add_argument(
         "--reg", action="append", default=[], metavar="NAME[:k=v,...]",
-        help="add a regularizer (repeatable), e.g. --reg fmr:beta=50 (see `regtune list regularizers`; default: none, "
-             "plain fine-tuning) [regularizers]")
+        help="add a regularizer (repeatable), e.g. --reg fmr:beta=50 (see `regtune list regularizers`; default: none) "
+             "[regularizers]")
     run = groups["run"]
     run.add_argument("--config", type=Path, help="YAML config (a run's config.yaml reproduces it)")
     run.add_argument("--run-dir", type=Path, help="output directory (default: a new folder under runs/)")

@@ -46,7 +46,7 @@ def test_default_run_dir_is_relative_to_the_working_directory(imagefolder: Path,
     code, out, err = run(capsys, "fit", *TINY, "--data-root", str(imagefolder))
     assert code == 0, err
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("imagefolder-test_efficientnet-ft-s0-") and (run_dir / "metrics.json").is_file()
+    assert run_dir.name.startswith("imagefolder-test_efficientnet-wise_ft-s0-") and (run_dir / "metrics.json").is_file()
     assert json.loads((run_dir / "metrics.json").read_text())["selected_checkpoint"] == "checkpoints/best.ckpt"
     assert f"run directory: {run_dir}" in out
 
@@ -116,8 +116,8 @@ def test_fit_help_groups_options_and_shows_the_config_defaults(capsys: pytest.Ca
     headings = [line[:-1] for line in out.splitlines() if re.fullmatch(r"[a-z]+:", line)]
     assert headings == ["options", "data", "model", "optimisation", "regularization", "run"]
     help_text = " ".join(out.split())  # argparse wraps lines
-    assert "--lr LR backbone learning rate (default: 0.02) [optim.lr]" in help_text
-    assert ("--epochs EPOCHS training epochs (0 with --head-init lp: the probe alone) (default: 15) "
+    assert "--lr LR backbone learning rate (default: 0.002) [optim.lr]" in help_text
+    assert ("--epochs EPOCHS training epochs (0: the linear probe alone, --recipe lp) (default: 15) "
             "[trainer.epochs]") in help_text
     assert "(default: None)" not in help_text
 

@@ -21,6 +21,7 @@ from regtune.bench.cells import Cell, cell_label
 from regtune.bench.grid import Grid, expand
 from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
 from regtune.bench.stats import PairedDifference, holm, mean_std, paired_difference
+from regtune.train.recipes import recipe_label
 from regtune.train.rundir import RunDir
 
 __all__ = ["CellSummary", "RunRecord", "collect_grid", "collect_runs", "markdown_report", "method_label", "summarize",
@@ -62,8 +63,10 @@ def collect_grid(grid: Grid) -> list[RunRecord]:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """A method's name from a run's config: criterion (if not ``ce``) and regularizers with their arguments."""
-    parts = []
+    """A method's name from a run's config: its baseline (:func:`regtune.train.recipes.recipe_label`, left out when
+    it is plain fine-tuning), criterion (if not ``ce``) and regularizers with their arguments."""
+    recipe = recipe_label(config)
+    parts = [recipe] if recipe != "ft" else []
     criterion = config.get("criterion") or {"name": "ce"}
     if criterion.get("name", "ce") != "ce" or criterion.get("args"):
         parts.append(_term_label(criterion))

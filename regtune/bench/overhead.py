@@ -537,7 +537,7 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
             model=ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained, head_init="normal",
                               freeze_bn_stats=False),
             trainer=TrainerConfig(epochs=epochs, seed=settings.seed, select="last", progress_bar=False,
-                                  accelerator="cpu"),
+                                  accelerator="cpu", wise_alphas=()),
         )
         bare_steps, bare_epochs, ours_steps, ours_epochs, fit_seconds = [], [], [], [], []
         for r in range(settings.rounds):

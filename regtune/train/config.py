@@ -19,6 +19,7 @@ from regtune._io import atomic_write_text
 __all__ = [
     "HEAD_INITS",
     "SELECT_MODES",
+    "WISE_ALPHAS",
     "ConfigError",
     "DataConfig",
     "FitConfig",
@@ -34,6 +35,7 @@ __all__ = [
 
 SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")
 HEAD_INITS = ("normal", "timm", "lp")
+WISE_ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))  # WiSE-FT's mixing coefficients: 0, 0.1, ..., 1
 
 
 class ConfigError(ValueError):
@@ -107,18 +109,22 @@ class DataConfig:
 class ModelConfig:
     """The backbone, its weights and its head.
 
+    The defaults are WiSE-FT's recipe (``--recipe wise_ft``; plain fine-tuning from a random head is ``--recipe ft``):
+    on the offline task it was the most accurate of the baselines measured (docs/benchmarks.md).
+
     Attributes:
         backbone: timm model name.
         pretrained: ``auto`` | ``offline`` | ``hub`` | ``none`` | path to a weights file.
-        head_init: ``normal`` (default): N(0, 0.01) weights and zero bias, as the papers; ``timm``: the model's
-            own initialisation; ``lp``: the head of a linear probe
+        head_init: ``lp`` (default): the head of a linear probe
             (multinomial logistic regression on the frozen backbone's features of the training images, evaluation
             transform, features computed once; its strength chosen on the validation split among ``lp_cs``).
             Fine-tuning from it is LP-FT (Kumar et al., 2022); with ``trainer.epochs: 0`` the probe is the run.
+            ``normal``: N(0, 0.01) weights and zero bias, as the papers' plain fine-tuning; ``timm``: the model's
+            own initialisation.
         lp_cs: Inverse L2 strengths C of the probe tried (scikit-learn's ``LogisticRegression(C=...)``).
-        lp_select: How the probe's C is chosen on the validation split: ``best`` (highest accuracy, then lowest
-            loss) or ``one_se`` (the most regularised C within one standard error of the best accuracy:
-            :func:`regtune.train.probe.fit_linear_probe`).
+        lp_select: How the probe's C is chosen on the validation split: ``one_se`` (default: the most regularised
+            C within one standard error of the best accuracy, :func:`regtune.train.probe.fit_linear_probe`) or
+            ``best`` (highest accuracy, then lowest loss).
         lp_adapt_bn: Before the probe, re-estimate the backbone's BatchNorm running statistics on the training
             images (AdaBN; evaluation transform, no gradient step), so that the probe's features are normalised as
             training mode normalises them (:func:`regtune.train.probe.adapt_batchnorm`). Off by default: on the
@@ -126,21 +132,22 @@ class ModelConfig:
             pretrained statistics instead (``freeze_bn_stats``).
         lp_max_iter: L-BFGS iterations of each probe fit.
         drop_rate: Dropout before the classifier.
-        freeze_bn_stats: Keep every BatchNorm layer in evaluation mode while training: it normalises with its
-            running (pretrained) statistics and does not update them; its scale and shift still train. The features
-            a linear probe was fitted on (evaluation mode) are then the ones LP-FT starts training with; in training
-            mode, batch statistics of a new domain give other features, and the probe's head its worst loss.
+        freeze_bn_stats: Keep every BatchNorm layer in evaluation mode while training (default): it normalises
+            with its running (pretrained) statistics and does not update them; its scale and shift still train. The
+            features a linear probe was fitted on (evaluation mode) are then the ones LP-FT starts training with; in
+            training mode, batch statistics of a new domain give other features, and the probe's head its worst
+            loss.
     """
 
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "auto"
-    head_init: str = "normal"
+    head_init: str = "lp"
     lp_cs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-    lp_select: str = "best"
+    lp_select: str = "one_se"
     lp_adapt_bn: bool = False
     lp_max_iter: int = 1000
     drop_rate: float = 0.0
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,9 @@ class OptimConfig:
 
     Attributes:
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
-        lr: Backbone learning rate (LP-FT's recipe: 0.002).
-        head_lr_mult: Head learning rate = ``lr * head_lr_mult`` (the papers use 10 for a random head; LP-FT's
-            recipe 1 for the probe's).
+        lr: Backbone learning rate (default 0.002, LP-FT's recipe; plain fine-tuning's recipe ``ft``: 0.02).
+        head_lr_mult: Head learning rate = ``lr * head_lr_mult`` (default 1 for the probe's trained head; the
+            papers use 10 for a random one, recipe ``ft``).
         momentum: SGD momentum.
         nesterov: SGD Nesterov momentum.
         weight_decay: Decoupled (AdamW) or L2 (SGD) weight decay on every trained parameter.
@@ -166,8 +173,8 @@ class OptimConfig:
     """
 
     optimizer: str = "sgd"
-    lr: float = 0.02
-    head_lr_mult: float = 10.0
+    lr: float = 0.002
+    head_lr_mult: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
@@ -207,7 +214,7 @@ class TrainerConfig:
         wise_alphas: WiSE-FT (Wortsman et al., 2022): after training, the weights ``(1 - a) * start + a * selected``
             for each ``a`` given, ``start`` being the weights training began from (pretrained backbone, probe
             head: needs ``model.head_init: lp``), are evaluated on the validation split and the best is tested
-            once. Empty for none.
+            once. Default 0, 0.1, ..., 1 (alpha 0 is the probe, 1 the fine-tuned weights); empty for none.
     """
 
     epochs: int = 15
@@ -223,7 +230,7 @@ class TrainerConfig:
     feature_stats: bool = False
     train_fraction: float = 1.0
     ema_decay: float | None = None
-    wise_alphas: tuple[float, ...] = ()
+    wise_alphas: tuple[float, ...] = WISE_ALPHAS
 
 
 @dataclass(frozen=True)
@@ -321,14 +328,15 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
         (not t.wise_alphas or m.head_init == "lp",
          ("trainer.wise_alphas (WiSE-FT) interpolates from the starting weights to the fine-tuned ones; its "
           "starting head must be a trained one: set model.head_init: lp (a random head is no endpoint worth mixing "
-          "in)")),
+          "in), or drop WiSE-FT with trainer.wise_alphas: [] (--recipe ft: plain fine-tuning, all of its values)")),
         (not (probe_only and (t.ema_decay is not None or t.wise_alphas or config.regularizers)),
          ("trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
-          "trainer.wise_alphas or regularizers to act on; drop them or train for some epochs")),
+          "trainer.wise_alphas or regularizers to act on; drop them (--recipe lp: the probe alone, WiSE-FT's "
+          "alphas emptied) or train for some epochs")),
         (not (m.freeze_bn_stats and any(r.name == "stochnorm" for r in config.regularizers)),
-         ("model.freeze_bn_stats (set by the lp_ft and wise_ft recipes) keeps every BatchNorm in evaluation mode, "
-          "where StochNorm's layers are plain BatchNorm: the regularizer would do nothing. Set "
-          "model.freeze_bn_stats: false (--set model.freeze_bn_stats=false)")),
+         ("model.freeze_bn_stats (the default, and the lp_ft and wise_ft recipes) keeps every BatchNorm in "
+          "evaluation mode, where StochNorm's layers are plain BatchNorm: the regularizer would do nothing. Set "
+          "model.freeze_bn_stats: false (--set model.freeze_bn_stats=false, or --recipe ft for plain fine-tuning)")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]

@@ -212,7 +212,8 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
     if config.model.head_init == "lp" and not isinstance(backbone.model.get_classifier(), torch.nn.Linear):
         raise ValueError(f"model.head_init: lp fits a linear head, but the criterion {config.criterion.name!r} "
                          f"replaced the classifier with a {type(backbone.model.get_classifier()).__name__}; use "
-                         "criterion ce with the probe")
+                         "criterion ce with the probe, or train that criterion from a random head: --recipe ft "
+                         "(model.head_init: normal, no WiSE-FT)")
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from regtune.train.config import FitConfig, load_config, save_config
+from regtune.train.recipes import recipe_label
 
 if TYPE_CHECKING:  # heavy imports only where a model or a dataset is loaded
     import torch
@@ -314,8 +315,10 @@ def make_split(config: FitConfig, train_set: ImageDataset, manifest: str | Path 
 
 
 def default_run_dir(config: FitConfig, root: str | Path = "runs") -> Path:
-    """``runs/<dataset>-<backbone>-<terms>-s<seed>-<timestamp>``."""
-    terms = "+".join(r.name for r in config.regularizers) or "ft"
+    """``runs/<dataset>-<backbone>-<method>-s<seed>-<timestamp>``, the method being the baseline
+    (:func:`regtune.train.recipes.recipe_label`) and the regularizers, e.g. ``wise_ft+fmr``."""
+    recipe = recipe_label(config.to_dict())
+    terms = "+".join(([recipe] if recipe != "ft" else []) + [r.name for r in config.regularizers]) or "ft"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{config.data.dataset}-{config.model.backbone}-{terms}-s{config.trainer.seed}-{stamp}"
 

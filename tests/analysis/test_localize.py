@@ -146,8 +146,8 @@ def test_trained_run_overlays_and_localization(cub: Path, tmp_path: Path, capsys
         data=DataConfig(dataset="cub200", root=str(cub), fraction=None, val_fraction=0.0, img_size=32,
                         batch_size=6, eval_batch_size=9, num_workers=0),
         model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
-        optim=OptimConfig(lr=0.05),
-        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last"),
+        optim=OptimConfig(lr=0.05, head_lr_mult=10.0),
+        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", wise_alphas=()),
     )
     run = fit(config, run_dir=tmp_path / "run").run_dir
     photo = tmp_path / "photo.jpg"
@@ -183,8 +183,9 @@ def test_cam_command_on_a_vit_uses_gradcam(imagefolder: Path, tmp_path: Path, ca
         data=DataConfig(dataset="imagefolder", root=str(imagefolder), fraction=None, val_fraction=0.0, img_size=32,
                         batch_size=6, eval_batch_size=12, num_workers=0),
         model=ModelConfig(backbone="test_vit", pretrained="none", head_init="normal", freeze_bn_stats=False),
-        optim=OptimConfig(lr=0.01),
-        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", channels_last=False),
+        optim=OptimConfig(lr=0.01, head_lr_mult=10.0),
+        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", channels_last=False,
+                              wise_alphas=()),
     )
     run = fit(config, run_dir=tmp_path / "vit").run_dir
     assert main(["cam", str(run), "--indices", "0"]) == 2

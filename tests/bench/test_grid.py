@@ -14,6 +14,7 @@ import yaml
 from regtune.bench.aggregate import collect_grid, write_report
 from regtune.bench.grid import GridError, expand, grid_from_dict, load_grid, parse_shard, run_grid
 from regtune.cli import main
+from regtune.train.config import ModelConfig, OptimConfig, TrainerConfig
 from regtune.train.fit import fit
 from tests.conftest import TINY_BACKBONE, write_imagefolder
 from tests.train.test_fit import _StopAt
@@ -55,7 +56,8 @@ def test_expand_order_paths_and_overrides(tmp_path: Path) -> None:
 
 def test_methods_name_recipes_and_refine_them_with_set(tmp_path: Path) -> None:
     spec = tiny_grid(tmp_path / "data", tmp_path / "out")
-    spec["methods"] = {"ft": {}, "wise": {"recipes": ["wise_ft", "ema"], "set": {"trainer.ema_decay": 0.9}},
+    spec["methods"] = {"ft": {"recipes": ["ft"]},
+                       "wise": {"recipes": ["wise_ft", "ema"], "set": {"trainer.ema_decay": 0.9}},
                        "lp": {"recipes": ["lp"]}}
     runs = {r.method: r.config for r in expand(grid_from_dict(spec)) if r.seed == 0 and r.config.data.fraction == 1.0}
     assert runs["wise"].model.head_init == "lp" and runs["wise"].trainer.wise_alphas[-1] == 1.0
@@ -71,7 +73,7 @@ def test_where_rules_override_matching_cells_only(tmp_path: Path) -> None:
     for run in runs:
         full = run.config.data.fraction == 1.0
         assert run.config.trainer.epochs == (1 if full else 2)
-        expected_lr = 0.7 if run.method == "fast" else (0.3 if full else 0.02)  # the method's own change wins
+        expected_lr = 0.7 if run.method == "fast" else (0.3 if full else OptimConfig().lr)  # the method's own wins
         assert run.config.optim.lr == pytest.approx(expected_lr), (run.method, run.config.data.fraction)
 
 
@@ -264,10 +266,15 @@ def test_shipped_grids_parse_and_cover_the_methods() -> None:
         grid = load_grid(path)
         runs = list(expand(grid))
         names = {t.name for r in runs for t in r.config.regularizers} | {r.config.criterion.name for r in runs}
-        assert grid.baseline == "ft" and runs
-        if path.stem == "quick":  # the README's ten-minute comparison: FT vs FMR vs AdaRand
-            assert {"fmr", "adarand"} <= names and "ft" in grid.methods and len(grid.axes["trainer.seed"]) >= 3
+        if path.stem == "quick":  # the README's comparison: the default against LP, FT, FMR and AdaRand on it
+            configs = {r.method: r.config for r in runs}
+            default = configs["default"]  # the defaults' model, optimizer and WiSE-FT, whatever they are
+            assert grid.baseline == "default" and (default.model, default.optim) == (ModelConfig(), OptimConfig())
+            assert default.trainer.wise_alphas == TrainerConfig().wise_alphas and configs["ft"].optim.lr == 0.02
+            assert {"fmr", "adarand"} <= names and {"lp", "ft"} <= set(grid.methods)
+            assert len(grid.axes["trainer.seed"]) >= 3
             continue
+        assert grid.baseline == "ft" and runs
         if path.stem == "baselines":  # the strong baselines, each by its recipe, and the best regularizers on them
             configs = {r.method: r.config for r in runs}
             assert configs["ft"].model.head_init == "normal" and configs["ft"].optim.lr == 0.02

@@ -218,7 +218,11 @@ def test_recipes_compose_and_are_recorded_as_values(tmp_path: Path) -> None:
                       "optim.lr": 0.002,
                       "optim.head_lr_mult": 1.0, "trainer.wise_alphas": [], "trainer.ema_decay": 0.99,
                       "data.mixup": 0.8, "data.cutmix": 1.0}
-    assert apply_overrides(FitConfig(), recipe_overrides(["ft"])) == FitConfig()  # `ft` names the default values
+    assert apply_overrides(FitConfig(), recipe_overrides(["wise_ft"])) == FitConfig()  # the defaults are WiSE-FT's
+    ft = apply_overrides(FitConfig(), recipe_overrides(["ft"]))  # every value the defaults had before
+    assert (ft.model.head_init, ft.model.lp_select, ft.model.freeze_bn_stats, ft.optim.lr, ft.optim.head_lr_mult,
+            ft.trainer.wise_alphas) == ("normal", "best", False, 0.02, 10.0, ())
+    assert recipe_overrides(["lp"])["model.lp_select"] == "best"  # the probe alone keeps its best C
     lp_ft = apply_overrides(FitConfig(), recipe_overrides(["lp_ft"]))
     assert (lp_ft.model.head_init, lp_ft.model.freeze_bn_stats, lp_ft.optim.lr, lp_ft.optim.head_lr_mult) == \
         ("lp", True, 0.002, 1.0)

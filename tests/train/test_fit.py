@@ -38,9 +38,10 @@ def tiny_config(root: Path, epochs: int = 3, **trainer: object) -> FitConfig:
     return FitConfig(
         data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, val_fraction=0.2, img_size=32,
                         batch_size=8, eval_batch_size=16, num_workers=0),
-        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", lp_select="best",
+                          freeze_bn_stats=False),
         optim=OptimConfig(lr=0.05, head_lr_mult=10.0, warmup_epochs=0.5),
-        trainer=TrainerConfig(epochs=epochs, progress_bar=False, accelerator="cpu", **trainer),
+        trainer=TrainerConfig(epochs=epochs, progress_bar=False, accelerator="cpu", **{"wise_alphas": (), **trainer}),
     )
 
 
