@@ -201,7 +201,9 @@ def _add_report(sub: Any) -> None:
                         help="run directories (or folders holding them); NAME=DIR reports every run under DIR as "
                              "method NAME (for runs whose configs give the same name, e.g. FT at two learning rates)")
     report.add_argument("--out", type=Path, required=True, help="where summary.md, CSVs and plots go")
-    report.add_argument("--baseline", default="ft", help="method the paired differences are taken against")
+    report.add_argument("--baseline", default=None,
+                        help="method the paired differences are taken against (default: ft, plain fine-tuning, if "
+                             "among the runs, else wise_ft, regtune's default recipe)")
     report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
     report.add_argument("--title", default="", help="heading of summary.md")
 
@@ -424,10 +426,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     records = collect_runs(dirs, labels=labels)
     if not records:
         raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(args.run_dirs)}")
-    paths = write_report(records, args.out, baseline=args.baseline, ci=args.ci, title=args.title)
+    paths = write_report(records, args.out, baseline=_report_baseline(args.baseline, records), ci=args.ci,
+                         title=args.title)
     print(paths["summary_md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _report_baseline(given: str | None, records: list[Any]) -> str:
+    """The method the report's paired differences are taken against: the one given, else plain fine-tuning (``ft``),
+    else regtune's default recipe (``wise_ft``); an error names the methods when neither is among them."""
+    methods = list(dict.fromkeys(record.method for record in records))
+    if given is not None and given not in methods:
+        raise ValueError(f"--baseline {given!r} is not among the runs' methods: {', '.join(methods)}")
+    found = given or next((m for m in ("ft", "wise_ft") if m in methods), None)
+    if found is None and len(methods) > 1:
+        raise ValueError("no run is plain fine-tuning (ft) or regtune's default (wise_ft) to take the paired "
+                         f"differences against: give --baseline NAME, one of {', '.join(methods)}")
+    return found or methods[0]
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -192,3 +192,21 @@ def test_the_result_is_printed_once_with_epochs_counted_from_1(piped_run: tuple[
     assert metrics["selected_epoch"] == next(r["epoch"] for r in rows if r["val/acc"] == best)
     assert f"checkpoint of epoch {metrics['selected_epoch']}," in out
     assert out.count("test accuracy") == 1 and "test accuracy" not in err
+
+
+def test_report_baseline_is_ft_else_the_default_recipe_else_asked_for() -> None:
+    from types import SimpleNamespace
+
+    from regtune.cli import _report_baseline
+
+    def records(*methods: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(method=m) for m in methods]
+
+    assert _report_baseline(None, records("fmr", "ft", "wise_ft")) == "ft"
+    assert _report_baseline(None, records("lp", "wise_ft", "lp")) == "wise_ft"  # the default's runs
+    assert _report_baseline("lp", records("lp", "wise_ft")) == "lp"
+    assert _report_baseline(None, records("lp", "lp")) == "lp"  # one method: nothing to compare
+    with pytest.raises(ValueError, match="give --baseline NAME, one of a, b"):
+        _report_baseline(None, records("a", "b"))
+    with pytest.raises(ValueError, match="'ft' is not among the runs' methods: lp, wise_ft"):
+        _report_baseline("ft", records("lp", "wise_ft"))

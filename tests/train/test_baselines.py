@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from regtune.train.callbacks import read_epoch_log
 from regtune.train.config import ConfigError, FitConfig, TermSpec, apply_overrides, check_names
 from regtune.train.fit import fit
-from regtune.train.recipes import RECIPES, UnknownRecipeError, recipe_overrides
+from regtune.train.recipes import RECIPES, UnknownRecipeError, recipe_label, recipe_overrides
 from regtune.train.rundir import RunDir
 from tests.train.test_fit import COMPARED, _StopAt, tiny_config
 
@@ -291,3 +291,26 @@ def test_adapt_batchnorm_re_estimates_the_running_statistics() -> None:
     torch.testing.assert_close(model[1].running_mean, mean)
     torch.testing.assert_close(model[1].running_var, var)
     assert not adapt_batchnorm(torch.nn.Linear(2, 2), [])  # nothing to adapt
+
+
+def test_runs_are_named_by_their_recipe_and_older_runs_keep_their_names() -> None:
+    from regtune.bench.aggregate import method_label
+    from regtune.train.rundir import default_run_dir
+
+    def label(*names: str, regularizers: tuple[TermSpec, ...] = ()) -> str:
+        config = apply_overrides(FitConfig(), recipe_overrides(list(names)))
+        return method_label({**config.to_dict(), "regularizers": [
+            {"name": r.name, "args": r.args} for r in regularizers]})
+
+    assert recipe_label(FitConfig().to_dict()) == "wise_ft"  # the defaults
+    assert [label(n) for n in ("ft", "lp", "lp_ft", "wise_ft")] == ["ft", "lp", "lp_ft", "wise_ft"]
+    assert label("ft", "ema") == "ema" and label("wise_ft", "mix", "layer_decay") == "wise_ft+mix+layer_decay"
+    assert label("randaug") == "wise_ft+randaug" and label("ft", "randaug", "ema") == "ema+randaug"
+    assert label("wise_ft", regularizers=(TermSpec("fmr", {"beta": 5}),)) == "wise_ft+fmr(beta=5)"
+    assert label("ft", regularizers=(TermSpec("fmr"),)) == "fmr"
+    # a config.yaml written before the recipes existed has no head_init: plain fine-tuning, named as it was
+    old = {"data": {"dataset": "fashion_mnist", "fraction": 0.01}, "trainer": {"seed": 0}, "optim": {"lr": 0.02},
+           "criterion": {"name": "ce"}, "regularizers": [{"name": "lwf"}]}
+    assert recipe_label(old) == "ft" and method_label(old) == "lwf"
+    assert default_run_dir(FitConfig(regularizers=(TermSpec("fmr"),))).name.startswith(
+        "fashion_mnist-tf_efficientnet_lite0-wise_ft+fmr-s0-")
