@@ -103,7 +103,7 @@ def _total_loss_beside(ax: Any, epochs: list[int], rows: Sequence[dict[str, Any]
 
 
 def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: Any, path: str | Path,
-                      title: str = "", pca_samples: int = 2000) -> Path:
+                      title: str = "", pca_samples: int = 2000, class_names: Sequence[str] | None = None) -> Path:
     """One figure of a run's analysis: margin histograms (train vs test), the head's weight histogram, top-k
     train/test overlap against k, and a PCA of test features coloured by class.
 
@@ -114,8 +114,8 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
         path: Output PNG.
         title: Figure title.
         pca_samples: At most this many test points in the PCA panel (the first ones).
+        class_names: The classes' names in label order, for the PCA legend (else their indices).
     """
-    import torch
 
     path = Path(path)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
@@ -152,21 +152,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     ax.set_ylabel("train/test overlap")
     ax.set_title("top-k weighted feature overlap")
     ax.legend(fontsize=8)
-    ax = axes[3]
-    f = torch.as_tensor(test_features[:pca_samples], dtype=torch.float64)
-    y = torch.as_tensor(test_labels[:pca_samples])
-    centred = f - f.mean(0)
-    _, s_values, v = torch.linalg.svd(centred, full_matrices=False)
-    projected = centred @ v[:2].T
-    explained = (s_values[:2] ** 2 / (s_values ** 2).sum()).tolist()
-    scatter = ax.scatter(projected[:, 0], projected[:, 1], c=y, cmap="tab10", s=6, alpha=0.7)
-    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
-    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1 else "PC2")
-    ax.set_title(f"test features, PCA ({f.shape[0]} points)")
-    if len(torch.unique(y)) <= 20:
-        ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
-    else:
-        fig.colorbar(scatter, ax=ax, label="class")
+    _pca_panel(fig, axes[3], test_features[:pca_samples], test_labels[:pca_samples], class_names)
     train, test = result["train"], result["test"]
     fig.suptitle(f"{title}  |  feature norm train {train['feature_norm']['per_sample_l2']:.2f} / test "
                  f"{test['feature_norm']['per_sample_l2']:.2f}; FMR entropy (normalised) "
@@ -177,6 +163,30 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
 
 _CURVES = (("feature_norm", "feature norm  mean ||f||_2"), ("fmr_entropy", "FMR channel entropy / log D"),
            ("sample_margin", "mean sample margin (cosine)"))
+
+
+def _pca_panel(fig: Any, ax: Any, features: Any, labels: Any, class_names: Sequence[str] | None) -> None:
+    """Test features projected on their first two principal components, coloured by class (named if given)."""
+    import torch
+
+    f = torch.as_tensor(features, dtype=torch.float64)
+    y = torch.as_tensor(labels)
+    centred = f - f.mean(0)
+    _, s_values, v = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ v[:2].T
+    explained = (s_values[:2] ** 2 / (s_values ** 2).sum()).tolist()
+    scatter = ax.scatter(projected[:, 0], projected[:, 1], c=y, cmap="tab10", s=6, alpha=0.7)
+    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}%)")
+    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}%)" if len(explained) > 1 else "PC2")
+    ax.set_title(f"test features, PCA ({f.shape[0]} points)")
+    present = torch.unique(y).tolist()  # legend_elements gives one handle per value, in this (sorted) order
+    if len(present) <= 20:
+        handles, names = scatter.legend_elements(num=None)  # every class (the default picks 9 "nice" values)
+        if class_names is not None:
+            names = [str(class_names[int(v)]) for v in present]
+        ax.legend(handles, names, title="class", fontsize=7, loc="best")
+    else:
+        fig.colorbar(scatter, ax=ax, label="class")
 
 
 def _plot_epoch_curves(axes: Sequence[Any], epoch_logs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],

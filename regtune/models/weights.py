@@ -26,6 +26,8 @@ __all__ = [
     "load_offline_weights",
     "load_weights_file",
     "offline_weights_path",
+    "read_class_names",
+    "weights_file_bytes",
 ]
 
 _log = logging.getLogger(__name__)
@@ -171,3 +173,25 @@ def load_weights_file(model: nn.Module, path: str | Path, classifier: str | None
     model.load_state_dict(state, strict=not dropped)
     if dropped:
         _log.info("%s: source classifier %s (%s) not loaded; the head is replaced", path, classifier, dropped)
+
+
+def weights_file_bytes(state: dict[str, torch.Tensor], class_names: list[str] | None = None) -> bytes:
+    """A state dict as safetensors bytes (tensors only, no pickle), with the head's class names in the file's
+    metadata (``class_names``, a JSON list) when given, so that the weights say what their outputs mean."""
+    import json
+
+    from safetensors.torch import save
+
+    metadata = {"class_names": json.dumps([str(c) for c in class_names])} if class_names is not None else None
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=metadata)
+
+
+def read_class_names(path: str | Path) -> list[str] | None:
+    """The class names a safetensors file written by :func:`weights_file_bytes` carries (``None`` if it has none)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = (f.metadata() or {}).get("class_names")
+    return json.loads(names) if names is not None else None

@@ -118,7 +118,7 @@ def analyze_run(run_dir: str | Path, mi_samples: int = 2000, ks: Sequence[int] =
     result["seconds"] = round(time.perf_counter() - started, 2)
     from regtune.analysis.plots import plot_run_analysis
 
-    plot_run_analysis(result, f_te, y_te, run.analysis_png, title=run.path.name)
+    plot_run_analysis(result, f_te, y_te, run.analysis_png, title=run.path.name, class_names=test_set.classes)
     payload = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
                for k, v in result.items()}
     atomic_write_json(run.analysis_json, payload)

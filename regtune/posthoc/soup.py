@@ -342,6 +342,7 @@ class _Data:
     test_loader: DataLoader
     num_train: int
     precision: str
+    class_names: list[str]
 
 
 def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_size: int | None,
@@ -355,7 +356,7 @@ def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_siz
     val = DataLoader(TransformedSubset(train_set, split.val, eval_tf), batch_size=size, num_workers=num_workers)
     test = DataLoader(TransformedSubset(test_set, range(len(test_set)), eval_tf), batch_size=size,
                       num_workers=num_workers)
-    return _Data(list(val), test, len(split.train), config.trainer.precision)
+    return _Data(list(val), test, len(split.train), config.trainer.precision, [str(c) for c in train_set.classes])
 
 
 def _check_device(device: str) -> str:
@@ -390,6 +391,7 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
         "num_val": len(best.split["val"]),
         "num_test": len(data.test_loader.dataset),
         "num_classes": best.metrics["num_classes"],
+        "class_names": data.class_names,
         "dataset": config.data.dataset,
         "backbone": config.model.backbone,
         "weights": best.metrics.get("weights"),
@@ -408,11 +410,11 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
 def _write_soup(out: RunDir, best: _Ingredient, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
     """The soup's run directory: the best ingredient's config and the shared split, the weights, then the metrics
     (last: they mark it finished)."""
-    from safetensors.torch import save
+    from regtune.models.weights import weights_file_bytes
 
     save_config(best.config, out.config_path)
     atomic_write_text(out.split_path, best.run.split_path.read_text())
-    atomic_write_bytes(out.model_path, save({k: v.contiguous() for k, v in state.items()}))
+    atomic_write_bytes(out.model_path, weights_file_bytes(state, metrics["class_names"]))
     atomic_write_json(out.metrics_path, metrics)
 
 

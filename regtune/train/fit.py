@@ -208,7 +208,8 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
                        setup_loader=datamodule.setup_dataloader, train_loader=datamodule.train_dataloader,
                        channels_last=t.channels_last, feature_stats=t.feature_stats, resuming=resume_from is not None,
                        mixup=_mixup(config, train_set.num_classes), seed=t.seed, ema_decay=t.ema_decay,
-                       select_by=t.select, freeze_bn_stats=config.model.freeze_bn_stats)
+                       select_by=t.select, freeze_bn_stats=config.model.freeze_bn_stats,
+                       class_names=train_set.classes)
     if config.model.head_init == "lp" and not isinstance(backbone.model.get_classifier(), torch.nn.Linear):
         raise ValueError(f"model.head_init: lp fits a linear head, but the criterion {config.criterion.name!r} "
                          f"replaced the classifier with a {type(backbone.model.get_classifier()).__name__}; use "
@@ -293,8 +294,9 @@ def _train(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, resume
         signal.signal(signal.SIGINT, made.preemption.sigint_handler)  # first Ctrl-C: stop after this batch
     try:
         with _quiet_lightning(), _no_uninitialized_fill():
+            # weights_only: a run directory may come from someone else; loading its checkpoint runs no code
             trainer.fit(parts.module, datamodule=parts.datamodule,
-                        ckpt_path=str(run.last_checkpoint) if resume else None)
+                        ckpt_path=str(run.last_checkpoint) if resume else None, weights_only=True)
     except SystemExit:
         # Lightning answers Ctrl-C by saving nothing further and calling sys.exit(1); a library call should return
         # instead, with the last epoch's checkpoint in place for --resume.
@@ -339,7 +341,7 @@ def _prepare_start(config: FitConfig, parts: _Parts, run: RunDir, model: torch.n
     if config.model.head_init == "lp":
         _probe(config, parts, run, model)
     if config.trainer.wise_alphas and rank_zero_only.rank == 0:
-        _save_weights(model, run.start_weights)
+        _save_weights(model, run.start_weights, parts.train_set.classes)
 
 
 def _eval_loader(parts: _Parts, indices: Sequence[int]) -> torch.utils.data.DataLoader:
@@ -385,7 +387,7 @@ def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -
     with _quiet_lightning(), _no_uninitialized_fill():
         (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
     if made.trainer.is_global_zero:
-        _save_weights(module.model, run.model_path)
+        _save_weights(module.model, run.model_path, parts.train_set.classes)
     best_val = probe["val_acc"].get(str(probe["C"]))  # the probe's C is chosen on validation whatever `select` says
     return {**result, "selected": None, "epoch": None, "ema_selected": False, "wise": None,
             "model_file": run.model_path.name, "best_val": best_val}
@@ -444,19 +446,20 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict
         (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
     own = not ema and wise is None  # the checkpoint's own weights were tested
     if not own and made.trainer.is_global_zero:
-        _save_weights(module.model, run.model_path)
+        _save_weights(module.model, run.model_path, parts.train_set.classes)
     return {**result, "selected": selected, "epoch": int(checkpoint["epoch"]), "ema_selected": ema, "wise": wise,
             "model_file": None if own else run.model_path.name,
             "best_val": float(made.best.best_model_score) if made.best.best_model_score is not None else None}
 
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's weights as safetensors (tensors only), whole or not at all: ``model.safetensors`` when no
-    checkpoint holds the tested weights as they are, ``checkpoints/start.safetensors`` for WiSE-FT."""
-    from safetensors.torch import save
+def _save_weights(model: torch.nn.Module, path: Path, class_names: Sequence[str]) -> None:
+    """The model's weights as safetensors (tensors only, the class names in its metadata), whole or not at all:
+    ``model.safetensors`` when no checkpoint holds the tested weights as they are, ``checkpoints/start.safetensors``
+    for WiSE-FT."""
+    from regtune.models.weights import weights_file_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ does not exist yet before the first epoch
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    atomic_write_bytes(path, weights_file_bytes(model.state_dict(), list(class_names)))
 
 
 def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, Any], resume: bool,
@@ -484,6 +487,7 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "num_val": len(parts.split.val),
         "num_test": len(parts.test_set),
         "num_classes": parts.train_set.num_classes,
+        "class_names": [str(c) for c in parts.train_set.classes],  # the head's output order; test_class_acc's too
         "dataset": d.dataset,
         "backbone": parts.backbone.name,
         "weights": parts.backbone.weights,

@@ -87,6 +87,8 @@ class FineTuner(pl.LightningModule):
             ``ModelConfig.freeze_bn_stats``).
         prepare: Called once with the model before the terms' set-up (not on resume): the linear probe that gives
             LP-FT its head.
+        class_names: The classes in the order of the head's outputs, written into every checkpoint
+            (``regtune_class_names``).
     """
 
     def __init__(
@@ -107,9 +109,11 @@ class FineTuner(pl.LightningModule):
             select_by: str = "val_acc",
             freeze_bn_stats: bool = False,
             prepare: Callable[[nn.Module], None] | None = None,
+            class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.mixup = mixup
@@ -183,6 +187,8 @@ class FineTuner(pl.LightningModule):
         checkpoint["regtune_regularizers_ready"] = self.regularizers_ready
         checkpoint["regtune_epoch_sums"] = {k: v.detach().cpu() for k, v in self._epoch_sums.items()}
         checkpoint["regtune_ema_selected"] = self.ema_selected
+        if self.class_names is not None:
+            checkpoint["regtune_class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.regularizers_ready = bool(checkpoint.get("regtune_regularizers_ready", False))

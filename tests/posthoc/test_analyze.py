@@ -19,10 +19,23 @@ from tests.conftest import write_imagefolder
 from tests.train.test_fit import tiny_config
 
 
-def test_analyze_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_analyze_a_finished_run(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.axes
+
     root = write_imagefolder(tmp_path / "data", classes=3, train_per_class=10, test_per_class=4)
     run = fit(tiny_config(root, epochs=2), run_dir=tmp_path / "run")
+    legends: list[list[str]] = []
+    legend = matplotlib.axes.Axes.legend
+
+    def recording(self: matplotlib.axes.Axes, *args: object, **kwargs: object) -> object:
+        made = legend(self, *args, **kwargs)
+        legends.append([t.get_text() for t in made.get_texts()])
+        return made
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", recording)
     result = analyze_run(run.run_dir, mi_samples=20)
+    assert ["class_0", "class_1", "class_2"] in legends  # the PCA panel's legend names the classes
     saved = json.loads((run.run_dir / "analysis.json").read_text())
     assert (run.run_dir / "analysis.png").stat().st_size > 20_000
     assert saved["train"]["n"] == run.metrics["num_train"] and saved["test"]["n"] == run.metrics["num_test"]

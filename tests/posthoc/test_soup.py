@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from regtune.cli import main
+from regtune.models.weights import read_class_names
 from regtune.posthoc import soup as soup_module
 from regtune.posthoc.soup import SOUP_FILE, Score, SoupStep, greedy_soup, make_soup, rank_ingredients
 from regtune.train.config import apply_overrides
@@ -114,8 +115,10 @@ def test_a_soup_of_one_run_is_that_run(runs: dict[str, Path], tmp_path: Path) ->
     assert metrics["test_loss"] == pytest.approx(run_metrics["test_loss"], rel=1e-5)
     assert metrics["test_class_acc"] == pytest.approx(run_metrics["test_class_acc"])
     assert metrics["best_val"] == pytest.approx(run_metrics["best_val"], abs=1e-6)  # selected on val accuracy
-    for key in ("num_train", "num_val", "num_test", "num_classes", "dataset", "backbone", "input_size", "seed"):
+    for key in ("num_train", "num_val", "num_test", "num_classes", "class_names", "dataset", "backbone", "input_size",
+                "seed"):
         assert metrics[key] == run_metrics[key], key
+    assert read_class_names(tmp_path / "soup" / "model.safetensors") == ["class_0", "class_1", "class_2"]
     assert metrics["selection"] == "greedy_soup" and metrics["model_file"] == "model.safetensors"
     assert metrics["soup"] == [str(runs["a"].resolve())] and result.members == [runs["a"].resolve()]
     reloaded, _, weights = soup_run.load_model(3)  # the soup reads like any run

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ from regtune.train.config import (
 )
 from regtune.train.fit import RunDirError, fit
 from regtune.train.module import NonFiniteLossError
+from regtune.train.rundir import RunDir
 from tests.conftest import TINY_BACKBONE, write_imagefolder
 
 COMPARED = ("test_acc", "test_loss", "selected_epoch", "best_val")
@@ -323,3 +326,48 @@ def test_sigterm_during_validation_finishes_the_epoch_and_resumes_identically(im
     whole = fit(config, run_dir=tmp_path / "whole")
     assert {k: whole.metrics[k] for k in COMPARED} == {k: resumed.metrics[k] for k in COMPARED}
     assert read_epoch_log(whole.run_dir / "steps.csv") == read_epoch_log(resumed.run_dir / "steps.csv")
+
+
+class _RunsCodeOnLoad:
+    """Unpickling this touches a file: what a checkpoint from someone else could do if loaded with pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_that_would_run_code_on_load_are_refused(imagefolder: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code_ran"
+    stopped = fit(tiny_config(imagefolder, epochs=3), run_dir=tmp_path / "cut", callbacks=[_StopAt(1)])
+    assert stopped.interrupted
+    torch.save({"state_dict": {}, "payload": _RunsCodeOnLoad(marker)}, stopped.run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        fit(run_dir=tmp_path / "cut", resume=True)  # --resume
+    finished = fit(tiny_config(imagefolder, epochs=1), run_dir=tmp_path / "done")
+    selected = finished.run_dir / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCodeOnLoad(marker)}, selected)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        RunDir(finished.run_dir).load_model(finished.metrics["num_classes"])  # analyze, cam, reports
+    assert not marker.exists()
+
+
+def test_every_run_names_its_classes(tmp_path: Path) -> None:
+    from regtune.models.weights import read_class_names
+
+    root = write_imagefolder(tmp_path / "data", classes=3)
+    for folder, name in (("class_0", "sneaker"), ("class_1", "ankle boot"), ("class_2", "bag")):
+        for split in ("train", "test"):
+            (root / split / folder).rename(root / split / name)
+    result = fit(tiny_config(root, epochs=1), run_dir=tmp_path / "run")
+    names = ["ankle boot", "bag", "sneaker"]  # ImageFolder's sorted order, the head's output order
+    assert result.metrics["class_names"] == names and len(result.metrics["test_class_acc"]) == 3
+    for checkpoint in ("last.ckpt", "best.ckpt"):
+        state = torch.load(result.run_dir / "checkpoints" / checkpoint, weights_only=True)
+        assert state["regtune_class_names"] == names
+    wise = fit(dataclasses.replace(tiny_config(root, epochs=1), model=ModelConfig(
+        backbone=TINY_BACKBONE, pretrained="none", head_init="lp"), trainer=TrainerConfig(
+        epochs=1, progress_bar=False, accelerator="cpu", wise_alphas=(0.0, 1.0))), run_dir=tmp_path / "wise")
+    assert read_class_names(wise.run_dir / "checkpoints" / "start.safetensors") == names
+    assert read_class_names(wise.run_dir / wise.metrics["model_file"]) == names  # the tested mix
