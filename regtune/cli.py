@@ -40,6 +40,9 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--val-fraction": ("data", "data.val_fraction", float, "share of the chosen images held out for model selection"),
     "--split-manifest": ("data", "data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
     "--img-size": ("data", "data.img_size", int, "input resolution in pixels"),
+    "--crop-mode": ("data", "data.crop_mode", str,
+                    ("evaluation frame: center (short side resized, centre kept) | squash (whole frame, stretched) "
+                     "| border (whole frame, padded)")),
     "--batch-size": ("data", "data.batch_size", int, "training batch size"),
     "--auto-augment": ("data", "data.auto_augment", str,
                        ("timm policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), rand-m10-n1-mstd101 "

@@ -31,6 +31,7 @@ from regtune.analysis.localization import (
     normalize_cam,
 )
 from regtune.data.base import Box, ImageDataset
+from regtune.data.transforms import build_transforms
 from regtune.models import data_config
 from regtune.train.rundir import RunDir, run_preprocessing
 
@@ -308,6 +309,8 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
 
     run, dataset, model, _, size = _load_run(run_dir, split)
     transform = localization_transform(model, size)
+    preprocessing = run_preprocessing(model, run.config())
+    _, evaluate = build_transforms(preprocessing)  # the frame the run was tested in: its predictions
     entries = _overlay_entries(dataset, images, indices, split, size, per_figure)
     out = Path(out) if out is not None else run.path / "cams"
     out.mkdir(parents=True, exist_ok=True)
@@ -315,13 +318,16 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
     for figure_index, start in enumerate(range(0, len(entries), per_figure)):
         chunk = entries[start:start + per_figure]
         batch = torch.stack([transform(picture) for _, picture, _, _ in chunk])
-        predicted = _predict(model, batch)
-        maps = cam_maps(model, batch, predicted, source)
+        predicted = _predict(model, torch.stack([evaluate(picture) for _, picture, _, _ in chunk]))
+        maps = cam_maps(model, batch, predicted, source)  # the predicted class's map, in the localization frame
         figure, axes = plt.subplots(len(chunk), 5, figsize=(12.5, 3.0 * len(chunk)), squeeze=False)
         for row, entry in enumerate(chunk):
             _draw_row(axes, entry, maps, row, dataset.classes[int(predicted[row])], dataset.classes, source,
                       threshold, size)
-        figure.tight_layout()
+        figure.suptitle(f"pred: the run's prediction (evaluation frame: {preprocessing['crop_mode']}, as tested); "
+                        f"maps and boxes: the whole image squashed to {size}x{size} (the localization frame)",
+                        fontsize=8)
+        figure.tight_layout(rect=(0, 0, 1, 1 - 0.35 / figure.get_figheight()))  # 0.35 in above for the note
         path = out / f"cams_{figure_index:03d}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)

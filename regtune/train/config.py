@@ -17,6 +17,7 @@ import yaml
 from regtune._io import atomic_write_text
 
 __all__ = [
+    "CROP_MODES",
     "HEAD_INITS",
     "SELECT_MODES",
     "WISE_ALPHAS",
@@ -35,6 +36,7 @@ __all__ = [
 
 SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")
 HEAD_INITS = ("normal", "timm", "lp")
+CROP_MODES = ("center", "squash", "border")  # timm's evaluation frames (create_transform's crop_mode)
 WISE_ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))  # WiSE-FT's mixing coefficients: 0, 0.1, ..., 1
 
 
@@ -62,8 +64,13 @@ class DataConfig:
         val_fraction: Share of the chosen images held out (per class) for model selection.
         split_manifest: Reuse the exact split of an earlier run (its ``split.json``).
         img_size: Input resolution; ``None`` uses the backbone's pretrained resolution.
-        crop_pct: Evaluation centre-crop ratio (resize to ``img_size / crop_pct``, crop ``img_size``); ``None``
-            uses the backbone's pretrained value (0.875 for most ImageNet models), 1.0 keeps the whole image.
+        crop_pct: Evaluation crop ratio (resize to ``img_size / crop_pct``, crop ``img_size``); ``None`` uses the
+            backbone's pretrained value (0.875 for most ImageNet models), 1.0 keeps the frame ``crop_mode`` gives.
+        crop_mode: The evaluation frame, decided once per run and used wherever the run's model sees an image
+            (validation, test, the probe's features, predictions, exports, the labels ``regtune cam`` prints):
+            ``center`` (default, timm's): resize the short side, keep the centre, so a non-square photo loses the
+            ends of its long side; ``squash``: the whole frame, stretched to a square; ``border``: the whole frame,
+            aspect kept, padded to a square. The same for square images (Fashion-MNIST) at ``crop_pct`` 1.
         scale: RandomResizedCrop area range.
         hflip: Horizontal flip probability.
         color_jitter: Colour jitter strength, ``None`` for none.
@@ -91,6 +98,7 @@ class DataConfig:
     split_manifest: str | None = None
     img_size: int | None = 128
     crop_pct: float | None = 1.0
+    crop_mode: str = "center"
     scale: tuple[float, float] = (0.5, 1.0)
     hflip: float = 0.5
     color_jitter: float | None = None
@@ -299,6 +307,7 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
         (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
         (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
+        (d.crop_mode in CROP_MODES, f"data.crop_mode must be one of {', '.join(CROP_MODES)}, got {d.crop_mode!r}"),
         (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),
         (d.batch_size >= 1 and d.eval_batch_size >= 1, "batch sizes must be >= 1"),
         (d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),

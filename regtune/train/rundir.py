@@ -289,10 +289,12 @@ class RunDir:
 
 def run_preprocessing(model: torch.nn.Module, config: FitConfig) -> dict[str, Any]:
     """The run's preprocessing: the model's pretrained data config at the run's input size, with the run's
-    evaluation crop (``data.crop_pct``) where it sets one. Training, testing and every later reader use this one."""
+    evaluation frame (``data.crop_mode``) and crop (``data.crop_pct``, where it sets one). Training, testing and
+    every later reader (predictions, exports, CAM labels) use this one."""
     from regtune.models import data_config
 
     preprocessing = data_config(model, config.data.img_size)
+    preprocessing["crop_mode"] = config.data.crop_mode
     if config.data.crop_pct is not None:
         preprocessing["crop_pct"] = config.data.crop_pct
     return preprocessing

@@ -193,3 +193,42 @@ def test_cam_command_on_a_vit_uses_gradcam(imagefolder: Path, tmp_path: Path, ca
     assert main(["cam", str(run), "--indices", "0", "1", "--source", "gradcam", "--out", str(tmp_path / "o")]) == 0
     png = tmp_path / "o" / "cams_000.png"
     assert png.stat().st_size > 20_000
+
+
+def test_cam_labels_are_the_runs_predictions_in_its_evaluation_frame(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label a CAM figure prints is what the tested model predicts (the run's frame), not the squashed frame's."""
+    from regtune.data.transforms import build_transforms
+    from regtune.posthoc import cams
+    from regtune.train.rundir import RunDir, run_preprocessing
+    from tests.conftest import write_imagefolder
+
+    root = write_imagefolder(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
+    config = FitConfig(
+        data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, val_fraction=0.0, img_size=32,
+                        batch_size=6, num_workers=0, crop_mode="center"),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
+        optim=OptimConfig(lr=0.05, head_lr_mult=10.0),
+        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="last", wise_alphas=()),
+    )
+    run = fit(config, run_dir=tmp_path / "run").run_dir
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(6):  # wide photos whose two ends differ from their middle: the frames see different images
+        pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+        pixels[:, :20] = rng.integers(0, 255, 3)
+        pixels[:, 20:40] = rng.integers(0, 255, 3)
+        pixels[:, 40:] = rng.integers(0, 255, 3)
+        photos.append(tmp_path / f"wide{i}.png")
+        Image.fromarray(pixels).save(photos[-1])
+    printed: list[str] = []
+    draw = cams._draw_row
+    monkeypatch.setattr(cams, "_draw_row", lambda axes, entry, maps, row, predicted, *rest: (
+        printed.append(predicted), draw(axes, entry, maps, row, predicted, *rest))[-1])
+    cams.write_cam_overlays(run, images=photos, out=tmp_path / "cams")
+    model, loaded, _ = RunDir(run).load_model(3)
+    _, evaluate = build_transforms(run_preprocessing(model, loaded))
+    with torch.no_grad():
+        logits = model(torch.stack([evaluate(Image.open(p).convert("RGB")) for p in photos]))
+    classes = json.loads((run / "metrics.json").read_text())["class_names"]
+    assert printed == [classes[int(i)] for i in logits.argmax(1)]

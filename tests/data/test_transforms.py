@@ -59,3 +59,26 @@ def test_randaugment_posterize_to_zero_bits_gives_black_under_any_pillow() -> No
     assert np.asarray(_posterize(image, 2)).max() == 192  # 200 = 0b11001000 keeps its two top bits
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # 4 - int(10 / 10 * 4) = 0 bits
     assert np.asarray(op(image)).max() == 0
+
+
+def _stripes(width: int = 90, height: int = 30) -> Image.Image:
+    """A 3:1 photo: red, green and blue thirds, left to right."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    for i in range(3):
+        pixels[:, i * width // 3:(i + 1) * width // 3, i] = 255
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(("mode", "seen", "padded"), [
+    ("center", {1}, False),  # the short side fills the square: only the green middle third is left
+    ("squash", {0, 1, 2}, False),  # the whole frame, stretched
+    ("border", {0, 1, 2}, True),  # the whole frame, aspect kept, above and below padded
+])
+def test_the_evaluation_frame_is_the_runs_crop_mode(mode: str, seen: set[int], padded: bool) -> None:
+    _, eval_tf = build_transforms({**CONFIG, "crop_pct": 1.0, "crop_mode": mode})
+    image = eval_tf(_stripes())  # normalised: channel on = 1, off = -1
+    middle = image[:, 20, :]  # the middle row, left to right
+    dominant = {int(middle[:, x].argmax()) for x in range(40) if float(middle[:, x].max()) > 0.9}
+    assert dominant == seen
+    top = image[:, 1, 20]  # near the top of the middle column: padding (timm fills the mean grey: 0) or green
+    assert bool((top.abs() < 0.05).all()) == padded and (float(top[1]) > 0.9) != padded
