@@ -239,6 +239,22 @@ def _add_cam(sub: Any) -> None:
     cam.add_argument("--limit", type=int, default=None, help="localize only the first N images of the split")
 
 
+def _add_predict(sub: Any) -> None:
+    predict = _subcommand(sub, "predict", "classify images with a finished run's tested model, in its evaluation frame")
+    predict.epilog = ("Writes CSV (path, top-k classes and probabilities, error): a file that cannot be read gets "
+                      "its error on its line and the others are classified all the same. Exit code 0 when every "
+                      "file was read, 3 when some were not (listed on stderr).")
+    predict.add_argument("run_dir", type=Path, help="finished run directory")
+    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                         help="image files, folders (their images, recursively) or .txt files of paths")
+    predict.add_argument("--out", type=Path, help="CSV file to write (default: standard output)")
+    predict.add_argument("--topk", type=int, default=1, help="classes per image, best first")
+    predict.add_argument("--tta", choices=["flip"], default=None,
+                         help="test-time augmentation: average with the horizontally flipped image")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
 def _add_soup(sub: Any) -> None:
     soup = _subcommand(sub, "soup", "greedy model soup of finished runs: average the weights of the runs that help "
                                     "on validation, test the soup once")
@@ -266,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_analyze(sub)
     _add_cam(sub)
+    _add_predict(sub)
     _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights"])
@@ -574,6 +591,39 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from regtune._io import atomic_write_text
+    from regtune.predict import expand_inputs, load
+
+    if args.out is not None and args.out.exists():
+        raise FileExistsError(f"{args.out} exists; give another --out or delete it")
+    predictor = load(args.run_dir, device=args.device)
+    files = expand_inputs(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no image under {', '.join(map(str, args.paths))}")
+    predictions = predictor.predict(files, topk=args.topk, batch_size=args.batch_size, tta=args.tta, progress=True)
+    k = min(args.topk, len(predictor.classes))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", *[f"{what}{i}" for i in range(1, k + 1) for what in ("class", "prob")], "error"])
+    for p in predictions:
+        cells = [value for label, prob in p.topk for value in (label, f"{prob:.6f}")]
+        writer.writerow([p.source, *cells, *[""] * (2 * k - len(cells)), p.error or ""])
+    if args.out is None:
+        sys.stdout.write(text.getvalue())
+    else:
+        atomic_write_text(args.out, text.getvalue())
+    failed = [p for p in predictions if p.error is not None]
+    print(f"{len(predictions) - len(failed)} of {len(predictions)} images classified"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    for p in failed:
+        print(f"  not read: {p.source}: {p.error}", file=sys.stderr)
+    return 3 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``regtune`` console script."""
     args = build_parser().parse_args(argv)
@@ -592,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_cam(args)
         if args.command == "soup":
             return _cmd_soup(args)
+        if args.command == "predict":
+            return _cmd_predict(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,133 @@
+"""`regtune predict` and `regtune.load`: a finished run classifies new images as it classified its test images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import regtune
+from regtune.cli import main
+from regtune.predict import Prediction, expand_inputs, open_rgb
+from regtune.train.config import DataConfig, FitConfig, ModelConfig, OptimConfig, TrainerConfig
+from regtune.train.fit import fit
+from tests.conftest import TINY_BACKBONE
+
+MODES = (("RGB", (30, 20)), ("L", (20, 28)), ("RGBA", (26, 26)))  # non-square colour, grey, and with alpha
+
+
+def write_photos(root: Path, classes: int = 3, train: int = 8, test: int = 4, seed: int = 0) -> Path:
+    """``root/{train,test}/<class>/`` with photos of mixed size and mode, coloured by class (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"kind_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                mode, (w, h) = MODES[i % len(MODES)]
+                pixels = rng.normal(60.0, 25.0, (h, w, 3))
+                pixels[..., c % 3] += 150.0
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                if mode == "RGBA":
+                    image.putalpha(255)
+                image.convert(mode).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = write_photos(tmp_path_factory.mktemp("photos"))
+    config = FitConfig(
+        data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, val_fraction=0.25, img_size=32,
+                        batch_size=8, num_workers=0),
+        model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="normal", freeze_bn_stats=False),
+        optim=OptimConfig(lr=0.05, head_lr_mult=1.0),  # learns these colours (75 % on the test photos)
+        trainer=TrainerConfig(epochs=6, progress_bar=False, accelerator="cpu", wise_alphas=()),
+    )
+    return fit(config, run_dir=tmp_path_factory.mktemp("runs") / "run").run_dir, root
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_on_the_test_folder_reproduces_the_test_accuracy(run: tuple[Path, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    run_dir, root = run
+    assert main(["predict", str(run_dir), str(root / "test"), "--out", str(tmp_path / "p.csv"), "--topk", "2"]) == 0
+    rows = _rows(tmp_path / "p.csv")
+    assert len(rows) == 12 and list(rows[0]) == ["path", "class1", "prob1", "class2", "prob2", "error"]
+    correct = [Path(r["path"]).parent.name == r["class1"] for r in rows]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sum(correct) == round(metrics["test_acc"] * len(rows))  # the same images right, counted exactly
+    assert metrics["test_acc"] > 0.5  # a model that learnt something, so that agreeing means something
+    assert all(float(r["prob1"]) >= float(r["prob2"]) for r in rows)
+    assert "12 of 12 images classified" in capsys.readouterr().err
+    # an existing --out is not overwritten
+    assert main(["predict", str(run_dir), str(root / "test"), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_unreadable_files_are_reported_on_their_line_and_the_rest_classified(
+        run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir, root = run
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    good = sorted((root / "test" / "kind_1").glob("*.png"))[:2]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([str(good[0]), "broken.jpg", "missing.png", str(good[1])]) + "\n")
+    assert main(["predict", str(run_dir), str(listing), "--out", str(tmp_path / "p.csv")]) == 3
+    rows = _rows(tmp_path / "p.csv")
+    assert [Path(r["path"]).name for r in rows] == [good[0].name, "broken.jpg", "missing.png", good[1].name]
+    assert [bool(r["error"]) for r in rows] == [False, True, True, False]
+    assert rows[1]["class1"] == "" and "UnidentifiedImageError" in rows[1]["error"]
+    assert "FileNotFoundError" in rows[2]["error"] and rows[0]["class1"].startswith("kind_")
+    err = capsys.readouterr().err
+    assert "2 of 4 images classified" in err and "not read: " in err and "broken.jpg" in err
+
+
+def test_python_api_takes_paths_images_and_tensors(run: tuple[Path, Path]) -> None:
+    run_dir, root = run
+    predictor = regtune.load(run_dir)
+    assert predictor.classes == ["kind_0", "kind_1", "kind_2"]
+    paths = expand_inputs([root / "test"])
+    assert len(paths) == 12 and paths == sorted(paths)
+    by_path = predictor.predict(paths, topk=3, batch_size=5)  # batches that do not divide the inputs
+    by_image = predictor.predict([open_rgb(p) for p in paths], topk=3)
+    batch = torch.stack([predictor.transform(open_rgb(p)) for p in paths])
+    by_tensor = predictor.predict([batch], topk=3)
+    for a, b, c in zip(by_path, by_image, by_tensor):
+        assert isinstance(a, Prediction) and a.error is None and len(a.topk) == 3
+        assert [x for x, _ in a.topk] == [x for x, _ in b.topk] == [x for x, _ in c.topk]
+        assert [p for _, p in a.topk] == pytest.approx([p for _, p in c.topk], abs=1e-6)
+        assert sum(p for _, p in a.topk) == pytest.approx(1.0, abs=1e-5)  # every class: the whole softmax
+    # flip TTA: the mean of the two softmaxes, computed here by hand
+    with torch.no_grad():
+        expected = (predictor.model(batch).softmax(1) + predictor.model(batch.flip(-1)).softmax(1)) / 2
+    flipped = predictor.predict([batch], topk=1, tta="flip")
+    assert [p.probability for p in flipped] == pytest.approx(expected.max(1).values.tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        predictor.predict(paths[:1], tta="rotate")
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        predictor.predict(paths[:1], topk=0)
+
+
+def test_the_readme_example_runs(run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture) -> None:
+    run_dir, root = run
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (code,) = [b for b in blocks if "regtune.load(" in b]
+    monkeypatch.chdir(tmp_path)
+    open_rgb(min((root / "test" / "kind_0").glob("*.png"))).save("photo.jpg")
+    (tmp_path / "other.png").write_bytes(b"broken")  # the example prints the error of a file it cannot read
+    (tmp_path / "example.py").write_text(code.replace("runs/<run>", str(run_dir)))
+    runpy.run_path(str(tmp_path / "example.py"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("photo.jpg kind_") and lines[1].startswith("other.png None None ()")
