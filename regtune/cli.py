@@ -255,6 +255,17 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def _add_export(sub: Any) -> None:
+    export = _subcommand(sub, "export", "export a finished run's tested model: safetensors + config.json (plain timm "
+                                        "loads it), ONNX, torch.export (.pt2)")
+    export.epilog = ("config.json holds the timm architecture, class names and preprocessing (input size, mean, std, "
+                     "interpolation, crop and evaluation frame). Nothing exported is a pickle of code.")
+    export.add_argument("run_dir", type=Path, help="finished run directory")
+    export.add_argument("--out", type=Path, required=True, help="folder of the export (must not hold one already)")
+    export.add_argument("--format", default="safetensors,onnx,pt2",
+                        help="comma-separated: safetensors (always written), onnx, pt2")
+
+
 def _add_soup(sub: Any) -> None:
     soup = _subcommand(sub, "soup", "greedy model soup of finished runs: average the weights of the runs that help "
                                     "on validation, test the soup once")
@@ -283,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_cam(sub)
     _add_predict(sub)
+    _add_export(sub)
     _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
     lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights"])
@@ -624,6 +636,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 3 if failed else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from regtune.export import export_run
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    written = export_run(args.run_dir, args.out, formats=formats)
+    for kind, path in written.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``regtune`` console script."""
     args = build_parser().parse_args(argv)
@@ -644,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_soup(args)
         if args.command == "predict":
             return _cmd_predict(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

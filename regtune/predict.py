@@ -63,14 +63,19 @@ class Predictor:
         classes: Class names in the order of the model's outputs.
         transform: PIL image -> normalised (C, H, W) tensor, the run's evaluation transform.
         device: Where the forward passes run.
+        preprocessing: The data config the transform was built from (input size, mean, std, frame).
+        run: The run directory it comes from (``None`` for an export).
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], transform: Callable[[Image.Image], torch.Tensor],
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", preprocessing: dict[str, Any] | None = None,
+                 run: Any = None) -> None:
         self.model = model.eval().to(device)
         self.classes = [str(c) for c in classes]
         self.transform = transform
         self.device = torch.device(device)
+        self.preprocessing = dict(preprocessing or {})
+        self.run = run
 
     @torch.no_grad()
     def probabilities(self, batch: torch.Tensor, tta: str | None = None) -> torch.Tensor:
@@ -156,11 +161,15 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """The :class:`Predictor` of a finished run directory: the weights it tested, its class names, its evaluation
-    transform (``data.crop_mode``, ``crop_pct``, the model's normalisation)."""
+    """The :class:`Predictor` of a finished run directory (the weights it tested, its class names, its evaluation
+    transform: ``data.crop_mode``, ``crop_pct``, the model's normalisation) or of an export folder
+    (``regtune export``: plain timm with its safetensors and ``config.json``)."""
     from regtune.data.transforms import build_transforms
+    from regtune.export import CONFIG_FILE, load_export
     from regtune.train.rundir import RunDir, run_preprocessing
 
+    if (Path(path) / CONFIG_FILE).is_file() and not (Path(path) / "metrics.json").is_file():
+        return load_export(path, device)
     run = RunDir(path).require("finished")
     config = run.config()
     metrics = run.metrics()
@@ -168,5 +177,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     if classes is None:  # a run written before metrics.json named its classes: its dataset does
         classes = list(run.dataset("test", config).classes)
     model, config, _ = run.load_model(len(classes), config=config)
-    _, transform = build_transforms(run_preprocessing(model, config))
-    return Predictor(model, classes, transform, device)
+    preprocessing = run_preprocessing(model, config)
+    _, transform = build_transforms(preprocessing)
+    return Predictor(model, classes, transform, device, preprocessing, run)

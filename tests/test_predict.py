@@ -131,3 +131,51 @@ def test_the_readme_example_runs(run: tuple[Path, Path], tmp_path: Path, monkeyp
     runpy.run_path(str(tmp_path / "example.py"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("photo.jpg kind_") and lines[1].startswith("other.png None None ()")
+
+
+def test_export_loads_in_plain_timm_onnxruntime_and_torch_export(run: tuple[Path, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    import onnxruntime
+    import timm
+
+    run_dir, root = run
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == TINY_BACKBONE and config["label_names"] == ["kind_0", "kind_1", "kind_2"]
+    assert config["pretrained_cfg"]["crop_mode"] == "center" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    predictor = regtune.load(run_dir)
+    photos = expand_inputs([root / "test"])
+    batch = torch.stack([predictor.transform(open_rgb(p)) for p in photos])  # real images, the run's frame
+    with torch.no_grad():
+        expected = predictor.model(batch)
+        # plain timm, strictly, from the safetensors alone
+        plain = timm.create_model(config["architecture"], num_classes=config["num_classes"],
+                                  checkpoint_path=str(out / "model.safetensors")).eval()
+        assert torch.equal(plain(batch), expected)
+        program = torch.export.load(out / "model.pt2").module()
+        pt2_diff = float((program(batch) - expected).abs().max())
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    onnx_diff = float(abs(session.run(None, {"images": batch.numpy()})[0] - expected.numpy()).max())
+    assert pt2_diff < 1e-5 and onnx_diff < 1e-4, (pt2_diff, onnx_diff)  # measured: pt2 0, ONNX ~1e-6
+    # regtune.load of the export is the run's predictor
+    exported = regtune.load(out)
+    assert [p.topk for p in exported.predict(photos, topk=2)] == pytest.approx(
+        [p.topk for p in predictor.predict(photos, topk=2)])
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2  # nothing is overwritten
+    assert "already holds an export" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "tflite"]) == 2
+    assert "unknown export format(s) tflite" in capsys.readouterr().err
+
+
+def test_export_refuses_a_model_that_is_not_timms_architecture() -> None:
+    import timm
+
+    from regtune.export import _check_plain_timm
+    from regtune.regularizers import create_criterion
+
+    model = timm.create_model(TINY_BACKBONE, num_classes=3)
+    _check_plain_timm(model, TINY_BACKBONE, 3, "run")  # timm's own: accepted
+    create_criterion("lm_softmax").adapt_model(model)  # its cosine head
+    with pytest.raises(ValueError, match="not timm's .* layer for layer .*instead of timm's Linear"):
+        _check_plain_timm(model, TINY_BACKBONE, 3, "run")
