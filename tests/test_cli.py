@@ -82,11 +82,24 @@ def test_fraction_leaving_a_class_empty(imagefolder: Path, tmp_path: Path, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_corrupt_image_is_named(imagefolder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (imagefolder / "test" / "class_1" / "2.png").write_bytes(b"not an image")
-    code, _, err = run(capsys, "fit", *TINY, "--data-root", str(imagefolder), "--run-dir", str(tmp_path / "run"))
-    assert code == 2 and "test/class_1/2.png" in err
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # training's checkpoint survives
+def test_bad_images_are_all_named_before_training_and_the_advice_works(imagefolder: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    broken = [imagefolder / "test" / "class_1" / "2.png", imagefolder / "train" / "class_0" / "5.png",
+              imagefolder / "train" / "class_2" / "0.png"]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    (imagefolder / "train" / "class_2" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    command = ["fit", *TINY, "--data-root", str(imagefolder), "--run-dir", str(tmp_path / "run")]
+    code, _, err = run(capsys, *command)
+    assert code == 2 and "3 image(s) of imagefolder" in err and "checked before training" in err
+    for name in ("test/class_1/2.png", "train/class_0/5.png", "train/class_2/0.png"):
+        assert name in err, name  # every bad file at once, not the first a batch loads
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert "Nothing has been written: replace or delete them and run the same command again" in err
+    for path in broken:  # following the advice: delete them, the same command again
+        path.unlink()
+    code, _, _ = run(capsys, *command)
+    assert code == 0 and (tmp_path / "run" / "metrics.json").is_file()
 
 
 def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

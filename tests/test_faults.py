@@ -67,6 +67,10 @@ def test_image_corrupted_during_training(imagefolder: Path, tmp_path: Path) -> N
     assert "stopped in epoch 2" in note and f"regtune fit --resume {run_dir}" in note
     assert _written(run_dir) == saved  # the first epoch's checkpoints, config and split are untouched
     assert _last_epoch(run_dir) == 0 and not (run_dir / "metrics.json").exists()
+    # resuming before the file is fixed names it before any step, and says how to go on
+    with pytest.raises(CorruptImageError, match="(?s)train/class_2/3.png.*Restore them .* --resume"):
+        fit(run_dir=run_dir, resume=True)
+    assert _written(run_dir) == saved
     # fixing the file and resuming finishes the run as if nothing had happened
     victim.write_bytes(original)
     resumed = fit(run_dir=run_dir, resume=True)

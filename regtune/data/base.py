@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["Box", "CorruptImageError", "DatasetNotFoundError", "ImageDataset"]
+__all__ = ["Box", "CorruptImageError", "DatasetNotFoundError", "ImageDataset", "unreadable_images"]
 
 Box = tuple[float, float, float, float]
 """A box as (x0, y0, x1, y1) in pixels of the original image, inclusive corners (CUB's convention after conversion)."""
@@ -75,7 +75,8 @@ class ImageDataset(Dataset):
             where = f" under {self.root}" if self.root is not None else ""
             raise CorruptImageError(
                 f"{self.name}/{self.split}: cannot read image {self.ids[index]!r}{where}: {err}. "
-                "Replace or delete the file (and re-run), or exclude it from the dataset."
+                "Replace it with a readable file (a run that stopped on it then continues with --resume), or delete it "
+                "and start again (a deleted training image changes the split a run was drawn with)."
             ) from err
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -84,3 +85,16 @@ class ImageDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def unreadable_images(dataset: ImageDataset, indices: Iterable[int]) -> list[tuple[str, str]]:
+    """``(id, reason)`` of every item of ``indices`` that cannot be read now (each image is opened and decoded, as
+    training would), in order: all of them at once, not the first a batch happens to load."""
+    bad = []
+    for i in indices:
+        try:
+            dataset[int(i)]
+        except CorruptImageError as err:
+            cause = err.__cause__
+            bad.append((str(dataset.ids[int(i)]), f"{type(cause).__name__}: {cause}" if cause else str(err)))
+    return bad

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from regtune._io import atomic_write_bytes, atomic_write_json
 from regtune.analysis.plots import plot_learning_curves
-from regtune.data.base import ImageDataset
+from regtune.data.base import CorruptImageError, ImageDataset, unreadable_images
 from regtune.data.datasets import build_dataset
 from regtune.data.subset import Split
 from regtune.data.transforms import TransformedSubset, build_transforms
@@ -181,6 +181,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
     if list(train_set.classes) != list(test_set.classes):
         raise ValueError(f"{d.dataset}: train and test splits have different classes")
     split = resume_from.split(train_set) if resume_from is not None else make_split(config, train_set)
+    _check_images(train_set, test_set, split, resume_from)
     if t.select in ("val_acc", "val_loss") and not split.val:
         raise ValueError(
             f"selection by {t.select} needs a validation split, but val_fraction={d.val_fraction} holds out no image "
@@ -216,6 +217,25 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
                          "criterion ce with the probe, or train that criterion from a random head: --recipe ft "
                          "(model.head_init: normal, no WiSE-FT)")
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
+
+
+def _check_images(train_set: ImageDataset, test_set: ImageDataset, split: Split, resume_from: RunDir | None) -> None:
+    """Every image the run will read (its training and validation images, the test split), decoded once before
+    anything is written or trained: every unreadable file is named at once, with advice that works."""
+    bad = [(f"{train_set.split}/{i}", why) for i, why in unreadable_images(train_set, [*split.train, *split.val])]
+    bad += [(f"{test_set.split}/{i}", why) for i, why in unreadable_images(test_set, range(len(test_set)))]
+    if not bad:
+        return
+    listed = "\n".join(f"  {name}: {why}" for name, why in bad[:50]) + (
+        f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+    root = train_set.root or test_set.root
+    advice = ("Restore them (the same files) and continue with `regtune fit --resume RUN`; a training image deleted "
+              "instead changes the split this run was made with, so start that run again with --overwrite"
+              if resume_from is not None else
+              "Nothing has been written: replace or delete them and run the same command again (deleting a "
+              "training image lets the split be drawn from the images that remain)")
+    raise CorruptImageError(f"{len(bad)} image(s) of {train_set.name}{f' under {root}' if root else ''} cannot be "
+                            f"read (checked before training):\n{listed}\n{advice}")
 
 
 def _mixup(config: FitConfig, num_classes: int) -> Any:
