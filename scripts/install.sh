@@ -15,4 +15,7 @@ fi
 
 extra=""
 if [ "${1:-}" = "test" ]; then extra="[test]"; fi
-python3 -m pip install -q --disable-pip-version-check -e ".${extra}"
+# The tested torch / torchvision (scripts/constraints.txt); REGTUNE_UNPINNED=1 keeps whatever pip chooses.
+constraints="-c scripts/constraints.txt"
+if [ "${REGTUNE_UNPINNED:-}" = "1" ]; then constraints=""; fi
+python3 -m pip install -q --disable-pip-version-check $constraints -e ".${extra}"
