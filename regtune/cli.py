@@ -255,6 +255,15 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def _add_interpret(sub: Any) -> None:
+    interpret = _subcommand(sub, "interpret", "what a finished run gets wrong: confusion matrix, most-confused pairs, "
+                                              "per-class precision / recall / F1, calibration, highest-loss images")
+    interpret.add_argument("run_dir", type=Path, help="finished run directory")
+    interpret.add_argument("--out", type=Path, help="folder of the figures and tables (default RUN_DIR/interpret)")
+    interpret.add_argument("--top-losses", type=int, default=12, help="highest-loss test images in the gallery")
+    interpret.add_argument("--bins", type=int, default=15, help="confidence bins of the reliability diagram and ECE")
+
+
 def _add_export(sub: Any) -> None:
     export = _subcommand(sub, "export", "export a finished run's tested model: safetensors + config.json (plain timm "
                                         "loads it), ONNX, torch.export (.pt2)")
@@ -294,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_cam(sub)
     _add_predict(sub)
+    _add_interpret(sub)
     _add_export(sub)
     _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
@@ -636,6 +646,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 3 if failed else 0
 
 
+def _cmd_interpret(args: argparse.Namespace) -> int:
+    from regtune.posthoc.interpret import interpret_run
+
+    summary = interpret_run(args.run_dir, out=args.out, top_losses=args.top_losses, bins=args.bins)
+    print(f"test accuracy {100 * summary['accuracy']:.2f} % on {summary['n']} images; "
+          f"ECE {100 * summary['ece']:.2f} %")
+    for pair in summary["most_confused"][:5]:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+    worst = sorted(summary["per_class"], key=lambda row: row["f1"])[:3]
+    print("lowest F1: " + ", ".join(f"{row['class']} {row['f1']:.2f}" for row in worst))
+    print(f"written: {Path(args.out or Path(args.run_dir) / 'interpret')}/ (confusion_matrix.png/.csv, "
+          "per_class.csv, reliability.png, top_losses.png, interpret.json)")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from regtune.export import export_run
 
@@ -668,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_predict(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "interpret":
+            return _cmd_interpret(args)
         return _cmd_list(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

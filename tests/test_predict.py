@@ -179,3 +179,60 @@ def test_export_refuses_a_model_that_is_not_timms_architecture() -> None:
     create_criterion("lm_softmax").adapt_model(model)  # its cosine head
     with pytest.raises(ValueError, match="not timm's .* layer for layer .*instead of timm's Linear"):
         _check_plain_timm(model, TINY_BACKBONE, 3, "run")
+
+
+def test_interpret_writes_its_tables_and_figures_and_they_agree_with_the_run(
+        run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir, root = run
+    assert main(["interpret", str(run_dir), "--out", str(tmp_path / "i"), "--top-losses", "5", "--bins", "10"]) == 0
+    out = tmp_path / "i"
+    summary = json.loads((out / "interpret.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["n"] == 12 and round(summary["accuracy"] * 12) == round(metrics["test_acc"] * 12)
+    with open(out / "confusion_matrix.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["true \\ predicted", "kind_0", "kind_1", "kind_2"]
+    counts = np.array([[int(v) for v in row[1:]] for row in table[1:]])
+    assert counts.sum() == 12 and counts.trace() == round(metrics["test_acc"] * 12)
+    assert counts.sum(1).tolist() == [4, 4, 4]  # rows are the true classes
+    off = [(int(counts[t, p]), f"kind_{t}", f"kind_{p}") for t in range(3) for p in range(3) if t != p and counts[t, p]]
+    assert [(m["count"], m["true"], m["predicted"]) for m in summary["most_confused"]] == sorted(off, reverse=True)
+    # ECE in plain NumPy from the predictor's probabilities (another code path): 10 equal bins, (lo, hi]
+    photos = [root / item for item in _test_ids(run_dir)]  # ids are paths under the dataset root
+    predictions = regtune.load(run_dir).predict(photos, topk=1)
+    confidence = np.array([p.probability for p in predictions])
+    correct = np.array([p.label == Path(path).parent.name for p, path in zip(predictions, photos)])
+    ece = 0.0
+    for lo in np.arange(10) / 10:
+        members = (confidence > lo) & (confidence <= lo + 0.1) | ((lo == 0) & (confidence == 0))
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    assert summary["ece"] == pytest.approx(ece, abs=1e-6)
+    per_class = {row["class"]: row for row in summary["per_class"]}
+    for c in range(3):  # recall = the diagonal over the row
+        assert per_class[f"kind_{c}"]["recall"] == pytest.approx(counts[c, c] / 4)
+    assert len(summary["top_losses"]) == 5
+    worst = [t["loss"] for t in summary["top_losses"]]
+    assert worst == sorted(worst, reverse=True)
+    for name in ("confusion_matrix.png", "reliability.png", "top_losses.png"):
+        assert (out / name).stat().st_size > 15_000, name
+    assert "ECE" in capsys.readouterr().out
+
+
+def _test_ids(run_dir: Path) -> list[str]:
+    from regtune.train.rundir import RunDir
+
+    run = RunDir(run_dir)
+    return list(run.dataset("test", run.config()).ids)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    from regtune.posthoc.interpret import expected_calibration_error
+
+    # bins (0, 0.5] and (0.5, 1]: {0.2: wrong} -> |0 - 0.2| x 1/3; {0.9: right, 0.95: wrong} -> |0.5 - 0.925| x 2/3
+    ece, bins = expected_calibration_error(np.array([0.2, 0.9, 0.95]), np.array([False, True, False]), bins=2)
+    assert ece == pytest.approx(0.2 / 3 + 0.425 * 2 / 3)
+    assert [b["count"] for b in bins] == [1, 2] and bins[1]["accuracy"] == 0.5
+    ece, bins = expected_calibration_error(np.array([0.0, 0.5, 1.0]), np.array([False, True, True]), bins=2)
+    assert [b["count"] for b in bins] == [2, 1]  # 0 joins the first bin; 0.5 closes it
+    assert ece == pytest.approx(2 / 3 * abs(0.5 - 0.25) + 1 / 3 * 0.0)
