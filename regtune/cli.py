@@ -662,12 +662,19 @@ def _cmd_interpret(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
     from regtune.export import export_run
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     written = export_run(args.run_dir, args.out, formats=formats)
     for kind, path in written.items():
         print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    checked = json.loads(written["config"].read_text())["regtune"]["checked"]
+    print(f"checked on {checked['images']} of the run's images against PyTorch (logits up to "
+          f"{checked['max_abs_logit']:.3g}): " + ", ".join(
+              f"{k.removesuffix('_max_abs_diff')} max |diff| {v:.2g}" for k, v in checked.items()
+              if k.endswith("_max_abs_diff")))
     return 0
 
 

@@ -102,10 +102,47 @@ def export_run(run_dir: str | Path, out: str | Path, formats: Sequence[str] = EX
     if "onnx" in formats:
         written["onnx"] = out / ONNX_FILE
         _export_onnx(model, example, batch, written["onnx"])
+    config["regtune"]["checked"] = _verify(predictor, written)
     written["config"] = out / CONFIG_FILE
     config["regtune"]["files"] = sorted(p.name for p in written.values() if p.name != CONFIG_FILE)
     atomic_write_text(written["config"], json.dumps(config, indent=1) + "\n")
     return written
+
+
+def _check_images(predictor: Any, limit: int = 16) -> torch.Tensor:
+    """Up to ``limit`` of the run's validation images (training images without a validation split), transformed as
+    the run evaluates them."""
+    run = predictor.run
+    train = run.dataset("train", run.config())
+    split = run.split(train)
+    items = list(split.val or split.train)[:limit]
+    return torch.stack([predictor.transform(train[i][0]) for i in items])
+
+
+@torch.no_grad()
+def _verify(predictor: Any, written: dict[str, Path], tolerance: float = 1e-3) -> dict[str, Any]:
+    """Each exported model's logits against PyTorch's on real images; an export that differs by more than
+    ``tolerance`` (times the logits' scale) is an error, not a file left to be found out."""
+    images = _check_images(predictor)
+    expected = predictor.model(images.to(predictor.device)).float().cpu()
+    scale = max(1.0, float(expected.abs().max()))
+    outputs = {}
+    if "pt2" in written:
+        outputs["pt2"] = torch.export.load(written["pt2"]).module()(images)
+    if "onnx" in written:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
+        outputs["onnx"] = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    checked: dict[str, Any] = {"images": int(images.shape[0]), "max_abs_logit": float(expected.abs().max())}
+    for kind, logits in outputs.items():
+        difference = float((logits.float() - expected).abs().max())
+        checked[f"{kind}_max_abs_diff"] = difference
+        if difference > tolerance * scale:
+            raise RuntimeError(f"the exported {kind} model's logits differ from PyTorch's by up to {difference:.3g} "
+                               f"on {images.shape[0]} of the run's images (logits up to {scale:.3g}); the file is "
+                               f"written ({written[kind]}) but should not be used; please report it")
+    return checked
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, batch: dict[int, Any], path: Path) -> None:

@@ -141,7 +141,10 @@ def test_export_loads_in_plain_timm_onnxruntime_and_torch_export(run: tuple[Path
     run_dir, root = run
     out = tmp_path / "export"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert "checked on 6 of the run's images against PyTorch" in capsys.readouterr().out  # its validation images
     config = json.loads((out / "config.json").read_text())
+    checked = config["regtune"]["checked"]
+    assert checked["pt2_max_abs_diff"] == 0.0 and checked["onnx_max_abs_diff"] < 1e-4
     assert config["architecture"] == TINY_BACKBONE and config["label_names"] == ["kind_0", "kind_1", "kind_2"]
     assert config["pretrained_cfg"]["crop_mode"] == "center" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     predictor = regtune.load(run_dir)
@@ -236,3 +239,23 @@ def test_expected_calibration_error_by_hand() -> None:
     ece, bins = expected_calibration_error(np.array([0.0, 0.5, 1.0]), np.array([False, True, True]), bins=2)
     assert [b["count"] for b in bins] == [2, 1]  # 0 joins the first bin; 0.5 closes it
     assert ece == pytest.approx(2 / 3 * abs(0.5 - 0.25) + 1 / 3 * 0.0)
+
+
+def test_an_export_that_differs_from_pytorch_is_an_error(run: tuple[Path, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from regtune.export import export_run
+
+    load = torch.export.load
+
+    class _Off:  # a program whose logits are off by 0.5: what a broken exporter would write
+        def __init__(self, path: Path) -> None:
+            self.program = load(path)
+
+        def module(self) -> object:
+            inner = self.program.module()
+            return lambda x: inner(x) + 0.5
+
+    monkeypatch.setattr(torch.export, "load", _Off)
+    with pytest.raises(RuntimeError, match="pt2 model's logits differ from PyTorch's by up to 0.5"):
+        export_run(run[0], tmp_path / "e", formats=["safetensors", "pt2"])
+    assert not (tmp_path / "e" / "config.json").exists()  # not a complete export
