@@ -103,8 +103,7 @@ class Predictor:
         ready: list[tuple[int, torch.Tensor]] = []
         for i, (source, item) in enumerate(_progress(items, progress)):
             try:
-                ready.append((i, item if isinstance(item, torch.Tensor) else self.transform(
-                    item if isinstance(item, Image.Image) else open_rgb(item))))
+                ready.append((i, item if isinstance(item, torch.Tensor) else self.transform(_rgb(item))))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 results[i] = Prediction(source, error=f"{type(err).__name__}: {err}")
             if len(ready) == batch_size or (i == len(items) - 1 and ready):
@@ -119,6 +118,13 @@ class Predictor:
         for row, (i, _) in enumerate(ready):
             results[i] = Prediction(items[i][0], tuple(
                 (self.classes[int(c)], float(p)) for p, c in zip(values[row], indices[row])))
+
+
+def _rgb(item: Image.Image | Path) -> Image.Image:
+    """A PIL image in RGB (grey, palette or RGBA converted, as the datasets do), or the file read so."""
+    if isinstance(item, Image.Image):
+        return item if item.mode == "RGB" else item.convert("RGB")
+    return open_rgb(item)
 
 
 def _flatten(inputs: Iterable[str | Path | Image.Image | torch.Tensor]) -> Iterator[tuple[str, Any]]:

@@ -99,7 +99,7 @@ def test_python_api_takes_paths_images_and_tensors(run: tuple[Path, Path]) -> No
     paths = expand_inputs([root / "test"])
     assert len(paths) == 12 and paths == sorted(paths)
     by_path = predictor.predict(paths, topk=3, batch_size=5)  # batches that do not divide the inputs
-    by_image = predictor.predict([open_rgb(p) for p in paths], topk=3)
+    by_image = predictor.predict([Image.open(p) for p in paths], topk=3)  # grey and RGBA as they are on disk
     batch = torch.stack([predictor.transform(open_rgb(p)) for p in paths])
     by_tensor = predictor.predict([batch], topk=3)
     for a, b, c in zip(by_path, by_image, by_tensor):
