@@ -259,3 +259,18 @@ def test_an_export_that_differs_from_pytorch_is_an_error(run: tuple[Path, Path],
     with pytest.raises(RuntimeError, match="pt2 model's logits differ from PyTorch's by up to 0.5"):
         export_run(run[0], tmp_path / "e", formats=["safetensors", "pt2"])
     assert not (tmp_path / "e" / "config.json").exists()  # not a complete export
+
+
+def test_the_readme_library_example_runs_in_a_plain_loop(capsys: pytest.CaptureFixture) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## As a library"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    generator = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(10, 3, 32, 32, generator=generator), torch.arange(10)) for _ in range(2)]
+    namespace = {"loader": loader}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README's own example)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1"]
+    for key in ("sp", "l_intra", "lambda"):  # L2-SP, AdaRand and FMR ran and logged
+        assert f"'{key}'" in lines[-1], key
+    assert namespace["terms"][1].mu.grad is None  # AdaRand's prior means stay out of the loop's optimizer
