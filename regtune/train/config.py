@@ -337,7 +337,8 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
         (not t.wise_alphas or m.head_init == "lp",
          ("trainer.wise_alphas (WiSE-FT) interpolates from the starting weights to the fine-tuned ones; its "
           "starting head must be a trained one: set model.head_init: lp (a random head is no endpoint worth mixing "
-          "in), or drop WiSE-FT with trainer.wise_alphas: [] (--recipe ft: plain fine-tuning, all of its values)")),
+          "in), or drop WiSE-FT with trainer.wise_alphas: [] (--wise-alphas '', or --recipe ft: plain fine-tuning with "
+          "all of its values)")),
         (not (probe_only and (t.ema_decay is not None or t.wise_alphas or config.regularizers)),
          ("trainer.epochs: 0 runs the linear probe alone: there is no training for trainer.ema_decay, "
           "trainer.wise_alphas or regularizers to act on; drop them (--recipe lp: the probe alone, WiSE-FT's "
