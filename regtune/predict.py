@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the extensions the imagefolder reader takes
 
-__all__ = ["IMAGE_EXTENSIONS", "Prediction", "Predictor", "expand_inputs", "load"]
+from regtune.data.base import as_rgb
+
+__all__ = ["Prediction", "Predictor", "expand_inputs", "load", "open_rgb"]
 
 _log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 TTA_MODES = (None, "flip")
 
 
@@ -52,7 +54,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     """An image file as the datasets read it: decoded now, converted to 3-channel RGB (grey, palette, RGBA)."""
     with Image.open(path) as image:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return as_rgb(image)
 
 
 class Predictor:
@@ -122,9 +124,7 @@ class Predictor:
 
 def _rgb(item: Image.Image | Path) -> Image.Image:
     """A PIL image in RGB (grey, palette or RGBA converted, as the datasets do), or the file read so."""
-    if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
-    return open_rgb(item)
+    return as_rgb(item) if isinstance(item, Image.Image) else open_rgb(item)
 
 
 def _flatten(inputs: Iterable[str | Path | Image.Image | torch.Tensor]) -> Iterator[tuple[str, Any]]:
@@ -157,7 +157,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         elif path.suffix.lower() == ".txt" and path.is_file():
             lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             found += [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]

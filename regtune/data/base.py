@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-__all__ = ["Box", "CorruptImageError", "DatasetNotFoundError", "ImageDataset", "unreadable_images"]
+__all__ = ["Box", "CorruptImageError", "DatasetNotFoundError", "ImageDataset", "as_rgb", "unreadable_images"]
 
 Box = tuple[float, float, float, float]
 """A box as (x0, y0, x1, y1) in pixels of the original image, inclusive corners (CUB's convention after conversion)."""
@@ -78,9 +78,7 @@ class ImageDataset(Dataset):
                 "Replace it with a readable file (a run that stopped on it then continues with --resume), or delete it "
                 "and start again (a deleted training image changes the split a run was drawn with)."
             ) from err
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return image, int(self.targets[index])
+        return as_rgb(image), int(self.targets[index])
 
     @property
     def num_classes(self) -> int:
@@ -98,3 +96,9 @@ def unreadable_images(dataset: ImageDataset, indices: Iterable[int]) -> list[tup
             cause = err.__cause__
             bad.append((str(dataset.ids[int(i)]), f"{type(cause).__name__}: {cause}" if cause else str(err)))
     return bad
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image in 3-channel RGB (grey, palette, RGBA converted by Pillow): what every backbone is shown, in training
+    and in prediction alike."""
+    return image if image.mode == "RGB" else image.convert("RGB")
