@@ -1,5 +1,5 @@
 """Random-feature regularization: RandReg (Zhong & Maki, CVPR 2020, arXiv 1908.05997) and AdaRand (Yamaguchi et
-al., CVPR 2024, arXiv 2403.10097); methods.md §2, §3.1.
+al., CVPR 2024, arXiv 2403.10097); guide: docs/methods/adarand.md.
 
 Both pull the penultimate feature towards a reference vector drawn afresh at every step from a prior:
 L = lambda * d(f, z), d the mean-squared error. RandReg's prior is fixed; AdaRand's is class-conditional and its
@@ -47,7 +47,7 @@ _INTER_SIMILARITIES = ("cosine_sq", "cosine")
 
 
 def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    r"""Squared distance between features and random targets (AdaRand / RandReg, methods.md §2.1, §3.1).
+    r"""Squared distance between features and random targets (AdaRand / RandReg).
 
     Yamaguchi, Kanai, Adachi, Chijiwa, "Adaptive Random Feature Regularization on Fine-tuning Deep Neural
     Networks", CVPR 2024, arXiv 2403.10097; Zhong & Maki, "Regularizing CNN Transfer Learning with Randomised
@@ -58,10 +58,10 @@ def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reducti
         \text{mean:}\ \frac{1}{BD} \sum_{b,d} (f_{b,d} - z_{b,d})^2, \qquad
         \text{sum\_dim:}\ \frac{1}{B} \sum_b \lVert f_b - z_b \rVert_2^2
 
-    with f the penultimate features and z the targets (a sample from the class prior for AdaRand, from U(0,1) or
-    N(0,1) for RandReg). AMBIGUITY (methods.md §2.1, §10 #5): the official code uses ``F.mse_loss`` (mean over all
-    B*D entries, the default here, for which lambda = 1 was tuned); a paper written with ||f - z||^2 sums over D
-    ('sum_dim' = D times 'mean'). Gradients flow into ``features`` and, if it requires them, ``reference``.
+    with f the penultimate features and z the targets (a sample from the class prior for AdaRand, from U(0,1) or N(0,1)
+    for RandReg). A reading (docs/methods/adarand.md, 'Readings we chose'): the official code uses ``F.mse_loss`` (mean
+    over all B*D entries, the default here, for which lambda = 1 was tuned); a paper written with ||f - z||^2 sums over
+    D ('sum_dim' = D times 'mean'). Gradients flow into ``features`` and, if it requires them, ``reference``.
 
     Args:
         features: Penultimate features f.
@@ -96,7 +96,7 @@ def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reducti
 
 def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: str = "cosine_sq",
                          inter: str = "cosine_sq", eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The two terms of AdaRand's prior-update objective, minimised over the class means mu (methods.md §2.1).
+    r"""The two terms of AdaRand's prior-update objective, minimised over the class means mu.
 
     Yamaguchi, Kanai, Adachi, Chijiwa, "Adaptive Random Feature Regularization on Fine-tuning Deep Neural
     Networks", CVPR 2024, arXiv 2403.10097.
@@ -110,12 +110,11 @@ def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: st
         \quad\text{or}\quad \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'}) \ \text{('cosine')}
 
     with mu_c the prior mean of class c, mbar_c the running (EMA) mean of class c's features and C the number of
-    classes; the inter sum runs over the C(C-1) ordered pairs. AMBIGUITY (methods.md §2.1, §10 #6, #7): the paper
-    speaks of a "distance" and a cosine; the defaults are the released code's squared forms. Cosines use safe
-    normalisation: each row is divided by max(||row||_2, eps), so a zero row has cosine 0 with everything instead
-    of NaN (its gradient is then of order 1/eps, as with ``F.normalize``). With C = 1 there is no pair and
-    L_inter = 0 (still attached to the graph). The caller should pass ``running_mean`` detached (it is a statistic,
-    not a parameter).
+    classes; the inter sum runs over the C(C-1) ordered pairs. A reading (docs/methods/adarand.md, 'Readings we chose'):
+    the paper speaks of a "distance" and a cosine; the defaults are the released code's squared forms. Cosines use safe
+    normalisation: each row is divided by max(||row||_2, eps), so a zero row has cosine 0 with everything instead of NaN
+    (its gradient is then of order 1/eps, as with ``F.normalize``). With C = 1 there is no pair and L_inter = 0 (still
+    attached to the graph). The caller should pass ``running_mean`` detached (it is a statistic, not a parameter).
 
     Args:
         mu: Prior class means mu.
@@ -214,20 +213,21 @@ def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int
 class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
     """RandReg: lambda * :func:`random_feature_loss` (f, z) with z drawn afresh each step from a fixed prior.
 
-    Priors (methods.md §2.5, the AdaRand repository's re-implementation; the original PtR paper's details are
-    UNVERIFIED): ``"uniform"`` z ~ U(low, high)^D (0, 1), ``"normal"`` z ~ N(0, 1)^D, ``"pretrained"``
-    z ~ N(mu, diag sigma^2) with the marginal statistics of the pretrained features of the training subset,
-    ``"class"`` (RandReg-CP) z ~ N(mu_y, diag sigma_y^2) with per-class statistics, never updated.
+    Priors as the AdaRand repository re-implements RandReg (the original paper released no code; see
+    docs/methods/adarand.md, 'Readings we chose'): ``"uniform"`` z ~ U(low, high)^D (0, 1), ``"normal"`` z ~ N(0, 1)^D,
+    ``"pretrained"`` z ~ N(mu, diag sigma^2) with the marginal statistics of the pretrained features of the training
+    subset, ``"class"`` (RandReg-CP) z ~ N(mu_y, diag sigma_y^2) with per-class statistics, never updated.
 
     Pretrained statistics are measured in :meth:`setup` on the training subset with the deterministic evaluation
-    transform, the pretrained model in eval mode (AdaRand's script is not released: UNVERIFIED, methods.md §2.2);
-    sigma is clamped to >= ``sigma_min`` (torch's Normal rejects 0, and dead channels give 0).
+    transform, the pretrained model in eval mode (AdaRand's configs read precomputed statistics whose files and script
+    are not in its repository, so this is our reading; see docs/methods/adarand.md); sigma is clamped to >=
+    ``sigma_min`` (torch's Normal rejects 0, and dead channels give 0).
 
     Args:
         weight: lambda (1.0 in every AdaRand config).
         prior: ``"uniform"`` | ``"normal"`` | ``"pretrained"`` | ``"class"``.
         reduction: ``"mean"`` over B*D (the code; lambda = 1 was tuned for it) or ``"sum_dim"`` (||f - z||^2 per
-            sample, averaged over the batch; methods.md §10 #5).
+            sample, averaged over the batch; see docs/methods/adarand.md, 'Readings we chose').
         low: Lower end of the uniform prior.
         high: Upper end of the uniform prior.
         sigma_min: Smallest standard deviation of the pretrained priors.
@@ -324,7 +324,7 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
 
 @register_regularizer("adarand")
 class AdaRand(RandomFeatureRegularizer):
-    """AdaRand: class-conditional random-feature regularization with adaptive prior means (methods.md §2.1).
+    """AdaRand: class-conditional random-feature regularization with adaptive prior means.
 
     z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * :func:`random_feature_loss` (f, z).
     After the term is computed, within the same :meth:`forward` (training mode only), the running class means move,
@@ -344,8 +344,8 @@ class AdaRand(RandomFeatureRegularizer):
         alpha: EMA factor of the running class means (0.5).
         prior_lr: Adam learning rate of mu (1e-2).
         prior_schedule: ``"cosine"`` (the code) or ``"constant"``.
-        intra: ``"cosine_sq"`` (the code) or ``"l2"`` (methods.md §10 #6).
-        inter: ``"cosine_sq"`` (the code) or ``"cosine"`` (§10 #7).
+        intra: ``"cosine_sq"`` (the code) or ``"l2"`` (the paper's word is "distance"; see docs/methods/adarand.md).
+        inter: ``"cosine_sq"`` (the code) or ``"cosine"`` (the paper's word).
         reduction: As :class:`RandomFeatureRegularizer`.
         sigma_min: As :class:`RandomFeatureRegularizer`.
         update_prior: ``False`` gives RandReg-CP (the class prior without updates).

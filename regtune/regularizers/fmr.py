@@ -1,4 +1,4 @@
-"""FMR: Feature Magnitude Regularization (Chapman, Xu, Liu; DICTA 2024; arXiv 2409.01672; methods.md §1)."""
+"""FMR: Feature Magnitude Regularization (Chapman, Xu, Liu; DICTA 2024; arXiv 2409.01672); see docs/methods/fmr.md."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ _log = logging.getLogger(__name__)
 
 
 def channel_entropy(features: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    r"""Per-sample entropy of the softmax across feature channels (FMR, methods.md §1.1).
+    r"""Per-sample entropy of the softmax across feature channels (the FMR loss).
 
     Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672. The FMR loss is
     ``-lambda_t * channel_entropy(features, tau).mean()``; the weight comes from :func:`fmr_weight`.
@@ -74,7 +74,7 @@ def channel_entropy(features: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
 def fmr_weight(h_t: torch.Tensor | float, h_init: torch.Tensor | float, h_max: torch.Tensor | float,
                beta: float) -> torch.Tensor | float:
-    r"""The dynamic FMR weight lambda_t, "META_CALCULATED" mode (methods.md §1.1).
+    r"""The dynamic FMR weight lambda_t, "META_CALCULATED" mode.
 
     Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672.
 
@@ -86,9 +86,9 @@ def fmr_weight(h_t: torch.Tensor | float, h_init: torch.Tensor | float, h_max: t
     channel entropies, H_init that running mean at the end of the statistics pass, and beta the desired initial
     weight (50 in the published configs). The official code writes it as c_max (H_max - H_t) / H_max with
     c_max = beta H_max / (H_max - H_init); its DYNAMICALLY_CALCULATED mode is the same expression with a given c_max,
-    i.e. this function with ``h_init = 0`` and ``beta = c_max``. No clamp is applied (the official code has none,
-    methods.md §10 #1): the weight exceeds beta once H_t < H_init. A clamp, if wanted, belongs to the caller
-    (``lambda_max``).
+    i.e. this function with ``h_init = 0`` and ``beta = c_max``. No clamp is applied (the official code has none;
+    see docs/methods/fmr.md, 'Readings we chose'): the weight exceeds beta once H_t < H_init. A clamp, if wanted,
+    belongs to the caller (``lambda_max``).
 
     Args:
         h_t: Current running entropy H_t (nats).
@@ -151,10 +151,10 @@ class FeatureMagnitudeRegularization(Regularizer):
     of the last min(``window``, batches read) of them, and the window carries on into training. Between updates
     lambda_t keeps its value while H_t moves.
 
-    Ambiguities (methods.md §1.7, §10): the weight's entropy uses tau = 1 whatever the loss temperature
-    (``weight_uses_tau=False``, the code); H_init is measured in train mode, so BatchNorm statistics move during the
-    statistics pass (``init_mode="train"``, the code; ``"eval"`` freezes them), on augmented training images
-    (``setup_transform="train"``).
+    Where the paper is silent, the code's choices (docs/methods/fmr.md, 'Readings we chose'): the weight's entropy
+    uses tau = 1 whatever the loss temperature (``weight_uses_tau=False``, the code); H_init is measured in train
+    mode, so BatchNorm statistics move during the statistics pass (``init_mode="train"``, the code; ``"eval"`` freezes
+    them), on augmented training images (``setup_transform="train"``).
 
     Args:
         mode: ``"meta"`` | ``"provided"`` | ``"dynamic"`` | ``"static"``.
