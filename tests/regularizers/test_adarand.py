@@ -1,4 +1,4 @@
-"""RandReg and AdaRand (methods.md §2, §3.1): pretrained statistics, priors, the running class means and the Adam
+"""RandReg and AdaRand (docs/methods/adarand.md): pretrained statistics, priors, the running class means and the Adam
 step on the prior means, against hand values and NumPy float64 references written here from the spec."""
 
 from __future__ import annotations

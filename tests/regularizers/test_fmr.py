@@ -1,4 +1,4 @@
-"""FMR (methods.md §1): the weight lambda_t over scripted steps, the statistics pass, the loss and its gradient.
+"""FMR (docs/methods/fmr.md): the weight lambda_t over scripted steps, the statistics pass, the loss and its gradient.
 
 References are NumPy float64 written here from the spec (never the module); the model is an in-file module with
 timm's contract whose penultimate features are the input itself, so every entropy is under the test's control.

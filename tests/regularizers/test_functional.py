@@ -1,7 +1,7 @@
 """The pure functions of ``regtune.regularizers.functional`` against hand values and NumPy float64 references.
 
 References are written here independently (never by calling the function under test); the hand-computable values
-are those of methods.md §11.
+are worked out in the comments beside them.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_every_equation_has_a_docstring_example() -> None:
 
 @DTYPES
 def test_channel_entropy_hand_values(dtype: torch.dtype) -> None:
-    # methods.md §11: f = (0, ln 3) -> p = (1/4, 3/4);
+    # by hand: f = (0, ln 3) -> p = (1/4, 3/4);
     # H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.25 * 1.386294 + 0.75 * 0.287682 = 0.346574 + 0.215762 = 0.562335.
     # f = (2, 2) -> p uniform -> ln 2 = 0.693147; f = 0 (D = 5) -> p uniform -> H = ln 5 = 1.609438.
     h = Fn.channel_entropy(t([[0.0, math.log(3.0)], [2.0, 2.0]], dtype))
@@ -168,7 +168,7 @@ def test_channel_entropy_rejects_bad_input() -> None:
 
 
 def test_fmr_weight_hand_value() -> None:
-    # methods.md §11: beta = 50, H_max = ln 2048 = 7.624619, H_init = 7.0, H_t = 7.3:
+    # by hand: beta = 50, H_max = ln 2048 = 7.624619, H_init = 7.0, H_t = 7.3:
     # 50 * (7.624619 - 7.3) / (7.624619 - 7.0) = 50 * 0.324619 / 0.624619 = 50 * 0.519707 = 25.985.
     weight = Fn.fmr_weight(h_t=7.3, h_init=7.0, h_max=math.log(2048), beta=50.0)
     assert isinstance(weight, float)
@@ -206,7 +206,7 @@ def test_fmr_weight_undefined_when_h_init_equals_h_max() -> None:
 
 @DTYPES
 def test_random_feature_loss_hand_values(dtype: torch.dtype) -> None:
-    # methods.md §11: f = (1, 2), z = 0: mean (1 + 4) / 2 = 2.5; sum over D 1 + 4 = 5.0.
+    # by hand: f = (1, 2), z = 0: mean (1 + 4) / 2 = 2.5; sum over D 1 + 4 = 5.0.
     f, z = t([[1.0, 2.0]], dtype), torch.zeros(1, 2, dtype=dtype)
     assert_close(Fn.random_feature_loss(f, z), 2.5, dtype)
     assert_close(Fn.random_feature_loss(f, z, reduction="sum_dim"), 5.0, dtype)
@@ -229,7 +229,7 @@ def test_random_feature_loss_rejects_bad_input() -> None:
 
 @DTYPES
 def test_adarand_prior_losses_hand_values(dtype: torch.dtype) -> None:
-    # methods.md §11: mu_1 = (1, 0), mu_2 = (0, 1), mbar = mu: cos(mu_c, mbar_c) = 1 -> L_intra = 0;
+    # by hand: mu_1 = (1, 0), mu_2 = (0, 1), mbar = mu: cos(mu_c, mbar_c) = 1 -> L_intra = 0;
     # cos(mu_1, mu_2) = 0 -> L_inter = 0.
     eye = torch.eye(2, dtype=dtype)
     l_intra, l_inter = Fn.adarand_prior_losses(eye, eye)
@@ -404,7 +404,7 @@ def test_cosine_logits_rejects_dimension_mismatch() -> None:
 
 @DTYPES
 def test_lm_softmax_hand_value(dtype: torch.dtype) -> None:
-    # methods.md §11: cos = (0.9, 0.1, 0.0), y = 0, s = 1: log(e^{0.1-0.9} + e^{0.0-0.9}) = log(e^{-0.8} + e^{-0.9})
+    # by hand: cos = (0.9, 0.1, 0.0), y = 0, s = 1: log(e^{0.1-0.9} + e^{0.0-0.9}) = log(e^{-0.8} + e^{-0.9})
     # = log(0.449329 + 0.406570) = log(0.855899) = -0.155601.
     loss = Fn.lm_softmax_loss(t([[0.9, 0.1, 0.0]], dtype), torch.tensor([0]), s=1.0)
     assert_close(loss, math.log(math.exp(-0.8) + math.exp(-0.9)), dtype)
@@ -442,7 +442,7 @@ def test_lm_softmax_rejects_bad_input() -> None:
 
 @DTYPES
 def test_sample_margin_hand_values(dtype: torch.dtype) -> None:
-    # methods.md §11: cos = (0.9, 0.1, 0.0), y = 0: R_sm = max(0.1, 0.0) - 0.9 = -0.8 (margin +0.8);
+    # by hand: cos = (0.9, 0.1, 0.0), y = 0: R_sm = max(0.1, 0.0) - 0.9 = -0.8 (margin +0.8);
     # y = 1: margin 0.1 - max(0.9, 0.0) = -0.8.
     cos = t([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0]], dtype)
     assert_close(Fn.sample_margins(cos, torch.tensor([0, 1])), [0.8, -0.8], dtype)

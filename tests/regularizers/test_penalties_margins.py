@@ -1,5 +1,5 @@
-"""The stateless terms as modules (methods.md §3.2, §4, §5, §7.5): FNP / SGM, MaxEnt, head L1 / L2 / negative,
-sample-margin and zero-centroid, against hand values and NumPy float64 references written here from the spec.
+"""The stateless terms as modules: FNP / SGM, MaxEnt, head L1 / L2 / negative, sample-margin and zero-centroid
+(docs/methods/), against hand values and NumPy float64 references written here from the equations.
 (The underlying pure functions are tested in test_functional.py; these tests check the modules' wiring: the weight,
 which tensor each term reads, the head of ``step.model``, gradients and ``stats()``.)"""
 

@@ -1,4 +1,4 @@
-"""L2-SP, DELTA, BSS, Co-Tuning, LwF, StochNorm (methods.md §6): NumPy / hand references, gradient checks, state."""
+"""L2-SP, DELTA, BSS, Co-Tuning, LwF, StochNorm (docs/methods/): NumPy / hand references, gradient checks, state."""
 
 from __future__ import annotations
 
