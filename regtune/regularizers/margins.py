@@ -1,7 +1,7 @@
-"""Margin losses of "Learning Towards the Largest Margins" (Zhou et al., ICLR 2022, arXiv 2206.11589; methods.md §5).
+"""Margin losses of "Learning Towards the Largest Margins" (Zhou et al., ICLR 2022, arXiv 2206.11589).
 
-The paper's official code could not be read (UNVERIFIED); the forms follow a third-party copy of the authors' loss
-classes and the abstract, as the specification says.
+The authors' own code could not be read; the forms follow a third-party copy of the authors' loss classes
+(``LMSoftmaxLoss``, ``SampleMarginLoss``) and the paper's abstract (see docs/methods/margins.md, 'Readings we chose').
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _CENTROID_REDUCTIONS = ("sum", "mean")
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    r"""Cosines between normalised features and normalised class prototypes (methods.md §5.1).
+    r"""Cosines between normalised features and normalised class prototypes (see docs/methods/margins.md).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -69,7 +69,7 @@ def cosine_logits(features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
         None.
 
     Returns:
-        The cosine matrix, entries in [-1, 1].
+        The cosine matrix, entries in ``[-1, 1]``.
 
     Raises:
         ValueError: Inputs are not 2-D or their D differ.
@@ -89,7 +89,7 @@ def cosine_logits(features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
 
 
 def lm_softmax_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) -> torch.Tensor:
-    r"""Largest-margin softmax (LM-Softmax) loss on cosine logits (methods.md §5.4).
+    r"""Largest-margin softmax (LM-Softmax) loss on cosine logits (see docs/methods/margins.md).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -102,7 +102,8 @@ def lm_softmax_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) ->
     softmax cross-entropy whose denominator omits the target, divided by s. As s grows it tends to the negative
     sample margin (:func:`sample_margin_loss`). Computed with ``logsumexp`` over the differences with the target
     masked to -inf (stable for s = 64; the third-party copy exponentiates directly). The default s = 64 is copied from
-    that code; the paper's per-task values are UNVERIFIED (methods.md §10 #13). Per-class weights are not applied.
+    that code; the paper's per-task values were not checked (see docs/methods/margins.md, 'Readings we chose').
+    Per-class weights are not applied.
 
     Args:
         cos: Cosine logits (unscaled).
@@ -137,7 +138,7 @@ def lm_softmax_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) ->
 
 
 def sample_margins(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    r"""Per-sample margin gamma(x, y) = cos_y - max_{j != y} cos_j (methods.md §5.2).
+    r"""Per-sample margin gamma(x, y) = cos_y - max_{j != y} cos_j (see docs/methods/margins.md).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -161,15 +162,15 @@ def sample_margins(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         None (one margin per sample).
 
     Returns:
-        The margins, in [-2, 2] for cosines.
+        The margins, in ``[-2, 2]`` for cosines.
 
     Raises:
         ValueError: Wrong shapes, C < 2, or labels out of range.
         TypeError: Non-floating cos or non-integer labels.
 
     Example:
-        >>> [round(m, 4) for m in sample_margins(torch.tensor([[0.9, 0.1, 0.0]]), torch.tensor([1])).tolist()]
-        [-0.8]
+        >>> round(sample_margins(torch.tensor([[0.9, 0.1, 0.0]]), torch.tensor([1])).item(), 4)
+        -0.8
     """
     check_float_matrix("cos", cos, "(B, C)")
     check_at_least_two_classes(cos, "sample_margins")
@@ -180,7 +181,7 @@ def sample_margins(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    r"""Sample-margin regularization R_sm = mean_b (max_{j != y_b} cos_{b,j} - cos_{b,y_b}) (methods.md §5.3).
+    r"""Sample-margin regularization R_sm = mean_b (max_{j != y_b} cos_{b,j} - cos_{b,y_b}).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -189,8 +190,8 @@ def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         R_{sm} = \frac{1}{B} \sum_b \bigl(\max_{j \ne y_b} \cos_{b,j} - \cos_{b,y_b}\bigr)
                = -\frac{1}{B} \sum_b \gamma_b
 
-    with gamma_b the sample margin of :func:`sample_margins`; no scale s. The weight lambda_sm (UNVERIFIED default)
-    is applied by the caller.
+    with gamma_b the sample margin of :func:`sample_margins`; no scale s. The weight lambda_sm (whose default is not
+    from the paper) is applied by the caller.
 
     Args:
         cos: Cosine logits.
@@ -218,7 +219,7 @@ def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool = True,
                        eps: float = 1e-8) -> torch.Tensor:
-    r"""Zero-centroid regularization of normalised class prototypes (methods.md §5.5).
+    r"""Zero-centroid regularization of normalised class prototypes (see docs/methods/margins.md).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -230,8 +231,8 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool 
     with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c and C the number of classes; 0 for a
     regular simplex (the max-class-margin configuration). The default sums: the only public code found for the term
     (a training script's ``norm_weights`` step, next to the paper's loss classes) penalises the squared norm of the
-    sum of the normalised prototypes. The paper's own form is UNVERIFIED (methods.md §5.5); ``'mean'`` is C^2 times
-    smaller, and ``squared=False`` returns the norm (its gradient at a zero centroid is taken as 0).
+    sum of the normalised prototypes. The paper's own form was not checked; ``'mean'`` is C^2 times smaller, and
+    ``squared=False`` returns the norm (its gradient at a zero centroid is taken as 0).
 
     Args:
         weight: Head weight W, one prototype per row.
@@ -269,7 +270,7 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool 
 
 
 def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    r"""Class margin: the smallest angle between two normalised class prototypes (methods.md §5.2).
+    r"""Class margin: the smallest angle between two normalised class prototypes (see docs/methods/margins.md).
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
@@ -278,8 +279,8 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         m_{cls} = \min_{i \ne j} \arccos \langle \tilde w_i, \tilde w_j \rangle
 
     with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c. Its maximum for C <= D + 1 is
-    arccos(-1/(C-1)), reached by a regular simplex. The cosine is clamped to [-1, 1] before arccos (rounding can push
-    it just outside). Meant as an analysis metric: the gradient of arccos is infinite at +-1.
+    arccos(-1/(C-1)), reached by a regular simplex. The cosine is clamped to ``[-1, 1]`` before arccos (rounding can
+    push it just outside). Meant as an analysis metric: the gradient of arccos is infinite at +-1.
 
     Args:
         weight: Head weight W, one prototype per row.
@@ -292,7 +293,7 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         Minimum over the C(C-1) ordered pairs.
 
     Returns:
-        The 0-dim angle in radians, in [0, pi].
+        The 0-dim angle in radians, in ``[0, pi]``.
 
     Raises:
         ValueError: ``weight`` is not 2-D or has fewer than 2 rows.
@@ -311,7 +312,7 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 class CosineClassifier(nn.Module):
-    """Bias-free classifier on normalised features and prototypes: s * :func:`cosine_logits` (methods.md §5.1).
+    """Bias-free classifier on normalised features and prototypes: s * :func:`cosine_logits`.
 
     Args:
         in_features: D.
@@ -336,7 +337,7 @@ class CosineClassifier(nn.Module):
 
 @register_criterion("lm_softmax")
 class LMSoftmax(Criterion):
-    """Largest-margin softmax (methods.md §5.4); replaces cross-entropy and the head.
+    """Largest-margin softmax (see docs/methods/margins.md); replaces cross-entropy and the head.
 
     L = :func:`lm_softmax_loss` of the :func:`cosine_logits` between the penultimate features and the head's rows.
 
@@ -344,7 +345,7 @@ class LMSoftmax(Criterion):
     that predictions at test time are the argmax of the cosines the loss trains.
 
     Args:
-        s: Scale; 64 in the third-party copy, the paper's per-task values are UNVERIFIED (methods.md §10 #13).
+        s: Scale; 64 in the third-party copy of the authors' loss, the paper's per-task values were not checked.
 
     Shape:
         step.features (B, D), labels (B,) -> scalar.
@@ -388,13 +389,14 @@ class LMSoftmax(Criterion):
 
 @register_regularizer("sample_margin")
 class SampleMarginRegularizer(Regularizer):
-    """Sample-margin regularization (methods.md §5.3): lambda * :func:`sample_margin_loss` of the cosines.
+    """Sample-margin regularization: lambda * :func:`sample_margin_loss` of the cosines (see docs/methods/margins.md).
 
     Cosines are between the normalised penultimate feature and the normalised rows of the head's weight, whatever
     the head (plain linear or cosine).
 
     Args:
-        weight: lambda_sm (UNVERIFIED; the spec suggests 0.5, grid 0.1, 0.5, 1).
+        weight: lambda_sm (no source we could read gives one; 0.5 is the middle of the range 0.1 to 1 worth trying
+            on validation).
 
     Reduction:
         Mean over the batch.
@@ -424,7 +426,7 @@ class SampleMarginRegularizer(Regularizer):
 
 @register_regularizer("zero_centroid")
 class ZeroCentroidRegularizer(Regularizer):
-    """Zero-centroid regularization (methods.md §5.5): lambda * :func:`zero_centroid_loss` of the head's weight.
+    """Zero-centroid regularization: lambda * :func:`zero_centroid_loss` of the head's weight.
 
     Pulls the centroid of the normalised prototypes to the origin (the max-class-margin simplex has zero centroid).
     By default the squared norm of the SUM of the normalised prototypes, as the only public code found for the term

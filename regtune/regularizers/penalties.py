@@ -36,7 +36,7 @@ _FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
 def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = None,
                          labels: torch.Tensor | None = None, weighting: str = "none",
                          targets: torch.Tensor | None = None) -> torch.Tensor:
-    r"""Feature-norm penalty, plain or SGM-weighted (methods.md §3.2).
+    r"""Feature-norm penalty, plain or SGM-weighted (see docs/methods/fnp.md).
 
     Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and Hallucinating Features", ICCV 2017,
     arXiv 1606.02819.
@@ -52,8 +52,9 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
     On a mixed batch (mixup / CutMix) with soft targets t, [c = y_b] becomes t_{b,c}: alpha_b = ||p_b - t_b||^2 is then
     the same squared gradient norm for the cross-entropy to the soft targets (whose gradient w.r.t. the logits is
     p_b - t_b).
-    UNVERIFIED (methods.md §3.2): whether gradients flow through alpha_b in the paper; here alpha_b is detached
-    (treated as a per-sample weight), so only ``features`` receives gradient.
+    The authors' code (facebookresearch/low-shot-shrink-hallucinate) lets the gradient flow through alpha_b as well;
+    here alpha_b is detached (treated as a per-sample weight), so only ``features`` receives gradient (see
+    docs/methods/fnp.md, 'Readings we chose').
 
     Args:
         features: Penultimate features f.
@@ -109,7 +110,7 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    r"""Per-sample entropy of the predicted class distribution (MaxEnt, methods.md §4.1).
+    r"""Per-sample entropy of the predicted class distribution (MaxEnt; see docs/methods/maxent.md).
 
     Dubey, Gupta, Raskar, Naik, "Maximum-Entropy Fine-Grained Classification", NeurIPS 2018, arXiv 1809.05934.
     The MaxEnt loss is ``CE - gamma * prediction_entropy(logits).mean()``.
@@ -138,8 +139,8 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
         TypeError: ``logits`` is not a floating tensor.
 
     Example:
-        >>> [round(h, 6) for h in prediction_entropy(torch.tensor([[0.0, 0.0, 0.0]])).tolist()]  # log 3
-        [1.098612]
+        >>> round(prediction_entropy(torch.tensor([[0.0, 0.0, 0.0]])).item(), 6)  # log 3
+        1.098612
     """
     check_float_matrix("logits", logits, "(B, C)")
     log_p = F.log_softmax(logits, dim=1)
@@ -147,7 +148,7 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def head_l1(weight: torch.Tensor) -> torch.Tensor:
-    r"""L1 penalty on classifier weights, sum_{c,k} |w_{c,k}| (methods.md §7.5; sparsifies the head).
+    r"""L1 penalty on classifier weights, sum_{c,k} |w_{c,k}| (sparsifies the head; see docs/methods/head-penalties.md).
 
     Studied for its effect on class activation maps (Zhou et al., "Learning Deep Features for Discriminative
     Localization", CVPR 2016, arXiv 1512.04150, define the CAM).
@@ -182,10 +183,10 @@ def head_l1(weight: torch.Tensor) -> torch.Tensor:
 
 
 def head_l2(weight: torch.Tensor) -> torch.Tensor:
-    r"""L2 penalty on classifier weights, sum_{c,k} w_{c,k}^2 (methods.md §7.5; head weight decay).
+    r"""L2 penalty on classifier weights, sum_{c,k} w_{c,k}^2 (head weight decay; see docs/methods/head-penalties.md).
 
-    Studied for its effect on class activation maps (Zhou et al., CVPR 2016, arXiv 1512.04150). TLlib's head term
-    (methods.md §6.1) is half of this.
+    Studied for its effect on class activation maps (Zhou et al., CVPR 2016, arXiv 1512.04150). The head term of
+    TLlib's L2-SP is half of this.
 
     .. math::
 
@@ -217,12 +218,12 @@ def head_l2(weight: torch.Tensor) -> torch.Tensor:
 
 
 def negative_weight_penalty(weight: torch.Tensor) -> torch.Tensor:
-    r"""Penalty on negative classifier weights, sum_{c,k} max(0, -w_{c,k}) (methods.md §7.5, library's reading).
+    r"""Penalty on negative classifier weights, sum_{c,k} max(0, -w_{c,k}) (regtune's reading of the CAM study).
 
     Motivated by the CAM study's finding that negative head weights falling on the foreground hurt localisation, and
     by "negative weight clamping" (Bae, Noh, Kim, "Rethinking Class Activation Mapping for Weakly Supervised Object
-    Localization", ECCV 2020). Neither paper states this penalty: it is the library's reading of §7.5, offered as an
-    option for the CAM study (UNVERIFIED as a published method).
+    Localization", ECCV 2020). Neither paper states this penalty: it is regtune's own reading of that finding, offered
+    as an option for the CAM study, not a published method (see docs/methods/head-penalties.md, 'Readings we chose').
 
     .. math::
 
@@ -270,14 +271,15 @@ class _Logged(Regularizer):
 
 @register_regularizer("fnp")
 class FeatureNormPenalty(_Logged):
-    """Feature-norm penalty (Hariharan & Girshick, ICCV 2017, arXiv 1606.02819; methods.md §3.2).
+    """Feature-norm penalty (Hariharan & Girshick, ICCV 2017, arXiv 1606.02819; see docs/methods/fnp.md).
 
     L = lambda * :func:`feature_norm_penalty` of the penultimate features, plain or SGM-weighted (squared gradient
     magnitude, its per-sample weight detached).
 
     Args:
-        weight: lambda. The published value for fine-grained fine-tuning is UNVERIFIED; 1e-3 keeps the term of the
-            order of the cross-entropy for EfficientNet-Lite0 features (||f||^2 ~ 100-1000).
+        weight: lambda. No published value is for fine-tuning (the authors' code trains networks from scratch, with
+            0.02 or 0.005 for SGM); 1e-3 keeps the term of the order of the cross-entropy for EfficientNet-Lite0
+            features (||f||^2 ~ 100-1000).
         weighting: ``"none"`` or ``"sgm"``.
 
     Shape:
@@ -305,12 +307,13 @@ class FeatureNormPenalty(_Logged):
 
 @register_regularizer("maxent")
 class MaxEntropy(_Logged):
-    """Maximum-entropy confidence penalty (Dubey et al., NeurIPS 2018, arXiv 1809.05934; methods.md §4).
+    """Maximum-entropy confidence penalty (Dubey et al., NeurIPS 2018, arXiv 1809.05934; see docs/methods/maxent.md).
 
     L = -gamma * mean_b :func:`prediction_entropy` (logits_b); gradients flow through the softmax.
 
     Args:
-        gamma: Weight; the paper's values are UNVERIFIED, 0.1 is the spec's suggestion (grid 0.01, 0.1, 0.5, 1).
+        gamma: Weight; the paper's per-dataset values were not checked, 0.1 is our starting point (try 0.01, 0.1,
+            0.5, 1 on validation).
 
     Shape:
         step.logits (B, C) -> scalar.
@@ -352,12 +355,12 @@ class _HeadPenalty(_Logged):
 
 @register_regularizer("head_l1")
 class HeadL1(_HeadPenalty):
-    """L1 penalty on the classifier weights (the CAM study's sparse head; methods.md §7.5).
+    """L1 penalty on the classifier weights (the CAM study's sparse head; see docs/methods/head-penalties.md).
 
     lambda_1 * :func:`head_l1` of the head's (C, D) weight (bias excluded).
 
     Args:
-        weight: lambda_1 (UNVERIFIED in the study; 1e-4 is a mild default for D = 1280).
+        weight: lambda_1 (the study's values were not checked; 1e-4 is a mild default for D = 1280).
 
     Reduction:
         Sum over all weights.
@@ -372,7 +375,7 @@ class HeadL1(_HeadPenalty):
 
 @register_regularizer("head_l2")
 class HeadL2(_HeadPenalty):
-    """L2 penalty on the classifier weights (methods.md §7.5; TLlib's head term of §6.1 is this with 0.5 * 0.01).
+    """L2 penalty on the classifier weights (TLlib's L2-SP head term is this with 0.5 * 0.01).
 
     lambda_2 * :func:`head_l2` of the head's (C, D) weight (bias excluded).
 
@@ -392,7 +395,7 @@ class HeadL2(_HeadPenalty):
 
 @register_regularizer("head_neg")
 class HeadNegativePenalty(_HeadPenalty):
-    """Penalty on negative classifier weights: lambda * :func:`negative_weight_penalty` of the head (methods.md §7.5).
+    """Penalty on negative classifier weights: lambda * :func:`negative_weight_penalty` of the head.
 
     The CAM study finds that negative weights falling on the foreground hurt localization; this term discourages
     them. It is the library's reading (no public code defines it), offered as an option next to L1 / L2.
