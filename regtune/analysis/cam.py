@@ -1,10 +1,11 @@
 """Class activation maps: the classic CAM of GAP + linear heads with its sign split, and Grad-CAM & co. through the
-``grad-cam`` package for architectures where CAM does not apply (methods.md §7.1, §7.5).
+``grad-cam`` package for architectures where CAM does not apply. Definitions and conventions:
+docs/methods/analysis-metrics.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ __all__ = ["CamMaps", "NotAGapLinearHead", "class_activation_maps", "grad_cam", 
 
 class NotAGapLinearHead(ValueError):
     """The model's head is not global average pooling followed by one linear layer, so the classic CAM is not its
-    class score map; use :func:`grad_cam` instead."""
+    class score map; use [`grad_cam`][regtune.analysis.cam.grad_cam] instead."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,16 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, classes: torch
         images: Input batch.
         classes: Class per image (e.g. the ground truth for GT-known localization); ``None`` takes the prediction.
         check: Verify that ``classifier(mean over positions of A) == logits``; a head with anything else between
-            pooling and the linear layer (a norm, an MLP) raises :class:`NotAGapLinearHead`.
+            pooling and the linear layer (a norm, an MLP) raises
+            [`NotAGapLinearHead`][regtune.analysis.cam.NotAGapLinearHead].
 
     Returns:
-        :class:`CamMaps` (sum over channels, not the mean of the reference evaluator: the same map up to 1/D, which
-        min-max normalisation removes).
+        [`CamMaps`][regtune.analysis.cam.CamMaps] (sum over channels, not the mean of the reference evaluator: the
+        same map up to 1/D, which min-max normalisation removes).
+
+    Raises:
+        NotAGapLinearHead: ``forward_features`` does not give a (B, D, h, w) map, the classifier is not a Linear
+            layer on its D channels, or (with ``check``) the logits are not that layer on the pooled map.
     """
     mode = model.training
     model.eval()
@@ -85,12 +91,20 @@ def class_activation_maps(model: nn.Module, images: torch.Tensor, classes: torch
     return CamMaps(cam=cam, positive=positive, negative=negative, classes=classes, logits=logits)
 
 
-def vit_reshape_transform(model: nn.Module, image_size: Sequence[int] | None = None):
+def vit_reshape_transform(model: nn.Module, image_size: Sequence[int] | None = None
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Tokens (B, N, C) -> (B, C, h, w) for ``grad-cam``, with the model's own patch grid and prefix tokens.
 
     Args:
+        model: timm ViT (``patch_embed.grid_size``, ``num_prefix_tokens``).
         image_size: ``(H, W)`` of the input: the grid is the patch embedding's grid for that size (timm's
             ``dynamic_feat_size``; a model run at another resolution than it was built for). ``None``: the built grid.
+
+    Returns:
+        The transform; it drops the prefix tokens and raises ``ValueError`` when the rest do not fill the grid.
+
+    Raises:
+        ValueError: the model has no ``patch_embed.grid_size``.
     """
     embed = getattr(model, "patch_embed", None)
     grid = getattr(embed, "grid_size", None)
@@ -122,11 +136,15 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: Sequence[int] | to
         method: ``"gradcam"``, ``"gradcam++"``, ``"hirescam"``, ``"xgradcam"``, ``"eigencam"``, ``"layercam"``.
         target_layer: Layer whose activations are used; default: a ViT's last block's first norm, else the last
             ``feature_info`` stage.
-        reshape_transform: Tokens -> map; default for a ViT: :func:`vit_reshape_transform`.
+        reshape_transform: Tokens -> map; default for a ViT:
+            [`vit_reshape_transform`][regtune.analysis.cam.vit_reshape_transform].
 
     Returns:
         (B, H, W) maps at the input resolution in [0, 1] (the package's own upsampling and normalisation). The
         package's hooks are released on return (it is used as a context manager).
+
+    Raises:
+        ValueError: unknown ``method``, or no ``target_layer`` given for a CNN without ``feature_info``.
     """
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

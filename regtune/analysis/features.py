@@ -1,7 +1,8 @@
-"""Feature statistics that explain a regularizer (methods.md §9): norms, entropies, mutual information, overlap.
+"""Feature statistics that explain a regularizer: norms, entropies, mutual information, margins, overlap.
 
 Every function takes features already extracted (``(N, D)`` tensors, e.g. the pre-logits of a whole split with the
-evaluation transform) and returns plain Python numbers, computed in float64. Importable without Lightning.
+evaluation transform) and returns plain Python numbers, computed in float64. Importable without Lightning. Each
+quantity's equation, reading and sources: docs/methods/analysis-metrics.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def _matrix(features: torch.Tensor) -> torch.Tensor:
 
 
 def feature_norms(features: torch.Tensor) -> dict[str, float]:
-    """The three feature-norm variants of the papers' code (methods.md §9.1), named.
+    """The three feature-norm variants of the papers' code, each under its own name.
+
+    Args:
+        features: Features f, one row per sample.
+
+    Shape:
+        features: (N, D).
 
     Returns:
         ``per_sample_l2``: mean_b ||f_b||_2 (the usual "feature norm"); ``batch_mean_l2``: ||mean_b f_b||_2
@@ -43,16 +50,29 @@ def feature_norms(features: torch.Tensor) -> dict[str, float]:
 
 
 def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024, max_bytes: int = 2**28) -> float:
-    r"""MeanNN differential entropy without its constant (Faivishevsky & Goldberger, NIPS 2008; methods.md §9.2).
+    r"""MeanNN differential entropy without its additive constant (Faivishevsky & Goldberger, NIPS 2008).
 
-    .. math::
-
-        \hat H(F) = \frac{D}{N(N-1)} \sum_{i \ne j} \log \lVert f_i - f_j + \epsilon \rVert_2
+    $$
+    \hat H(F) = \frac{D}{N(N-1)} \sum_{i \ne j} \log \lVert f_i - f_j + \epsilon \rVert_2
+    $$
 
     in float64, by chunks of rows: each chunk's differences (rows x N x D) stay under ``max_bytes`` (256 MiB; the
-    chunk shrinks below ``chunk`` rows for large N x D). ``eps`` is added to each difference (as
-    ``torch.nn.functional.pairwise_distance``, AdaRand's code) so duplicates do not give log 0. Values compare only
-    at the same N and D (the dropped constant depends on both).
+    chunk shrinks below ``chunk`` rows for large N x D). ``eps`` is added to each coordinate of each difference (as
+    ``torch.nn.functional.pairwise_distance``, AdaRand's code) so duplicates do not give log 0. The dropped constant,
+    1 + log V_D with V_D the volume of the unit D-ball, depends on D only; the estimator's bias depends on N and on
+    the distribution, so values compare only at the same N and D (docs/methods/analysis-metrics.md).
+
+    Args:
+        features: Features f, one row per sample.
+        eps: Added to every coordinate of a difference before its norm.
+        chunk: Most rows of differences held at once.
+        max_bytes: Memory bound of one chunk of differences.
+
+    Shape:
+        features: (N, D) with N >= 2.
+
+    Returns:
+        The estimate in nats, without the constant.
 
     Raises:
         ValueError: fewer than 2 samples.
@@ -75,10 +95,22 @@ def meannn_entropy(features: torch.Tensor, eps: float = 1e-6, chunk: int = 1024,
 
 def mutual_information(features: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6,
                        chunk: int = 1024) -> dict[str, Any]:
-    r"""I(F; Y) = H(F) - sum_c (N_c / N) H(F_c) with the MeanNN estimator (methods.md §9.3).
+    r"""I(F; Y) = H(F) - sum_c (N_c / N) H(F_c) with the MeanNN estimator.
 
-    Classes with fewer than 2 samples cannot have an entropy: they are left out of both terms (the marginal is taken
-    over the kept samples, so the two terms see the same data) and listed under ``skipped_classes``.
+    H is [`meannn_entropy`][regtune.analysis.features.meannn_entropy]. Classes with fewer than 2 samples cannot
+    have an entropy: they are left out of both terms (the marginal is taken over the kept samples, so the two terms
+    see the same data) and listed under ``skipped_classes``. The dropped constant is the same in every term and
+    cancels. The value ranks runs measured on the same samples; it is not bounded by log C as a true mutual
+    information with C classes is (docs/methods/analysis-metrics.md).
+
+    Args:
+        features: Features f, one row per sample.
+        labels: Integer class of each sample.
+        eps: See [`meannn_entropy`][regtune.analysis.features.meannn_entropy].
+        chunk: See [`meannn_entropy`][regtune.analysis.features.meannn_entropy].
+
+    Shape:
+        features: (N, D). labels: (N,).
 
     Returns:
         ``{"marginal", "conditional", "mi", "n", "d", "classes", "skipped_classes"}``.
@@ -101,7 +133,20 @@ def mutual_information(features: torch.Tensor, labels: torch.Tensor, eps: float 
 
 
 def fmr_entropy(features: torch.Tensor, tau: float = 1.0) -> dict[str, float]:
-    """FMR's channel-softmax entropy, mean over samples, and its value over H_max = log D (methods.md §9.4).
+    """FMR's channel-softmax entropy, mean over samples, and its value over H_max = log D.
+
+    Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672: the per-sample entropy of
+    softmax(f / tau) across the D channels (``regtune.regularizers.functional.channel_entropy``).
+
+    Args:
+        features: Features f, one row per sample.
+        tau: Softmax temperature (FMR's code measures with 1).
+
+    Shape:
+        features: (N, D) with D >= 2.
+
+    Returns:
+        ``{"entropy", "normalized", "h_max"}``: the mean entropy in nats, its value over log D, and log D.
 
     Raises:
         ValueError: D = 1: the softmax over one channel is 1, its entropy 0 and H_max = log 1 = 0, so the normalised
@@ -135,14 +180,19 @@ def _channel_scores(features: torch.Tensor, labels: torch.Tensor, weight: torch.
 def topk_overlap(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, weight: torch.Tensor, k: int = 10, per_class: bool = True,
                  weighting: str = "abs_weight") -> dict[str, float]:
-    r"""Top-k train/test feature overlap (FMR's analysis; methods.md §9.5 — the library's reading, UNVERIFIED).
+    r"""Top-k train/test feature overlap: regtune's reading of an FMR-paper analysis that has no published definition.
 
-    For each class c, channel k is scored on a split S by s_{S,c}(k) = |w_{c,k}| * mean_{x in S, y = c} f_k(x);
+    For each class c, channel d is scored on a split S by s_{S,c}(d) = |w_{c,d}| * mean_{x in S, y = c} f_d(x);
     T_{S,c} are the k best channels; overlap_c = |T_train,c ∩ T_test,c| / k. The weighted variant sums the
     train scores of the shared channels, each divided by the sum of the k best train scores. Both are averaged
-    over the classes present in both splits.
+    over the classes present in both splits. ``weighting`` and ``per_class`` change the reading
+    (docs/methods/analysis-metrics.md).
 
     Args:
+        train_features: Training features, (N, D).
+        train_labels: Their classes, (N,).
+        test_features: Test features, (M, D).
+        test_labels: Their classes, (M,).
         weight: The head's (C, D) weight.
         k: Channels per class.
         per_class: Score with the class's own samples (``False``: the mean over all samples, one ranking shared by
@@ -177,7 +227,15 @@ def topk_overlap(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def head_weight_stats(weight: torch.Tensor, zero_threshold: float = 1e-3, bins: int = 50) -> dict[str, Any]:
-    """Head-weight statistics of the CAM study (methods.md §7.5).
+    """Statistics of the head's weights that relate to its CAMs: sparsity, sign, L1 / L2, histogram.
+
+    Args:
+        weight: The head's weight W, one row per class.
+        zero_threshold: A weight with ``|w| < zero_threshold`` counts as zero (absolute, not relative to W's scale).
+        bins: Bins of the histogram, equal, from the smallest to the largest weight.
+
+    Shape:
+        weight: (C, D).
 
     Returns:
         ``sparsity`` (share of |w| < ``zero_threshold``), ``negative_share`` (share of w < 0), ``positive_l1_share``
@@ -201,7 +259,19 @@ def head_weight_stats(weight: torch.Tensor, zero_threshold: float = 1e-3, bins: 
 
 
 def margin_stats(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> dict[str, Any]:
-    """Sample margins (cosine form) and the head's class margin (methods.md §9.6, §5.2).
+    """Sample margins (cosine form) and the head's class margin.
+
+    Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589: with
+    cosines between normalised features and normalised head rows (no bias), the sample margin is
+    cos_y - max_{j != y} cos_j and the class margin the smallest angle between two normalised rows.
+
+    Args:
+        features: Features f, one row per sample.
+        labels: Integer class of each sample.
+        weight: The head's weight W, one row per class (C >= 2).
+
+    Shape:
+        features: (N, D). labels: (N,). weight: (C, D).
 
     Returns:
         ``margin_mean``, ``margin_min``, ``margin_median``, ``class_margin_deg``, ``centroid_norm`` (norm of the mean

@@ -1,10 +1,11 @@
-"""Localization from class activation maps, with the reference evaluator's conventions (methods.md §7.1-§7.4).
+"""Localization from class activation maps, with the conventions of the reference evaluator.
 
 Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right", CVPR 2020 (``clovaai/wsolevaluation``):
 a CAM is upsampled bicubically to the image size and min-max normalised; at threshold tau the uint8 map is
 binarised (strictly above ``int(tau * max)``), its contours give boxes (the largest contour for MaxBoxAcc, every
 contour for MaxBoxAccV2), and a box is correct when its IoU with a ground-truth box, counted in inclusive pixels,
-reaches delta. Boxes are ``(x0, y0, x1, y1)`` in pixels, both ends inclusive.
+reaches delta. Boxes are ``(x0, y0, x1, y1)`` in pixels, both ends inclusive. The equations, and where regtune
+departs from the reference: docs/methods/analysis-metrics.md.
 """
 
 from __future__ import annotations
@@ -28,10 +29,20 @@ __all__ = [
 
 
 def normalize_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic upsampling to ``size = (height, width)``, then min-max to [0, 1]; a constant or NaN map gives zeros.
+    """Bicubic upsampling to ``size = (height, width)``, then min-max to ``[0, 1]``; a constant or NaN map gives zeros.
 
     Same as the reference (``cv2.INTER_CUBIC``, then ``normalize_scoremap``), except that constancy is also checked
     before the resize, where the reference would normalise the resize's rounding noise.
+
+    Args:
+        cam: A class activation map at the feature-map resolution.
+        size: ``(height, width)`` of the output, the image's size.
+
+    Shape:
+        cam: (h, w). Output: (height, width), float32.
+
+    Raises:
+        ValueError: ``cam`` is not 2-D.
     """
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
@@ -51,9 +62,13 @@ def normalize_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def boxes_from_cam(cam: np.ndarray, threshold: float, all_contours: bool = False) -> np.ndarray:
     """Boxes of the regions of a normalised CAM above ``threshold`` (a fraction of its maximum).
 
+    The map is quantised to uint8 (``int(255 * cam)``) and binarised strictly above ``int(threshold * max)``; the
+    box of a contour is ``cv2.boundingRect``'s ``(x, y, w, h)`` as ``(x, y, x + w, y + h)``, one pixel past the
+    region on the right and bottom as in the reference.
+
     Args:
-        cam: (H, W) map in [0, 1] (see :func:`normalize_cam`).
-        threshold: tau in [0, 1).
+        cam: (H, W) map in ``[0, 1]`` (see [`normalize_cam`][regtune.analysis.localization.normalize_cam]).
+        threshold: tau in ``[0, 1)``.
         all_contours: One box per contour (MaxBoxAccV2) instead of the largest contour's box only (MaxBoxAcc).
 
     Returns:
@@ -78,6 +93,10 @@ def boxes_from_cam(cam: np.ndarray, threshold: float, all_contours: bool = False
 def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     """IoU of every pair, with inclusive pixel boxes: area = (x1 - x0 + 1)(y1 - y0 + 1).
 
+    Args:
+        boxes_a: Boxes ``(x0, y0, x1, y1)``.
+        boxes_b: Boxes ``(x0, y0, x1, y1)``.
+
     Shape:
         boxes_a: (N, 4). boxes_b: (M, 4). Output: (N, M).
     """
@@ -95,7 +114,14 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BoxAccuracy:
-    """BoxAcc(tau, delta) over a set of images, and its maximum over tau per delta."""
+    """BoxAcc(tau, delta) over a set of images, and its maximum over tau per delta.
+
+    Attributes:
+        thresholds: The tau grid.
+        iou_thresholds: The delta values.
+        accuracy: BoxAcc as fractions, (len(tau), len(delta)).
+        all_contours: Whether every contour's box counted (MaxBoxAccV2) or the largest contour's only.
+    """
 
     thresholds: np.ndarray  # tau grid
     iou_thresholds: tuple[float, ...]  # delta values
@@ -103,9 +129,11 @@ class BoxAccuracy:
     all_contours: bool
 
     def max_box_acc(self, delta: float = 0.5) -> float:
+        """MaxBoxAcc(delta): the largest BoxAcc over the tau grid; ``delta`` must be one of ``iou_thresholds``."""
         return float(self.accuracy[:, self.iou_thresholds.index(delta)].max())
 
     def best_threshold(self, delta: float = 0.5) -> float:
+        """The first tau of the grid at which BoxAcc(tau, delta) reaches MaxBoxAcc(delta)."""
         return float(self.thresholds[int(self.accuracy[:, self.iou_thresholds.index(delta)].argmax())])
 
     @property
@@ -119,11 +147,17 @@ def box_accuracy(cams: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], int
     """BoxAcc(tau, delta) = share of images whose best box matches a ground-truth box with IoU >= delta.
 
     Args:
-        cams: Normalised CAMs (H, W) in [0, 1], each at its image's size.
+        cams: Normalised CAMs (H, W) in ``[0, 1]``, each at its image's size.
         gt_boxes: Per image, the (G, 4) ground-truth boxes in the same pixel frame.
         interval: Step of the tau grid ``0, interval, ..., < 1`` (the reference: 0.01 standalone, 0.001 in training).
         iou_thresholds: delta values.
         all_contours: Every contour's box (V2) or the largest contour's only.
+
+    Returns:
+        The [`BoxAccuracy`][regtune.analysis.localization.BoxAccuracy] over the grid.
+
+    Raises:
+        ValueError: no CAM, or not one ground-truth box set per CAM.
     """
     if len(cams) != len(gt_boxes) or not cams:
         raise ValueError(f"need one ground-truth box set per CAM, got {len(cams)} CAMs and {len(gt_boxes)} sets")
@@ -151,10 +185,26 @@ def max_box_acc_v2(cams: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], i
 def localization_accuracy(gt_class_cams: Sequence[np.ndarray], predicted_class_cams: Sequence[np.ndarray],
                           correct: Sequence[bool], gt_boxes: Sequence[np.ndarray], threshold: float = 0.2,
                           delta: float = 0.5) -> dict[str, float]:
-    """GT-known Loc and Top-1 Loc at a fixed threshold (methods.md §7.4; tau = 0.2 of the max by default).
+    """GT-known Loc and Top-1 Loc at a fixed threshold (tau = 0.2 of the max by default).
 
     GT-known Loc: the CAM of the true class gives a (largest-contour) box with IoU >= delta. Top-1 Loc: the image is
-    classified correctly and the CAM of the predicted class localises it.
+    classified correctly and the CAM of the predicted class localises it. The reference evaluator has neither (it
+    reports MaxBoxAcc only); both use its binarisation and box rule. 0.2 of the maximum is the threshold commonly
+    used since the CAM paper; papers do not always state theirs, hence a parameter.
+
+    Args:
+        gt_class_cams: Normalised CAMs of the true classes, one per image.
+        predicted_class_cams: Normalised CAMs of the predicted classes.
+        correct: Whether each image is classified correctly.
+        gt_boxes: Per image, the (G, 4) ground-truth boxes.
+        threshold: tau, a fraction of each map's maximum.
+        delta: The IoU a box needs.
+
+    Returns:
+        ``{"gt_known_loc", "top1_loc", "threshold", "delta"}``.
+
+    Raises:
+        ValueError: the four sequences differ in length, or are empty.
     """
     n = len(gt_class_cams)
     if not n or not len(predicted_class_cams) == len(correct) == len(gt_boxes) == n:

@@ -1,9 +1,9 @@
-"""`regtune analyze`: the feature statistics of a finished run (methods.md §9) on its training subset and test set.
+"""`regtune analyze`: the feature statistics of a finished run on its training subset and test set.
 
 Loads the run's selected checkpoint with the run's own config, split and evaluation transform, extracts the
 penultimate features and logits, and measures feature norms, FMR entropy, MeanNN entropy and I(F;Y), margins, top-k
 train/test overlap and head-weight statistics. Writes ``analysis.json`` and ``analysis.png`` into the run
-directory.
+directory. What each value means: docs/methods/analysis-metrics.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The run's selected checkpoint is loaded with its own config. For localization the image is resized to a square of
 the run's input size without cropping and its boxes are scaled the same way, as the reference evaluator
 (``clovaai/wsolevaluation``: ``transforms.Resize((224, 224))`` and ``resize_bbox``, coordinates truncated to
-integers) does; the metrics are those of :mod:`regtune.analysis.localization` (methods.md §7).
+integers) does; the metrics are those of :mod:`regtune.analysis.localization`, defined in
+docs/methods/analysis-metrics.md.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, items: Sequence[int] | None = None,
                           source: str = "cam", threshold: float = 0.2, interval: float = 0.01,
                           batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
-    """Localization of ``model``'s CAMs on ``dataset``'s ground-truth boxes (methods.md §7.3, §7.4).
+    """Localization of ``model``'s CAMs on ``dataset``'s ground-truth boxes (MaxBoxAcc, MaxBoxAccV2, GT-known and
+    Top-1 Loc; docs/methods/analysis-metrics.md).
 
     Args:
         model: Trained timm model (eval mode is set here).
@@ -115,8 +117,8 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
         size: Input resolution (square, no crop).
         items: Indices of the dataset to use (default: all).
         source: See :data:`SOURCES`; ``"positive"`` localises with CAM⁺ alone.
-        threshold: Fixed tau of GT-known Loc and Top-1 Loc (0.2 of the max: the classic CAM setting, a value the
-            papers do not state; UNVERIFIED in methods.md §7.4, hence a parameter).
+        threshold: Fixed tau of GT-known Loc and Top-1 Loc (0.2 of the max: the threshold commonly used since the
+            CAM paper; papers do not always state theirs, hence a parameter).
         interval: Step of the tau grid of MaxBoxAcc / MaxBoxAccV2.
 
     Returns:

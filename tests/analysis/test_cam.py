@@ -1,4 +1,4 @@
-"""CAM and its sign split (methods.md §7.1, §7.5); Grad-CAM on a ViT with the model's own token grid."""
+"""CAM and its sign split CAM = CAM+ + CAM-; Grad-CAM on a ViT with the model's own token grid."""
 
 from __future__ import annotations
 

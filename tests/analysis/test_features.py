@@ -1,4 +1,4 @@
-"""Feature statistics (methods.md §9) against hand values and plain NumPy."""
+"""Feature statistics (norms, entropies, I(F;Y), overlap, head weights, margins) against hand values and NumPy."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def test_feature_norms_hand_values() -> None:
     assert norms == {"per_sample_l2": 2.5, "batch_mean_l2": 2.5, "mean_abs": 1.75}
 
 
-def test_meannn_spec_case_and_numpy() -> None:
-    assert meannn_entropy(torch.tensor([[0.0], [2.0]])) == pytest.approx(math.log(2.0), abs=1e-6)  # methods.md §11
+def test_meannn_hand_case_and_numpy() -> None:
+    # N = 2, D = 1, f = (0, 2): 1 / (2 * 1) * (log 2 + log 2) = log 2 (eps shifts the two differences oppositely)
+    assert meannn_entropy(torch.tensor([[0.0], [2.0]])) == pytest.approx(math.log(2.0), abs=1e-6)
     rng = np.random.default_rng(0)
     f = rng.normal(size=(7, 3))
     expected = 3 / (7 * 6) * sum(np.log(np.linalg.norm(f[i] - f[j] + 1e-6)) for i in range(7) for j in range(7)
@@ -59,9 +60,10 @@ def test_mutual_information_matches_numpy_and_skips_singletons() -> None:
     assert result["mi"] == pytest.approx(marginal - conditional, rel=1e-12) and result["mi"] > 0  # separated classes
 
 
-def test_fmr_entropy_uniform_and_spec_case() -> None:
+def test_fmr_entropy_uniform_and_hand_case() -> None:
     assert fmr_entropy(torch.zeros(4, 16)) == {"entropy": pytest.approx(math.log(16)), "normalized": pytest.approx(1.0),
                                                "h_max": pytest.approx(math.log(16))}
+    # f = (0, log 3): p = (1/4, 3/4), H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335
     assert fmr_entropy(torch.tensor([[0.0, math.log(3.0)]]))["entropy"] == pytest.approx(0.562335, abs=1e-6)
 
 

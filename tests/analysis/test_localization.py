@@ -1,4 +1,4 @@
-"""Localization metrics with the reference evaluator's conventions (methods.md §7.2-§7.4)."""
+"""Localization metrics with the reference evaluator's conventions: box at tau, inclusive-pixel IoU, BoxAcc."""
 
 from __future__ import annotations
 
