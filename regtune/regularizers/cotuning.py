@@ -1,4 +1,4 @@
-"""Co-Tuning: keep the pretrained source head predicting what the target labels imply (methods.md §6.4)."""
+"""Co-Tuning: keep the pretrained source head predicting what the target labels imply (docs/methods/co-tuning.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = ["CoTuning", "class_relationship", "co_tuning_loss", "relationship_fro
 
 
 def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    r"""Co-Tuning's target-to-source relationship: the mean source-class distribution per target class (§6.4).
+    r"""Co-Tuning's target-to-source relationship: the mean source-class distribution per target class.
 
     You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020.
 
@@ -69,7 +69,7 @@ def relationship_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Te
 
 def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor | None, relationship: torch.Tensor,
                    targets: torch.Tensor | None = None) -> torch.Tensor:
-    r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning, §6.4).
+    r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning).
 
     .. math::
 

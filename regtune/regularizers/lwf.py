@@ -1,4 +1,4 @@
-"""LwF: distil the pretrained source head's predictions into the fine-tuned network (methods.md §6.7)."""
+"""LwF: distil the pretrained source head's predictions into the fine-tuned network (docs/methods/lwf.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = ["LearningWithoutForgetting", "distillation_loss"]
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 3.0) -> torch.Tensor:
-    r"""KL divergence of the student's tempered distribution from the teacher's (LwF, methods.md §6.7).
+    r"""KL divergence of the student's tempered distribution from the teacher's (LwF).
 
     Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282.
 
@@ -66,8 +66,9 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
     Teacher (``teacher``):
 
     - ``"cached"`` (default; TLlib's protocol, cost-free per step): computed once by :meth:`setup` for every
-      training image and looked up by its index. TLlib records them under ONE random training augmentation (methods.md
-      §6.9); regtune uses the deterministic evaluation view, so the stored target does not depend on a random draw.
+      training image and looked up by its index. TLlib records them under ONE random training augmentation per
+      image; regtune uses the deterministic evaluation view, so the stored target does not depend on a random draw
+      (see docs/methods/lwf.md, "Readings we chose").
     - ``"online"``: a frozen copy of the pretrained network runs on each augmented batch, so teacher and student see
       the same view (exact; one extra forward pass per step).
 

@@ -1,4 +1,4 @@
-"""StochNorm: BatchNorm that mixes moving and batch statistics per channel at random (methods.md §6.5)."""
+"""StochNorm: BatchNorm that mixes moving and batch statistics per channel at random (docs/methods/stochnorm.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["StochNorm", "StochNormMixin", "convert_stochnorm", "stochastic_batch
 def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                           weight: torch.Tensor | None, bias: torch.Tensor | None, mask: torch.Tensor,
                           momentum: float, eps: float) -> torch.Tensor:
-    r"""StochNorm's training-mode normalisation (Kou, You, Long, Wang, NeurIPS 2020; methods.md §6.5).
+    r"""StochNorm's training-mode normalisation (Kou, You, Long, Wang, NeurIPS 2020).
 
     .. math::
 
