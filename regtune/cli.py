@@ -187,7 +187,8 @@ def _add_fit(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     bench = _subcommand(sub, "bench", "run a grid of methods x datasets x fractions x seeds and report it")
-    bench.add_argument("grid", type=Path, help="grid YAML (see benchmarks/*.yaml)")
+    bench.add_argument("grid", help="a grid YAML file, or the name of a grid shipped with regtune, e.g. quick (see "
+                                    "`regtune list grids`)")
     bench.add_argument("--out", type=Path, help="output folder (default: the grid's 'out' or runs/bench/<name>)")
     bench.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
     bench.add_argument("--report-only", action="store_true", help="aggregate the finished runs, run nothing")
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
-    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights"])
+    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights", "grids"])
     return parser
 
 
@@ -602,6 +603,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         width = max(map(len, RECIPES))
         names = [f"{name:<{width}}  {recipe.summary}" for name, recipe in RECIPES.items()]
+    elif args.what == "grids":
+        from regtune.bench.shipped import grid_description, shipped_grids
+
+        grids = shipped_grids()
+        width = max(map(len, grids), default=0)
+        names = [f"{name:<{width}}  {grid_description(path)}" for name, path in grids.items()]
     elif args.what == "offline-weights":
         # find_spec on a top-level name looks for the package without importing it (as has_offline_weights does)
         names = [f"{name}  ({package}; {'installed' if importlib.util.find_spec(module) else 'not installed'})"

@@ -1,6 +1,7 @@
 """Benchmark grids: methods x datasets x fractions x seeds (x any config field), run, skipped when done, resumed.
 
-A grid file (YAML)::
+A grid is a YAML file, or the name of one shipped with regtune (``regtune list grids``; their files are
+``regtune/grids/<name>.yaml``, worked examples of everything below)::
 
     name: fmnist-quick                  # output folder name (default: the file's stem)
     out: runs/bench/fmnist-quick        # optional; default runs/bench/<name>
@@ -59,6 +60,7 @@ from typing import Any
 import yaml
 
 from regtune._io import atomic_write_json, atomic_write_text
+from regtune.bench.shipped import resolve_grid
 from regtune.train.config import FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
 
@@ -114,17 +116,21 @@ def _label(value: Any) -> str:
     return text if text else "none"
 
 
-def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
-    """Read and check a grid file.
+def load_grid(grid: str | Path, out: str | Path | None = None) -> Grid:
+    """Read and check a grid: a grid file, or the name of a grid shipped with regtune (``"quick"``; see
+    :mod:`regtune.bench.shipped`). An existing file of that name comes first.
+
+    Args:
+        grid: Path of a grid YAML, or a shipped grid's name (``regtune list grids``).
+        out: Output folder instead of the grid's ``out`` (default ``runs/bench/<name>``).
 
     Raises:
+        UnknownGridError: ``grid`` is neither a file nor a shipped grid (the message lists the shipped names).
         GridError: unknown keys, no methods, an axis without values, a baseline that is not a method, or a method
             or base config that is not a valid fit config.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise GridError(f"grid file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    path = resolve_grid(grid)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return grid_from_dict(data, default_name=path.stem, out=out)
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from regtune.bench.aggregate import collect_grid, write_report
 from regtune.bench.grid import GridError, expand, grid_from_dict, load_grid, parse_shard, run_grid
+from regtune.bench.shipped import grid_description, shipped_grids
 from regtune.cli import main
 from regtune.train.config import ModelConfig, OptimConfig, TrainerConfig
 from regtune.train.fit import fit
@@ -260,11 +261,12 @@ def test_cli_bench_shard_runs_its_share_and_says_what_is_missing(tmp_path: Path,
 
 
 def test_shipped_grids_parse_and_cover_the_methods() -> None:
-    shipped = sorted((Path(__file__).parents[2] / "benchmarks").glob("*.yaml"))
-    assert shipped, "benchmarks/*.yaml missing"
-    for path in shipped:
-        grid = load_grid(path)
+    shipped = shipped_grids()
+    assert "quick" in shipped, "regtune/grids/quick.yaml missing"
+    for path in shipped.values():
+        grid = load_grid(path.stem)
         runs = list(expand(grid))
+        assert grid_description(path).endswith(f"({len(runs)} runs)"), (path.name, len(runs))  # `regtune list grids`
         names = {t.name for r in runs for t in r.config.regularizers} | {r.config.criterion.name for r in runs}
         if path.stem == "quick":  # the README's comparison: the default against LP, FT, FMR and AdaRand on it
             configs = {r.method: r.config for r in runs}
