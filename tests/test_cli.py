@@ -93,7 +93,7 @@ def test_bad_images_are_all_named_before_training_and_the_advice_works(imagefold
     code, _, err = run(capsys, *command)
     assert code == 2 and "3 image(s) of imagefolder" in err and "checked before training" in err
     for name in ("test/class_1/2.png", "train/class_0/5.png", "train/class_2/0.png"):
-        assert name in err, name  # every bad file at once, not the first a batch loads
+        assert f"{imagefolder / name}: " in err, name  # every bad file at once, by path, not the first a batch loads
     assert not (tmp_path / "run").exists()  # nothing written
     assert "Nothing has been written: replace or delete them and run the same command again" in err
     for path in broken:  # following the advice: delete them, the same command again

@@ -222,8 +222,11 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
 def _check_images(train_set: ImageDataset, test_set: ImageDataset, split: Split, resume_from: RunDir | None) -> None:
     """Every image the run will read (its training and validation images, the test split), decoded once before
     anything is written or trained: every unreadable file is named at once, with advice that works."""
-    bad = [(f"{train_set.split}/{i}", why) for i, why in unreadable_images(train_set, [*split.train, *split.val])]
-    bad += [(f"{test_set.split}/{i}", why) for i, why in unreadable_images(test_set, range(len(test_set)))]
+    def where(dataset: ImageDataset, item: str) -> str:  # the file to act on (an index "split:i" without files)
+        return str(Path(dataset.root) / item) if dataset.root else item
+
+    bad = [(where(train_set, i), why) for i, why in unreadable_images(train_set, [*split.train, *split.val])]
+    bad += [(where(test_set, i), why) for i, why in unreadable_images(test_set, range(len(test_set)))]
     if not bad:
         return
     listed = "\n".join(f"  {name}: {why}" for name, why in bad[:50]) + (
