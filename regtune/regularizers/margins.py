@@ -434,7 +434,7 @@ class ZeroCentroidRegularizer(Regularizer):
 
     Args:
         weight: lambda_zc (the papers give none). Chosen on the validation split of Fashion-MNIST at 1 % (C = 10,
-            64 px, seeds 0-2; ``benchmarks/zero_centroid_tuning.yaml`` and ``zero_centroid_low_tuning.yaml``): 0.002,
+            64 px, seeds 0-2; the shipped grids ``zero_centroid_tuning`` and ``zero_centroid_low_tuning``): 0.002,
             0.005 and 0.01 tie within half a point of mean validation accuracy (73.9, 73.3, 73.9 %), 0.05 / 0.2 / 1
             fall to 66.7 / 62.8 / 35.6 %. As validation does not separate the three, the default keeps the
             strength of the earlier default at C = 10 (1.0 on the mean): 0.01. On the sum the pull grows with C^2:
