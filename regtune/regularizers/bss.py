@@ -1,4 +1,7 @@
-"""BSS: batch spectral shrinkage of the penultimate features (Chen et al., NeurIPS 2019; methods.md §6.3)."""
+"""BSS: batch spectral shrinkage of the penultimate features (Chen et al., NeurIPS 2019).
+
+User documentation: docs/methods/bss.md.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ __all__ = ["BatchSpectralShrinkage", "batch_spectral_shrinkage"]
 
 
 def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor:
-    r"""Sum of the k smallest squared singular values of the batch feature matrix (BSS, methods.md §6.3).
+    r"""Sum of the k smallest squared singular values of the batch feature matrix (BSS).
 
     Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
     Transfer Learning", NeurIPS 2019.

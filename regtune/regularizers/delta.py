@@ -1,7 +1,9 @@
-"""DELTA: feature-map behavioural regularization against the frozen pretrained network (methods.md §6.2).
+"""DELTA: feature-map behavioural regularization against the frozen pretrained network.
 
-Li, Xiong, Wang, Huan, Chen, Dou, "DELTA: Deep Learning Transfer using Feature Map with Attention for Convolutional
-Networks", ICLR 2019, arXiv 1901.09229.
+Li, Xiong, Wang, Rao, Liu, Chen, Huan, "DELTA: Deep Learning Transfer using Feature Map with Attention for
+Convolutional Networks", ICLR 2019, arXiv 1901.09229.
+
+User documentation: docs/methods/delta.md.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ _DELTA_BATCH_REDUCTIONS = ("sum", "mean")
 
 def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torch.Tensor | None = None,
                   normalize: bool = True, batch_reduction: str = "sum") -> torch.Tensor:
-    r"""Behavioural distance of one layer's feature maps to the frozen source network's (DELTA, methods.md §6.2).
+    r"""Behavioural distance of one layer's feature maps to the frozen source network's (DELTA).
 
-    Li, Xiong, Wang, Huan, Chen, Dou, "DELTA: Deep Learning Transfer using Feature Map with Attention for
+    Li, Xiong, Wang, Rao, Liu, Chen, Huan, "DELTA: Deep Learning Transfer using Feature Map with Attention for
     Convolutional Networks", ICLR 2019, arXiv 1901.09229.
 
     .. math::
@@ -93,7 +95,7 @@ def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torc
 
 
 def channel_attention(loss_increase: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
-    r"""DELTA's channel attention from the loss increase when each channel is zeroed (methods.md §6.2).
+    r"""DELTA's channel attention from the loss increase when each channel is zeroed.
 
     .. math::
 
@@ -219,8 +221,9 @@ class DELTA(LazyShapeMixin, Regularizer):
     Deviations from TLlib, all documented choices:
 
     - TLlib trains a whole classifier for 10 epochs before the ablation, with a line meant to freeze the backbone
-      that freezes nothing (methods.md §6.2); regtune trains the probe on frozen features, the evident intent, at
-      a small fraction of the cost.
+      that freezes nothing; the authors' code trains the last layer alone on the frozen backbone. regtune trains the
+      probe on frozen features, as the authors do, at a small fraction of the cost (docs/methods/delta.md,
+      'Readings we chose').
     - TLlib zeroes the output of the last convolution of each ResNet stage (before its BatchNorm and residual);
       regtune zeroes the stage output named by ``feature_info``, which exists for any timm CNN or ViT. For TLlib's
       exact layers pass their names, e.g. ``layers=["layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3",
@@ -243,7 +246,7 @@ class DELTA(LazyShapeMixin, Regularizer):
         batch_reduction: ``"sum"`` over the batch (TLlib; the term scales with the batch size) or ``"mean"``.
 
     Shape:
-        step.images (B, ...), step.feature_maps[layer] -> scalar.
+        ``step.images`` (B, ...), ``step.feature_maps[layer]`` -> scalar.
     """
 
     needs_setup_pass = True

@@ -1,4 +1,7 @@
-"""L2-SP: keep the backbone near its pretrained weights (Li, Grandvalet, Davoine, ICML 2018; methods.md §6.1)."""
+"""L2-SP: keep the backbone near its pretrained weights (Li, Grandvalet, Davoine, ICML 2018).
+
+User documentation: docs/methods/l2-sp.md.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def _check_pairs(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]
 
 
 def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
-    r"""Squared distance to the starting point, 1/2 sum_i ||w_i - w0_i||^2 (L2-SP, methods.md §6.1).
+    r"""Squared distance to the starting point, 1/2 sum_i ||w_i - w0_i||^2 (L2-SP).
 
     Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018,
     arXiv 1802.01483.
@@ -54,7 +57,7 @@ def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor
 
 
 def l2_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    r"""1/2 sum_i ||w_i||^2: the head term of L2-SP and DELTA (methods.md §6.1, Omega_head).
+    r"""1/2 sum_i ||w_i||^2: the head term of L2-SP and DELTA (Omega_head).
 
     Reduction:
         Summed over every entry of every parameter.
@@ -94,7 +97,7 @@ def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
 
 @register_regularizer("l2_sp")
 class L2SP(Regularizer):
-    """L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head (methods.md §6.1).
+    """L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head.
 
     L = alpha * :func:`l2_sp_penalty` (backbone parameters, their starting values w0) + beta * :func:`l2_penalty` (head
     parameters). The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update)
@@ -102,9 +105,11 @@ class L2SP(Regularizer):
     left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included (TLlib);
     BatchNorm running statistics are buffers and never count.
 
-    AMBIGUITY (methods.md §10 #14): the L2-SP paper is usually quoted with alpha = 0.1, beta = 0.01 (UNVERIFIED);
-    the defaults are TLlib's 0.01 / 0.01. TLlib trains L2-SP with weight decay 0: the optimizer's weight decay pulls
-    toward zero, against the starting point, so pass ``--weight-decay 0`` to reproduce it.
+    Defaults: the L2-SP paper is usually quoted with alpha = 0.1, beta = 0.01, the values of the TensorFlow script
+    that runs its experiments, which penalises convolution and linear kernels only (``exclude_norm=True,
+    exclude_bias=True``); the defaults here are TLlib's 0.01 / 0.01 on every backbone parameter (see
+    docs/methods/l2-sp.md, 'Readings we chose'). TLlib trains L2-SP with weight decay 0: the optimizer's weight decay
+    pulls toward zero, against the starting point, so pass ``--weight-decay 0`` to reproduce it.
 
     Args:
         alpha: Weight of the starting-point term.
