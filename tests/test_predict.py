@@ -184,12 +184,16 @@ def test_export_refuses_a_model_that_is_not_timms_architecture() -> None:
         _check_plain_timm(model, TINY_BACKBONE, 3, "run")
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (other readers refuse it)")
+
+
 def test_interpret_writes_its_tables_and_figures_and_they_agree_with_the_run(
         run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir, root = run
     assert main(["interpret", str(run_dir), "--out", str(tmp_path / "i"), "--top-losses", "5", "--bins", "10"]) == 0
     out = tmp_path / "i"
-    summary = json.loads((out / "interpret.json").read_text())
+    summary = json.loads((out / "interpret.json").read_text(), parse_constant=_not_json)  # strict JSON: no NaN
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert summary["n"] == 12 and round(summary["accuracy"] * 12) == round(metrics["test_acc"] * 12)
     with open(out / "confusion_matrix.csv", newline="") as f:
@@ -239,6 +243,8 @@ def test_expected_calibration_error_by_hand() -> None:
     ece, bins = expected_calibration_error(np.array([0.0, 0.5, 1.0]), np.array([False, True, True]), bins=2)
     assert [b["count"] for b in bins] == [2, 1]  # 0 joins the first bin; 0.5 closes it
     assert ece == pytest.approx(2 / 3 * abs(0.5 - 0.25) + 1 / 3 * 0.0)
+    _, bins = expected_calibration_error(np.array([0.2, 0.9]), np.array([False, True]), bins=4)
+    assert [b["count"] for b in bins] == [1, 0, 0, 1] and bins[1]["confidence"] is None is bins[2]["accuracy"]
 
 
 def test_an_export_that_differs_from_pytorch_is_an_error(run: tuple[Path, Path], tmp_path: Path,

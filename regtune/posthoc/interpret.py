@@ -26,10 +26,10 @@ _log = logging.getLogger(__name__)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
-                               ) -> tuple[float, list[dict[str, float]]]:
+                               ) -> tuple[float, list[dict[str, float | None]]]:
     """ECE over ``bins`` equal-width confidence bins (Guo et al., 2017): sum over bins of (n_b / N) |acc_b - conf_b|,
     a bin holding the confidences in (lo, hi] (the first also 0). Returns the ECE and the bins (count, mean
-    confidence, accuracy; ``nan`` for an empty bin)."""
+    confidence, accuracy; ``None`` for an empty bin, ``null`` in JSON)."""
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -38,8 +38,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     for b in range(bins):
         members = which == b
         n = int(members.sum())
-        conf = float(confidence[members].mean()) if n else float("nan")
-        acc = float(correct[members].mean()) if n else float("nan")
+        conf = float(confidence[members].mean()) if n else None
+        acc = float(correct[members].mean()) if n else None
         if n:
             ece += n / len(confidence) * abs(acc - conf)
         table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "confidence": conf,
@@ -146,7 +146,8 @@ def plot_reliability(table: list[dict[str, float]], ece: float, path: Path) -> N
     top.bar(centres, [b["accuracy"] if b["count"] else 0 for b in table], width=width * 0.95, color="tab:blue",
             edgecolor="black", label="accuracy")
     top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    top.plot(centres, [b["confidence"] for b in table], "o", color="crimson", ms=4, label="mean confidence")
+    confidences = [b["confidence"] if b["count"] else np.nan for b in table]
+    top.plot(centres, confidences, "o", color="crimson", ms=4, label="mean confidence")
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
     top.set_title(f"reliability diagram (ECE {100 * ece:.2f} %)")

@@ -212,7 +212,8 @@ class TrainerConfig:
         log_every_n_steps: Period of the per-step log (``steps.csv``).
         feature_stats: Also log, per epoch on the training and validation images, the mean feature norm, FMR's
             normalised channel entropy and the mean cosine sample margin, and the head's class margin
-            (docs/methods/analysis-metrics.md): the curves ``regtune analyze`` compares across runs. Costs a few vector operations per batch.
+            (docs/methods/analysis-metrics.md): the curves ``regtune analyze`` compares across runs. Costs a few
+            vector operations per batch.
         train_fraction: Share of each epoch's (shuffled) training batches to run, in (0, 1]: a step budget on large
             data (e.g. 0.25 of the 1,687 batches of full Fashion-MNIST); the schedule spans the shortened epochs.
         ema_decay: Also keep an exponential moving average of the weights (``torch.optim.swa_utils``, buffers
