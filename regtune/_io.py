@@ -1,4 +1,5 @@
-"""Atomic writes: a results file is written whole under a temporary name, then renamed over the old one.
+"""Reading YAML as people write it, and atomic writes: a results file is written whole under a temporary name, then
+renamed over the old one.
 
 A crash, a kill or a full disk mid-write leaves the previous file (or none), never a truncated one. The temporary
 name is unique per writer, so processes writing the same file at once (the shards of a grid writing its split
@@ -9,11 +10,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+import yaml
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "load_yaml"]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 (and everyone typing it) means: PyYAML follows
+    YAML 1.1, whose floats need a dot (``1.0e-3``), and would hand the string ``"1e-3"`` to a learning rate."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Safe YAML (no object construction) with YAML 1.2's exponent floats: ``load_yaml("1e-3") == 0.001``."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from regtune import __version__
+from regtune._io import load_yaml
 
 __all__ = ["build_parser", "main", "parse_term"]
 
@@ -113,7 +112,7 @@ def parse_term(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected key=value in {text!r}, got {item!r}")
-        args[key.strip()] = yaml.safe_load(value)
+        args[key.strip()] = load_yaml(value)
     return {"name": name.strip(), "args": args}
 
 
@@ -373,12 +372,12 @@ def _fit_config(args: argparse.Namespace) -> Any:
     if args.feature_stats:
         overrides["trainer.feature_stats"] = True
     if args.devices is not None:
-        overrides["trainer.devices"] = yaml.safe_load(args.devices)
+        overrides["trainer.devices"] = load_yaml(args.devices)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"regtune: --set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     if args.reg:
         overrides["regularizers"] = [parse_term(r) for r in args.reg]
     return apply_overrides(config, overrides)

@@ -120,6 +120,8 @@ def test_parse_term() -> None:
     # lists keep their commas: DELTA's layers
     assert parse_term("delta:layers=[layer1.2.conv3,layer4.2.conv3],alpha=0.1,layers2=[-1]") == {
         "name": "delta", "args": {"layers": ["layer1.2.conv3", "layer4.2.conv3"], "alpha": 0.1, "layers2": [-1]}}
+    # numbers as people type them: YAML 1.1 (PyYAML) would read 1e-3 as a string
+    assert parse_term("delta:alpha=1e-3,beta=-2E+1,name=1e")["args"] == {"alpha": 0.001, "beta": -20.0, "name": "1e"}
 
 
 def test_fit_help_groups_options_and_shows_the_config_defaults(capsys: pytest.CaptureFixture) -> None:

@@ -14,9 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from regtune._io import atomic_write_text
+from regtune._io import atomic_write_text, load_yaml
 from regtune.bench.cells import Cell, cell_label
 from regtune.bench.grid import Grid, expand
 from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
@@ -96,7 +94,7 @@ def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str
             continue
         metrics = run.metrics()
         # The config as plain YAML, not checked against this version's names: reports also read older runs.
-        config = yaml.safe_load(run.config_path.read_text())
+        config = load_yaml(run.config_path.read_text())
         data = config["data"]
         cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
         cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None

@@ -59,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from regtune._io import atomic_write_json, atomic_write_text
+from regtune._io import atomic_write_json, atomic_write_text, load_yaml
 from regtune.bench.shipped import resolve_grid
 from regtune.train.config import FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
@@ -130,7 +130,7 @@ def load_grid(grid: str | Path, out: str | Path | None = None) -> Grid:
             or base config that is not a valid fit config.
     """
     path = resolve_grid(grid)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = load_yaml(path.read_text(encoding="utf-8")) or {}
     return grid_from_dict(data, default_name=path.stem, out=out)
 
 
@@ -271,7 +271,7 @@ def _check_out_dir(grid: Grid) -> None:
     record = grid.out / "grid.yaml"
     as_run = yaml.safe_dump(grid.source, sort_keys=True)
     if record.is_file():
-        if yaml.safe_dump(yaml.safe_load(record.read_text()), sort_keys=True) != as_run:
+        if yaml.safe_dump(load_yaml(record.read_text()), sort_keys=True) != as_run:
             raise GridError(f"{grid.out} holds the results of a different grid ({record}); give another --out or "
                             "delete the folder")
         return

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from regtune._io import atomic_write_text
+from regtune._io import atomic_write_text, load_yaml
 
 __all__ = [
     "CROP_MODES",
@@ -449,7 +449,7 @@ def load_config(path: str | Path, check: bool = True) -> FitConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    config = config_from_dict(yaml.safe_load(path.read_text()) or {})
+    config = config_from_dict(load_yaml(path.read_text()) or {})
     if check:
         check_names(config)
     return config

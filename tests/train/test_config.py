@@ -34,6 +34,12 @@ def test_partial_yaml_fills_defaults(tmp_path: Path) -> None:
     assert config.regularizers == (TermSpec("fnp"),) and config.criterion == TermSpec("ce")
 
 
+def test_exponent_numbers_are_numbers(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1e-3\nregularizers:\n  - {name: fnp, args: {weight: 5e-4}}\n")
+    config = load_config(tmp_path / "c.yaml")  # PyYAML alone: "expected float, got '1e-3'"
+    assert config.optim.lr == 0.001 and config.regularizers[0].args == {"weight": 0.0005}
+
+
 def test_unknown_key_lists_valid_ones() -> None:
     with pytest.raises(ConfigError, match="data: unknown key.*fractoin.*valid: dataset, root"):
         config_from_dict({"data": {"fractoin": 0.1}})
