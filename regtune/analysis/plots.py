@@ -162,7 +162,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
 
 
 _CURVES = (("feature_norm", "feature norm  mean ||f||_2"), ("fmr_entropy", "FMR channel entropy / log D"),
-           ("sample_margin", "mean sample margin (cosine)"))
+           ("mean_margin", "mean sample margin (cosine)"))
 
 
 def _pca_panel(fig: Any, ax: Any, features: Any, labels: Any, class_names: Sequence[str] | None) -> None:

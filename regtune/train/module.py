@@ -71,7 +71,7 @@ class FineTuner(pl.LightningModule):
         channels_last: Keep the model and image batches in channels-last memory format (about 1.7x faster
             training steps for EfficientNet on CPU, and the preferred layout for convolutions on GPUs).
         feature_stats: Log per-epoch feature statistics (``{train,val}/feature_norm``, ``/fmr_entropy``,
-            ``/sample_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's
+            ``/mean_margin``, and ``train/class_margin_deg``, the head's class margin averaged over the epoch's
             steps); the others are means of per-sample values, so the batch-size-weighted epoch mean (the module's
             own sums, reduced across processes) is the exact mean over the epoch's images.
         resuming: The fit continues from a checkpoint, which holds the terms' set-up state: no set-up pass runs.
@@ -333,7 +333,7 @@ class FineTuner(pl.LightningModule):
         weight = self.model.get_classifier().weight.detach().float()
         n = labels.shape[0]
         values = {f"{prefix}/feature_norm": f.norm(dim=1).mean(),
-                  f"{prefix}/sample_margin": sample_margins(cosine_logits(f, weight), labels).mean()}
+                  f"{prefix}/mean_margin": sample_margins(cosine_logits(f, weight), labels).mean()}
         if f.shape[1] > 1:  # normalised by H_max = log D, which is 0 for a single channel: no such statistic
             values[f"{prefix}/fmr_entropy"] = channel_entropy(f).mean() / math.log(f.shape[1])
         if prefix == "train":  # and the head's class margin, averaged over the epoch's steps

@@ -77,10 +77,10 @@ def test_feature_stats_per_epoch_and_side_by_side_comparison(tmp_path: Path, cap
         runs.append(fit(config, run_dir=tmp_path / name).run_dir)
     rows = read_epoch_log(runs[0] / "epochs.csv")
     assert len(rows) == 2
-    for key in ("train/feature_norm", "train/fmr_entropy", "train/sample_margin", "train/class_margin_deg",
-                "val/feature_norm", "val/fmr_entropy", "val/sample_margin"):
+    for key in ("train/feature_norm", "train/fmr_entropy", "train/mean_margin", "train/class_margin_deg",
+                "val/feature_norm", "val/fmr_entropy", "val/mean_margin"):
         assert key in rows[0], key
-    assert 0 < rows[0]["train/fmr_entropy"] <= 1 and -2 <= rows[0]["val/sample_margin"] <= 2
+    assert 0 < rows[0]["train/fmr_entropy"] <= 1 and -2 <= rows[0]["val/mean_margin"] <= 2
     # the validation numbers are those of the model of that epoch on the validation images: recompute the last one
     model, config, _ = RunDir(runs[0]).load_model(3, checkpoint="checkpoints/last.ckpt")
     from regtune.analysis.features import feature_norms, fmr_entropy

@@ -85,3 +85,16 @@ def test_feature_stats_of_single_channel_features_skip_the_normalised_entropy(di
         p = torch.softmax(features.double(), dim=1)
         expected = float((-(p * p.log()).sum(1)).mean() / np.log(dim))
         assert means["val/fmr_entropy"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_feature_stats_never_share_a_column_with_a_term() -> None:
+    from regtune.regularizers import list_criteria, list_regularizers
+
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=CLASSES)
+    module = FineTuner(model, CrossEntropy(), [], OptimConfig(), CLASSES, feature_stats=True)
+    features = torch.rand(6, model.num_features, generator=torch.Generator().manual_seed(2))
+    module._log_feature_stats(features, torch.tensor([0, 1, 2, 0, 1, 2]), "train")
+    stats = set(module.epoch_means())
+    assert {"train/feature_norm", "train/fmr_entropy", "train/mean_margin"} <= stats
+    terms = {f"train/{name}" for name in list_regularizers() + list_criteria()}  # each term's weighted value
+    assert not stats & terms  # the feature-stat mean of sample margins was once averaged with the term's value
