@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def load(path: str | Path, device: str = "cpu") -> Predictor:
     """The predictor of a finished run directory: ``regtune.load(RUN).predict(paths, topk=3)``
-    (:func:`regtune.predict.load`; imported on first use, so ``import regtune`` stays light)."""
+    ([`regtune.predict.load`][regtune.predict.load]; imported on first use, so ``import regtune`` stays light)."""
     from regtune.predict import load as _load
 
     return _load(path, device)

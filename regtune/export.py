@@ -164,7 +164,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, batch: dict[int, Any],
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """The :class:`regtune.predict.Predictor` of an export folder: plain timm with its safetensors, strictly."""
+    """The `regtune.predict.Predictor` of an export folder: plain timm with its safetensors, strictly."""
     import timm
     from safetensors.torch import load_file
 

@@ -95,7 +95,7 @@ class Predictor:
                 batch_size: int = 64, tta: str | None = None, progress: bool = False) -> list[Prediction]:
         """Classify images: file paths, PIL images, or tensors already transformed ((C, H, W) or (N, C, H, W)).
 
-        A file that cannot be read gets a :class:`Prediction` with its ``error``; the others are classified all the
+        A file that cannot be read gets a [`Prediction`][] with its ``error``; the others are classified all the
         same. ``topk`` is capped at the number of classes.
         """
         if topk < 1:
@@ -167,7 +167,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """The :class:`Predictor` of a finished run directory (the weights it tested, its class names, its evaluation
+    """The [`Predictor`][] of a finished run directory (the weights it tested, its class names, its evaluation
     transform: ``data.crop_mode``, ``crop_pct``, the model's normalisation) or of an export folder
     (``regtune export``: plain timm with its safetensors and ``config.json``)."""
     from regtune.data.transforms import build_transforms

@@ -20,7 +20,7 @@ __all__ = ["plot_comparison", "plot_head_sparsity", "plot_learning_curves", "plo
 
 
 def _save(fig: Any, path: Path, title: str = "") -> Path:
-    """Title, tight layout, PNG at 110 dpi written atomically (:mod:`regtune._io`), figure closed."""
+    """Title, tight layout, PNG at 110 dpi written atomically (`regtune._io`), figure closed."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -108,7 +108,7 @@ def plot_run_analysis(result: dict[str, Any], test_features: Any, test_labels: A
     train/test overlap against k, and a PCA of test features coloured by class.
 
     Args:
-        result: :func:`regtune.posthoc.analyze.analyze_run`'s result (with the per-sample ``_margins``).
+        result: `regtune.posthoc.analyze.analyze_run`'s result (with the per-sample ``_margins``).
         test_features: (N, D) test features.
         test_labels: (N,) their classes.
         path: Output PNG.
@@ -191,7 +191,7 @@ def _pca_panel(fig: Any, ax: Any, features: Any, labels: Any, class_names: Seque
 
 def _plot_epoch_curves(axes: Sequence[Any], epoch_logs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
                        colours: Sequence[str]) -> None:
-    """One panel per statistic of :data:`_CURVES`: each run's train (solid) and validation (dashed) values per epoch."""
+    """One panel per statistic of `_CURVES`: each run's train (solid) and validation (dashed) values per epoch."""
     for ax, (key, label) in zip(axes, _CURVES):
         drawn = False
         for i, (rows, name) in enumerate(zip(epoch_logs, names)):

@@ -61,7 +61,7 @@ def collect_grid(grid: Grid) -> list[RunRecord]:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """A method's name from a run's config: its baseline (:func:`regtune.train.recipes.recipe_label`, left out when
+    """A method's name from a run's config: its baseline (`regtune.train.recipes.recipe_label`, left out when
     it is plain fine-tuning), criterion (if not ``ce``) and regularizers with their arguments."""
     recipe = recipe_label(config)
     parts = [recipe] if recipe != "ft" else []
@@ -82,7 +82,7 @@ def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str
     """Finished runs from any run directories; the method is named from each run's config unless ``labels`` names it.
 
     The cell is the dataset with its fraction (or images per class); runs that differ in other settings but share
-    a method name are flagged by :func:`summarize` through duplicate seeds. Runs that the config cannot tell apart
+    a method name are flagged by `summarize` through duplicate seeds. Runs that the config cannot tell apart
     (plain fine-tuning at two learning rates is ``ft`` twice) get their names from ``labels``, which maps a run
     directory to the method name it is reported under.
     """

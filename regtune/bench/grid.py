@@ -118,7 +118,7 @@ def _label(value: Any) -> str:
 
 def load_grid(grid: str | Path, out: str | Path | None = None) -> Grid:
     """Read and check a grid: a grid file, or the name of a grid shipped with regtune (``"quick"``; see
-    :mod:`regtune.bench.shipped`). An existing file of that name comes first.
+    `regtune.bench.shipped`). An existing file of that name comes first.
 
     Args:
         grid: Path of a grid YAML, or a shipped grid's name (``regtune list grids``).
@@ -135,7 +135,7 @@ def load_grid(grid: str | Path, out: str | Path | None = None) -> Grid:
 
 
 def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | Path | None = None) -> Grid:
-    """:func:`load_grid` from an already parsed mapping."""
+    """`load_grid` from an already parsed mapping."""
     unknown = sorted(set(data) - _GRID_KEYS)
     if unknown:
         raise GridError(f"unknown grid key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_GRID_KEYS))}")
@@ -323,7 +323,7 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
 
     Args:
         grid: The parsed grid.
-        fit_fn: :func:`regtune.train.fit.fit` (replaceable in tests).
+        fit_fn: `regtune.train.fit.fit` (replaceable in tests).
         stop_on_error: Raise on the first failing run instead of recording it in ``failures.json`` and going on.
         dry_run: Only report what would run.
         shard: ``(i, n)``: run only the runs ``i - 1, i - 1 + n, ...`` of the expansion order (1-based ``i``), so

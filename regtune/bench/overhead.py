@@ -76,24 +76,24 @@ class OverheadSettings:
     """What the overhead measurements build and how long they run; one object shared by every measurement.
 
     Each measurement reads the fields it needs: all of them the model and batch fields (``backbone`` to ``seed``);
-    :func:`measure_overhead` also ``steps``, ``rounds`` and ``warmup``; :func:`measure_term_cost` ``term_repeats``;
-    :func:`measure_peak_rss` ``memory_steps``; :func:`measure_framework_overhead` ``rounds``.
+    `measure_overhead` also ``steps``, ``rounds`` and ``warmup``; `measure_term_cost` ``term_repeats``;
+    `measure_peak_rss` ``memory_steps``; `measure_framework_overhead` ``rounds``.
 
     Args:
         backbone: timm model name.
-        pretrained: Weight source (see :func:`regtune.models.create_backbone`); ``"none"`` for random weights.
+        pretrained: Weight source (see `regtune.models.create_backbone`); ``"none"`` for random weights.
         num_classes: Classes of the synthetic task (the framework benchmark's image folder has as many).
         img_size: Input resolution (square images, pixels).
         batch_size: Images per training step.
         device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``). The peak-memory and framework measurements are
             CPU-only and refuse any other device.
         seed: Seed of the synthetic batches and of the initialisations.
-        steps: Timed steps per method per round of :func:`measure_overhead`.
+        steps: Timed steps per method per round of `measure_overhead`.
         rounds: Interleaved rounds (the median over rounds is reported).
         warmup: Untimed steps per method before the first round.
-        term_repeats: Timed evaluations of the terms per method in :func:`measure_term_cost` (the median is
+        term_repeats: Timed evaluations of the terms per method in `measure_term_cost` (the median is
             reported; three more run untimed first).
-        memory_steps: Training steps per method in :func:`measure_peak_rss`.
+        memory_steps: Training steps per method in `measure_peak_rss`.
 
     Raises:
         TypeError: A count or size that is not an ``int``.
@@ -157,7 +157,7 @@ def measure_overhead(methods: Sequence[Method] = SEED_METHODS,
         settings: Model, batch and device; ``steps``, ``rounds`` and ``warmup`` set the timing.
 
     Returns:
-        One :class:`OverheadResult` per method, in order.
+        One `OverheadResult` per method, in order.
     """
     torch.manual_seed(settings.seed)
     dev = torch.device(settings.device)
@@ -234,9 +234,9 @@ def measure_term_cost(methods: Sequence[Method] = SEED_METHODS,
                       settings: OverheadSettings = OverheadSettings()) -> dict[str, float]:
     """Milliseconds that each method's own terms add to a step, timed alone (the profile behind a ratio).
 
-    One forward pass of the method's module (:meth:`~regtune.train.module.FineTuner.forward_step`) records a
-    :class:`~regtune.regularizers.TrainStep`; its features, logits and feature maps are copied as detached leaves, and
-    the module's terms (:meth:`~regtune.train.module.FineTuner.loss_terms`: the criterion and every regularizer) are
+    One forward pass of the method's module (`forward_step`) records a
+    `TrainStep`; its features, logits and feature maps are copied as detached leaves, and
+    the module's terms (`loss_terms`: the criterion and every regularizer) are
     evaluated on the copy and back-propagated ``settings.term_repeats`` times (median reported), minus the same for
     plain cross-entropy. What remains is the work of the terms themselves, including what they run besides (DELTA's
     frozen source forward, LwF's online teacher), without the noise of timing whole steps. Model-changing methods
@@ -357,8 +357,8 @@ def measure_peak_rss(methods: Sequence[Method] = SEED_METHODS,
 
 def overhead_table(results: Sequence[OverheadResult], peak_rss: dict[str, tuple[float, float]] | None = None,
                    term_ms: dict[str, float] | None = None) -> str:
-    """Markdown table of :func:`measure_overhead`'s results (with :func:`measure_peak_rss`'s and
-    :func:`measure_term_cost`'s when given)."""
+    """Markdown table of `measure_overhead`'s results (with `measure_peak_rss`'s and
+    `measure_term_cost`'s when given)."""
     rss_head = " RSS before (MiB) | training peak + MiB | x plain FT |" if peak_rss else ""
     term_head = " terms alone (ms) | FT step + terms, x FT |" if term_ms else ""
     lines = ["| method | ms / step (median) | x plain FT (paired median) | rounds (ms) | CUDA peak MiB | x plain FT |"
@@ -478,7 +478,7 @@ def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _Ste
 
 
 class _Clocked(pl.Callback):
-    """Feeds ``regtune fit``'s step and epoch ends to a :class:`_StepClock`."""
+    """Feeds ``regtune fit``'s step and epoch ends to a `_StepClock`."""
 
     def __init__(self, clock: _StepClock) -> None:
         self.clock = clock
@@ -566,7 +566,7 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
 
 
 def framework_table(result: FrameworkResult) -> str:
-    """Markdown table of :func:`measure_framework_overhead`."""
+    """Markdown table of `measure_framework_overhead`."""
     r = result
     return ("| loop | ms / step (median) | s / epoch (median) |\n|---|---:|---:|\n"
             f"| bare PyTorch loop | {r.bare_ms_per_step:.1f} | {r.bare_s_per_epoch:.2f} |\n"

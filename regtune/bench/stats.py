@@ -69,7 +69,7 @@ def t_cdf(t: float, df: float) -> float:
 
 
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t (e.g. ``t_quantile(0.975, 2) = 4.3027``), by bisection on :func:`t_cdf`."""
+    """Quantile of Student's t (e.g. ``t_quantile(0.975, 2) = 4.3027``), by bisection on `t_cdf`."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if p < 0.5:
@@ -121,7 +121,7 @@ def paired_difference(method: Sequence[float], baseline: Sequence[float], confid
         seed: Bootstrap seed.
 
     Returns:
-        The :class:`PairedDifference`; with one pair the interval is unbounded (``-inf, inf``).
+        The `PairedDifference`; with one pair the interval is unbounded (``-inf, inf``).
     """
     if len(method) != len(baseline):
         raise ValueError(f"paired series differ in length: {len(method)} vs {len(baseline)}")

@@ -27,7 +27,7 @@ class CorruptImageError(OSError):
 class ImageDataset(Dataset):
     """One split of a labelled image dataset, before any transform.
 
-    Item ``i`` is ``(image, target)`` with ``image`` a 3-channel RGB :class:`PIL.Image.Image` (grayscale sources are
+    Item ``i`` is ``(image, target)`` with ``image`` a 3-channel RGB `PIL.Image.Image` (grayscale sources are
     converted, so every backbone sees 3 channels) and ``target`` an ``int`` in ``[0, len(classes))``.
 
     Args:
@@ -38,8 +38,8 @@ class ImageDataset(Dataset):
         targets: Integer class of each item.
         classes: Class names; ``classes[t]`` names target ``t``.
         load: ``load(i)`` returns item ``i``'s image (any mode). Errors it raises while decoding are re-raised as
-            :class:`CorruptImageError` naming ``ids[i]``.
-        boxes: Optional ground-truth boxes per item (a list of :data:`Box` per image), for localization metrics.
+            `CorruptImageError` naming ``ids[i]``.
+        boxes: Optional ground-truth boxes per item (a list of `Box` per image), for localization metrics.
         root: Where the files were read from (for messages).
     """
 

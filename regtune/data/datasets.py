@@ -1,4 +1,4 @@
-"""Dataset readers: each registry name maps one dataset's native on-disk layout to an :class:`ImageDataset`.
+"""Dataset readers: each registry name maps one dataset's native on-disk layout to an `ImageDataset`.
 
 Every reader returns one split, ``"train"`` or ``"test"``, and never opens an image while building (only index
 files are read), so building is fast even for 60k items. What the two splits mean for each dataset:
@@ -22,7 +22,7 @@ Validation subsets are carved out of ``"train"`` elsewhere (split manifests); th
 model selection.
 
 Item ids: for file datasets ``root / id`` is the image file (``root`` as set on the returned dataset, which is the
-``root`` given to :func:`build_dataset`, except for ``cub200`` where it is ``CUB_200_2011/images`` so that the id is
+``root`` given to `build_dataset`, except for ``cub200`` where it is ``CUB_200_2011/images`` so that the id is
 CUB's own relative path). Fashion-MNIST items are ``"<split>:<index>"`` into the official idx files.
 
 Example:
@@ -74,7 +74,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package puts the four official ``*-ubyte.gz`` files."""
 
 FASHION_MNIST_GZ_ENV = "REGTUNE_FASHION_MNIST_GZ"
-"""Environment variable naming a folder to use instead of :data:`DEBIAN_FASHION_MNIST` (read at build time)."""
+"""Environment variable naming a folder to use instead of `DEBIAN_FASHION_MNIST` (read at build time)."""
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -87,7 +87,7 @@ FASHION_MNIST_FILES = (
 CUB_BOX_END_OFFSET = -1.0
 """CUB box ``(x, y, width, height)`` becomes ``(x, y, x + width + offset, y + height + offset)``.
 
-With -1 the far corner is the last pixel inside the box, matching :data:`regtune.data.base.Box`'s inclusive corners:
+With -1 the far corner is the last pixel inside the box, matching `regtune.data.base.Box`'s inclusive corners:
 a box 1 pixel wide has ``x1 == x0``. clovaai/wsolevaluation's CUB metadata instead stores ``x + width`` (offset 0;
 ``bounding_boxes.txt`` line ``1 60.0 27.0 325.0 304.0`` is ``60,27,385,331`` in its ``localization.txt``) while its
 IoU also counts corners inclusively (``x1 - x0 + 1``), so its boxes are one pixel wider and taller than CUB's. Set 0.0
@@ -97,7 +97,7 @@ to reproduce its box coordinates exactly. Measured on the 5,794 CUB test boxes s
 
 
 class UnknownDatasetError(ValueError):
-    """:func:`build_dataset` was given a name it does not know; the message lists the known ones."""
+    """`build_dataset` was given a name it does not know; the message lists the known ones."""
 
 
 class DatasetLayoutError(ValueError):
@@ -143,7 +143,7 @@ def _entry(name: str) -> _Entry:
 
 
 def check_dataset_name(name: str) -> None:
-    """Raise :class:`UnknownDatasetError` (listing the known names) unless ``name`` is a registered dataset."""
+    """Raise `UnknownDatasetError` (listing the known names) unless ``name`` is a registered dataset."""
     _entry(name)
 
 
@@ -160,8 +160,8 @@ def build_dataset(name: str, root: str | Path, split: str, download: bool = Fals
     """Read one split of a registered dataset from its native layout under ``root``.
 
     Args:
-        name: Registry name, one of :func:`list_datasets`.
-        root: Folder holding the dataset in its native layout (see :func:`dataset_source_hint`); ``~`` is expanded.
+        name: Registry name, one of `list_datasets`.
+        root: Folder holding the dataset in its native layout (see `dataset_source_hint`); ``~`` is expanded.
         split: ``"train"`` or ``"test"``; what they mean per dataset is in this module's docstring.
         download: Let torchvision download missing files (``aircraft``, ``flowers102``, ``pets``, ``dtd``,
             ``fashion_mnist``). Other datasets cannot be downloaded; for them this only logs a warning.
@@ -268,7 +268,7 @@ _T = TypeVar("_T")
 
 
 def _construct(name: str, make: Callable[[], _T], expected: Path, download: bool) -> _T:
-    """Build a torchvision dataset, turning its 'not found' errors into :class:`DatasetNotFoundError`."""
+    """Build a torchvision dataset, turning its 'not found' errors into `DatasetNotFoundError`."""
     try:
         return make()
     except RuntimeError as err:
@@ -460,7 +460,7 @@ def _read_cub200(root: Path, split: str, download: bool) -> ImageDataset:
     """CUB-200-2011's native files; the official ``train_test_split.txt``, one box per image.
 
     Boxes come from ``bounding_boxes.txt`` (``x y width height`` in pixels) as ``(x, y, x + width - 1,
-    y + height - 1)``, inclusive corners (see :data:`CUB_BOX_END_OFFSET`). Class names are ``classes.txt``'s
+    y + height - 1)``, inclusive corners (see `CUB_BOX_END_OFFSET`). Class names are ``classes.txt``'s
     (``"001.Black_footed_Albatross"``), targets ``class_id - 1``.
     """
     base = root if (root / "images.txt").is_file() else root / "CUB_200_2011"

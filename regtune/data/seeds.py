@@ -8,20 +8,20 @@ interrupted run resumes exactly, and the number of DataLoader workers does not c
 =================== ================================================== ==========================================
 seed                formula                                            seeds
 =================== ================================================== ==========================================
-:func:`epoch_seed`  ``(s * 1_000_003 + e * 7_919 + 17) mod 2**32``    Python's ``random``, NumPy's and torch's
+`epoch_seed`  ``(s * 1_000_003 + e * 7_919 + 17) mod 2**32``    Python's ``random``, NumPy's and torch's
                                                                        global generators at the start of epoch
                                                                        ``e``; the DataLoader generator the worker
                                                                        base seeds are drawn from
-:func:`order_seed`  ``epoch_seed(s, e) + 1`` (not reduced: at most     the permutation of the training items in
+`order_seed`  ``epoch_seed(s, e) + 1`` (not reduced: at most     the permutation of the training items in
                     ``2**32``, which torch accepts)                    epoch ``e``
-:func:`sample_seed` first 32-bit word of NumPy's                       the augmentation of item ``i`` in epoch
+`sample_seed` first 32-bit word of NumPy's                       the augmentation of item ``i`` in epoch
                     ``SeedSequence([s, e, i])``                        ``e`` (all three CPU generators)
-:func:`mix_seed`    first 32-bit word of NumPy's                       the mixup / cutmix draws of global
+`mix_seed`    first 32-bit word of NumPy's                       the mixup / cutmix draws of global
                     ``SeedSequence([s, 2**31 - 1, g])``                optimisation step ``g`` (all three CPU
                                                                        generators)
 =================== ================================================== ==========================================
 
-The two primes of :func:`epoch_seed` keep the seeds of nearby runs and epochs apart; ``SeedSequence`` hashes its
+The two primes of `epoch_seed` keep the seeds of nearby runs and epochs apart; ``SeedSequence`` hashes its
 entropy words, so neighbouring ``(s, e, i)`` give unrelated seeds. These numbers are part of a run's
 reproducibility: changing a formula changes every run's numbers.
 """
@@ -77,7 +77,7 @@ def mix_seed(seed: int, global_step: int) -> int:
     """The seed of one training step's batch mixing (mixup / cutmix: which of the two, the mixing weight, the box):
     the first ``uint32`` word of ``SeedSequence([seed, 2**31 - 1, global_step])``.
 
-    The middle word keeps these seeds apart from :func:`sample_seed`'s ``(seed, epoch, index)`` triples (no epoch
+    The middle word keeps these seeds apart from `sample_seed`'s ``(seed, epoch, index)`` triples (no epoch
     reaches it). The draws of a step depend only on the run's seed and the step, so a resumed run mixes its batches
     as the uninterrupted one did.
 

@@ -73,7 +73,7 @@ def stratified_split(
         class_names: For messages.
 
     Returns:
-        The :class:`Split`.
+        The `Split`.
 
     Raises:
         EmptyClassError: a class has no image, or ``fraction`` rounds a class to zero images (the message gives the
@@ -139,7 +139,7 @@ def write_manifest(path: str | Path, split: Split, ids: Sequence[str], dataset: 
 
 
 def read_manifest(path: str | Path) -> dict:
-    """Read a manifest written by :func:`write_manifest`."""
+    """Read a manifest written by `write_manifest`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split manifest {path} does not exist")
@@ -151,7 +151,7 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def split_from_manifest(path: str | Path, ids: Sequence[str], dataset: str) -> Split:
-    """Rebuild a :class:`Split` from a manifest and the dataset's item ids.
+    """Rebuild a `Split` from a manifest and the dataset's item ids.
 
     Raises:
         ValueError: the manifest is for another dataset, or names ids the dataset does not have.

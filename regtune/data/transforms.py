@@ -45,7 +45,7 @@ def build_transforms(
         auto_augment: str | None = None,
         re_prob: float = 0.0,
 ) -> tuple[Callable, Callable]:
-    """Build ``(train_transform, eval_transform)`` with :func:`timm.data.create_transform`.
+    """Build ``(train_transform, eval_transform)`` with `timm.data.create_transform`.
 
     Train: RandomResizedCrop(input size, ``scale``) + horizontal flip (+ optional colour jitter / auto-augment),
     the recipe of TLlib (scale 0.2-1) and AdaRand (0.08-1). Eval: resize to ``size / crop_pct`` then centre crop.
@@ -53,7 +53,7 @@ def build_transforms(
 
     Args:
         data_config: timm data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
-            ``crop_mode``), e.g. from :func:`regtune.models.data_config`.
+            ``crop_mode``), e.g. from `regtune.models.data_config`.
         scale: Area range of RandomResizedCrop.
         hflip: Probability of a horizontal flip.
         color_jitter: Strength of colour jitter, ``None`` for none.
@@ -110,9 +110,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
 class TransformedSubset(Dataset):
     """``dataset[indices[i]]`` with ``transform`` applied to the image.
 
-    A key is either a position ``i`` or an ``(epoch, i)`` pair (what :class:`~regtune.train.datamodule.EpochShuffle`
-    yields). With a pair and a ``seed``, the transform runs under :func:`seeded_rng` with the seed
-    :func:`~regtune.data.seeds.sample_seed` ``(seed, epoch, i)``: the augmentation of a sample depends only on the
+    A key is either a position ``i`` or an ``(epoch, i)`` pair (what `EpochShuffle`
+    yields). With a pair and a ``seed``, the transform runs under `seeded_rng` with the seed
+    `sample_seed` ``(seed, epoch, i)``: the augmentation of a sample depends only on the
     run's seed, the epoch and the sample, not on the order of loading, the number of workers, or what the model drew
     from the global generators. That makes a run independent of ``num_workers`` and lets a run resume exactly in the
     middle of an epoch.

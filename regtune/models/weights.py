@@ -136,7 +136,7 @@ def load_weights_file(model: nn.Module, path: str | Path, classifier: str | None
     """Load a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file into ``model``, strictly.
 
     Checkpoints wrapped as ``{"state_dict": ...}`` / ``{"model": ...}`` and ``module.`` prefixes are handled by
-    :func:`timm.models.load_state_dict`. Only the classifier's tensors may differ in shape (a source head of
+    `timm.models.load_state_dict`. Only the classifier's tensors may differ in shape (a source head of
     another size is dropped, since the head is replaced anyway); every other key must match exactly.
 
     Args:
@@ -187,7 +187,7 @@ def weights_file_bytes(state: dict[str, torch.Tensor], class_names: list[str] | 
 
 
 def read_class_names(path: str | Path) -> list[str] | None:
-    """The class names a safetensors file written by :func:`weights_file_bytes` carries (``None`` if it has none)."""
+    """The class names a safetensors file written by `weights_file_bytes` carries (``None`` if it has none)."""
     import json
 
     from safetensors import safe_open

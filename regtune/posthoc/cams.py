@@ -3,7 +3,7 @@
 The run's selected checkpoint is loaded with its own config. For localization the image is resized to a square of
 the run's input size without cropping and its boxes are scaled the same way, as the reference evaluator
 (``clovaai/wsolevaluation``: ``transforms.Resize((224, 224))`` and ``resize_bbox``, coordinates truncated to
-integers) does; the metrics are those of :mod:`regtune.analysis.localization`, defined in
+integers) does; the metrics are those of [`regtune.analysis.localization`][regtune.analysis.localization], defined in
 docs/methods/analysis-metrics.md.
 """
 
@@ -116,7 +116,7 @@ def evaluate_localization(model: nn.Module, dataset: ImageDataset, size: int, it
         dataset: A dataset with ``boxes`` (e.g. ``cub200``).
         size: Input resolution (square, no crop).
         items: Indices of the dataset to use (default: all).
-        source: See :data:`SOURCES`; ``"positive"`` localises with CAM⁺ alone.
+        source: See `SOURCES`; ``"positive"`` localises with CAM⁺ alone.
         threshold: Fixed tau of GT-known Loc and Top-1 Loc (0.2 of the max: the threshold commonly used since the
             CAM paper; papers do not always state theirs, hence a parameter).
         interval: Step of the tau grid of MaxBoxAcc / MaxBoxAccV2.
@@ -195,7 +195,7 @@ def _load_run(run_dir: str | Path, split: str) -> tuple[RunDir, ImageDataset, nn
 
 def localize_run(run_dir: str | Path, split: str = "test", source: str = "cam", limit: int | None = None,
                  threshold: float = 0.2, progress: bool = False) -> dict[str, Any]:
-    """:func:`evaluate_localization` of a finished run on its dataset's ``split``; writes
+    """`evaluate_localization` of a finished run on its dataset's ``split``; writes
     ``localization[_<source>].json`` into the run directory."""
     started = time.perf_counter()
     run, dataset, model, checkpoint, size = _load_run(run_dir, split)
@@ -297,7 +297,7 @@ def write_cam_overlays(run_dir: str | Path, images: Sequence[str | Path] = (), i
         indices: Items of the run's dataset ``split`` (their ground-truth boxes are drawn when the dataset has
             boxes). With neither, the first ``per_figure`` items of the split.
         out: Folder of the PNGs (default ``<run>/cams``).
-        source: Map that gives the box (see :data:`SOURCES`); grad-cam sources have no sign split.
+        source: Map that gives the box (see `SOURCES`); grad-cam sources have no sign split.
         threshold: tau of the drawn box (largest contour).
         per_figure: Images per PNG.
 

@@ -8,7 +8,7 @@ uniform weight average of the soup and it does not lose validation accuracy. The
 The ingredients must share the backbone, the task, the preprocessing, the split (``split.json``: the validation
 images that choose the members must be held out by every ingredient) and the architecture (the same state-dict keys
 and shapes). The output directory is a finished run directory (``config.yaml``, ``split.json``,
-``model.safetensors``, ``metrics.json``) that :class:`~regtune.train.rundir.RunDir` reads like any run, plus
+``model.safetensors``, ``metrics.json``) that `RunDir` reads like any run, plus
 ``soup.json``: every ingredient in greedy order with its validation accuracy, and each candidate's soup accuracy and
 whether it was kept. ``soup.json`` is rewritten after every evaluation, so the same command continues an interrupted
 soup.
@@ -67,7 +67,7 @@ class SoupStep:
 
 @dataclass(frozen=True)
 class SoupResult:
-    """What :func:`make_soup` made."""
+    """What `make_soup` made."""
 
     run_dir: Path
     members: list[Path]
@@ -90,7 +90,7 @@ def greedy_soup(
 ) -> tuple[list[int], list[SoupStep]]:
     """The greedy soup's members (Wortsman et al. 2022, Recipe 1), with its I/O left to callables.
 
-    The ingredients are ranked by :func:`rank_ingredients`; the soup starts as the best one (with its own score);
+    The ingredients are ranked by `rank_ingredients`; the soup starts as the best one (with its own score);
     each next candidate c is kept iff ``evaluate(members + [c]).acc`` >= the current soup's accuracy.
 
     Args:
@@ -455,7 +455,7 @@ def make_soup(
         num_workers: DataLoader workers reading the images.
 
     Returns:
-        The :class:`SoupResult`.
+        The `SoupResult`.
 
     Raises:
         FileNotFoundError: no finished run in ``paths``.

@@ -1,7 +1,7 @@
 """Regularization terms and criteria (pure PyTorch; importing this package needs nothing but ``torch``).
 
-Every term follows one contract (:class:`Regularizer`: ``setup(model, loader)``, ``forward(step) -> Tensor``,
-``stats()``) and is built by name with :func:`create_regularizer`. Importing the package imports each of its public
+Every term follows one contract ([`Regularizer`][]: ``setup(model, loader)``, ``forward(step) -> Tensor``,
+``stats()``) and is built by name with [`create_regularizer`][]. Importing the package imports each of its public
 modules (every ``*.py`` here whose name does not start with ``_``), so a new module's ``@register_regularizer``
 runs without being listed anywhere.
 """

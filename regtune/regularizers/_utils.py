@@ -42,7 +42,7 @@ def check_float_matrix(name: str, tensor: torch.Tensor, expected: str) -> None:
 
 def check_matching_matrices(names: tuple[str, str], first: torch.Tensor, second: torch.Tensor,
                             expected: str) -> None:
-    """:func:`check_float_matrix` of both, and raise ValueError unless their shapes are equal."""
+    """`check_float_matrix` of both, and raise ValueError unless their shapes are equal."""
     check_float_matrix(names[0], first, expected)
     check_float_matrix(names[1], second, expected)
     if first.shape != second.shape:
@@ -157,7 +157,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def shard_positions(count: int) -> torch.Tensor:
     """Positions in the whole data of this process's ``count`` set-up items.
 
-    The trainer's set-up loaders (:class:`regtune.train.datamodule.Shard`) give process ``r`` of ``w`` the items
+    The trainer's set-up loaders (`regtune.train.datamodule.Shard`) give process ``r`` of ``w`` the items
     ``r, r + w, r + 2w, ...``; in one process, ``0 .. count - 1``.
     """
     rank, world = _rank_and_world()
@@ -167,7 +167,7 @@ def shard_positions(count: int) -> torch.Tensor:
 def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     """Every process's rows of a set-up pass, put back in the order of the whole data (``total`` rows).
 
-    The inverse of the set-up sharding (see :func:`shard_positions`): for per-item results that every process
+    The inverse of the set-up sharding (see `shard_positions`): for per-item results that every process
     needs whole (LwF's cached teacher outputs, DELTA's probe features). As is in one process.
     """
     rank, world = _rank_and_world()

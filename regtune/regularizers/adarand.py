@@ -53,10 +53,10 @@ def random_feature_loss(features: torch.Tensor, reference: torch.Tensor, reducti
     Networks", CVPR 2024, arXiv 2403.10097; Zhong & Maki, "Regularizing CNN Transfer Learning with Randomised
     Regression", CVPR 2020, arXiv 1908.05997.
 
-    .. math::
-
-        \text{mean:}\ \frac{1}{BD} \sum_{b,d} (f_{b,d} - z_{b,d})^2, \qquad
-        \text{sum\_dim:}\ \frac{1}{B} \sum_b \lVert f_b - z_b \rVert_2^2
+    $$
+    \text{mean:}\ \frac{1}{BD} \sum_{b,d} (f_{b,d} - z_{b,d})^2, \qquad
+    \text{sum\_dim:}\ \frac{1}{B} \sum_b \lVert f_b - z_b \rVert_2^2
+    $$
 
     with f the penultimate features and z the targets (a sample from the class prior for AdaRand, from U(0,1) or N(0,1)
     for RandReg). A reading (docs/methods/adarand.md, 'Readings we chose'): the official code uses ``F.mse_loss`` (mean
@@ -101,13 +101,13 @@ def adarand_prior_losses(mu: torch.Tensor, running_mean: torch.Tensor, intra: st
     Yamaguchi, Kanai, Adachi, Chijiwa, "Adaptive Random Feature Regularization on Fine-tuning Deep Neural
     Networks", CVPR 2024, arXiv 2403.10097.
 
-    .. math::
+    $$
+    L_{intra} = \frac{1}{C} \sum_c \bigl(1 - \cos(\mu_c, \bar m_c)\bigr)^2 \ \text{('cosine\_sq')}
+    \quad\text{or}\quad \frac{1}{C} \sum_c \lVert \mu_c - \bar m_c \rVert_2^2 \ \text{('l2')}
 
-        L_{intra} = \frac{1}{C} \sum_c \bigl(1 - \cos(\mu_c, \bar m_c)\bigr)^2 \ \text{('cosine\_sq')}
-        \quad\text{or}\quad \frac{1}{C} \sum_c \lVert \mu_c - \bar m_c \rVert_2^2 \ \text{('l2')}
-
-        L_{inter} = \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'})^2 \ \text{('cosine\_sq')}
-        \quad\text{or}\quad \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'}) \ \text{('cosine')}
+    L_{inter} = \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'})^2 \ \text{('cosine\_sq')}
+    \quad\text{or}\quad \frac{1}{C(C-1)} \sum_{c \ne c'} \cos(\mu_c, \mu_{c'}) \ \text{('cosine')}
+    $$
 
     with mu_c the prior mean of class c, mbar_c the running (EMA) mean of class c's features and C the number of
     classes; the inter sum runs over the C(C-1) ordered pairs. A reading (docs/methods/adarand.md, 'Readings we chose'):
@@ -211,14 +211,14 @@ def feature_statistics(model: nn.Module, loader: Iterable[Any], num_classes: int
 
 @register_regularizer("randreg")
 class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
-    """RandReg: lambda * :func:`random_feature_loss` (f, z) with z drawn afresh each step from a fixed prior.
+    """RandReg: lambda * [`random_feature_loss`][] (f, z) with z drawn afresh each step from a fixed prior.
 
     Priors as the AdaRand repository re-implements RandReg (the original paper released no code; see
     docs/methods/adarand.md, 'Readings we chose'): ``"uniform"`` z ~ U(low, high)^D (0, 1), ``"normal"`` z ~ N(0, 1)^D,
     ``"pretrained"`` z ~ N(mu, diag sigma^2) with the marginal statistics of the pretrained features of the training
     subset, ``"class"`` (RandReg-CP) z ~ N(mu_y, diag sigma_y^2) with per-class statistics, never updated.
 
-    Pretrained statistics are measured in :meth:`setup` on the training subset with the deterministic evaluation
+    Pretrained statistics are measured in `setup` on the training subset with the deterministic evaluation
     transform, the pretrained model in eval mode (AdaRand's configs read precomputed statistics whose files and script
     are not in its repository, so this is our reading; see docs/methods/adarand.md); sigma is clamped to >=
     ``sigma_min`` (torch's Normal rejects 0, and dead channels give 0).
@@ -326,16 +326,16 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
 class AdaRand(RandomFeatureRegularizer):
     """AdaRand: class-conditional random-feature regularization with adaptive prior means.
 
-    z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * :func:`random_feature_loss` (f, z).
-    After the term is computed, within the same :meth:`forward` (training mode only), the running class means move,
+    z_b ~ N(mu_{y_b}, diag sigma_{y_b}^2) (no gradient into mu); L_theta = lambda * [`random_feature_loss`][] (f, z).
+    After the term is computed, within the same `forward` (training mode only), the running class means move,
     mbar_c <- alpha mbar_c + (1 - alpha) mean_{b: y_b = c} f_b for the classes present in the batch (absent classes keep
-    theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter of :func:`adarand_prior_losses`. Since
+    theirs), and one Adam step on mu minimises L_prior = L_intra + L_inter of [`adarand_prior_losses`][]. Since
     L_prior does not depend on the network, this equals the code's order (network step, then prior step) exactly. sigma
     stays at its initial per-class value, as in the code.
 
     The Adam optimizer of mu lives inside the module (torch optimizers cannot mix SGD for the network with Adam for
     mu in one optimizer); its state is saved with the module's ``state_dict`` (extra state), so a resumed run
-    continues it, and the trainer keeps mu out of its own optimizer (:meth:`param_group_options` returns ``None``).
+    continues it, and the trainer keeps mu out of its own optimizer (`param_group_options` returns ``None``).
     The prior learning rate follows the code's schedule lr_t = prior_lr cos(7 pi t / (16 T)) when the total number of
     steps T is known (``TrainStep.total_steps``), else stays constant.
 
@@ -346,8 +346,8 @@ class AdaRand(RandomFeatureRegularizer):
         prior_schedule: ``"cosine"`` (the code) or ``"constant"``.
         intra: ``"cosine_sq"`` (the code) or ``"l2"`` (the paper's word is "distance"; see docs/methods/adarand.md).
         inter: ``"cosine_sq"`` (the code) or ``"cosine"`` (the paper's word).
-        reduction: As :class:`RandomFeatureRegularizer`.
-        sigma_min: As :class:`RandomFeatureRegularizer`.
+        reduction: As [`RandomFeatureRegularizer`][].
+        sigma_min: As [`RandomFeatureRegularizer`][].
         update_prior: ``False`` gives RandReg-CP (the class prior without updates).
 
     Shape:

@@ -57,7 +57,7 @@ class TrainStep:
         total_steps: Planned number of optimisation steps of the run, when known (for schedules inside a term).
         feature_maps: Last feature map ``forward_features(x)`` under ``"last"`` and, for the module names that terms
             list in ``needs_feature_maps``, those modules' outputs of this forward pass (see
-            :func:`regtune.regularizers.capture_outputs`).
+            `regtune.regularizers.capture_outputs`).
         images: The input batch, for terms that run another network on it (DELTA's frozen source network).
         indices: Position of each sample in the training subset (``0..N-1``, the order of the set-up loader), for
             terms with per-sample state (LwF's cached teacher outputs); ``None`` unless a term sets ``needs_indices``.
@@ -84,7 +84,7 @@ class TrainStep:
 
     @property
     def step(self) -> int:
-        """Deprecated name of :attr:`global_step`."""
+        """Deprecated name of `global_step`."""
         warnings.warn("TrainStep.step is deprecated: read TrainStep.global_step", DeprecationWarning, stacklevel=2)
         return self.global_step
 
@@ -141,30 +141,30 @@ def _call_in_float32(call: Callable[..., torch.Tensor], step: TrainStep, *args: 
 class Regularizer(nn.Module):
     """Base class of every regularization term.
 
-    A subclass implements :meth:`forward` and, when it needs them, :meth:`setup` and :meth:`stats`. Running state
+    A subclass implements `forward` and, when it needs them, `setup` and `stats`. Running state
     goes in ``register_buffer`` (saved in checkpoints, moved by ``.to()``); learnable state in ``nn.Parameter``s,
-    which the trainer puts in their own optimizer group with :meth:`param_group_options`.
+    which the trainer puts in their own optimizer group with `param_group_options`.
 
-    The life of a term in a run: built from its arguments; :meth:`adapt_model` once, before the optimizer exists
-    (snapshots of the starting weights, copies of the pretrained source head, layer swaps); :meth:`setup` once,
-    before the first update (passes over the training data); then :meth:`forward` every step. A resumed run calls
-    :meth:`adapt_model` again on the freshly built (pretrained) model and then loads the checkpoint into the term,
-    without :meth:`setup`.
+    The life of a term in a run: built from its arguments; `adapt_model` once, before the optimizer exists
+    (snapshots of the starting weights, copies of the pretrained source head, layer swaps); `setup` once,
+    before the first update (passes over the training data); then `forward` every step. A resumed run calls
+    `adapt_model` again on the freshly built (pretrained) model and then loads the checkpoint into the term,
+    without `setup`.
 
     Attributes:
         needs_feature_maps: Module names (``model.get_submodule`` paths) whose outputs the term reads from
-            ``TrainStep.feature_maps``; may be set by :meth:`adapt_model` once the model is known.
+            ``TrainStep.feature_maps``; may be set by `adapt_model` once the model is known.
         needs_indices: Whether the term reads ``TrainStep.indices`` (the trainer then yields them).
         needs_source_head: Whether the term needs the backbone's pretrained source classifier (e.g. ImageNet's
-            1000-way head); the trainer hands it over with :meth:`attach_source_head` before :meth:`adapt_model`.
-            Such terms subclass :class:`SourceHeadRegularizer`, which does both.
-        needs_setup_pass: Whether :meth:`setup` iterates the training loader (the trainer then runs it before the
+            1000-way head); the trainer hands it over with `attach_source_head` before `adapt_model`.
+            Such terms subclass [`SourceHeadRegularizer`][], which does both.
+        needs_setup_pass: Whether `setup` iterates the training loader (the trainer then runs it before the
             first update).
-        setup_transform: Which loader :meth:`setup` receives: ``"eval"`` (training subset, deterministic
+        setup_transform: Which loader `setup` receives: ``"eval"`` (training subset, deterministic
             evaluation transform, in order) or ``"train"`` (the training loader itself: shuffled, augmented).
-        changes_architecture: Whether :meth:`adapt_model` changes the model itself (its modules or their
+        changes_architecture: Whether `adapt_model` changes the model itself (its modules or their
             behaviour, e.g. StochNorm's layer swap), not only the term's own copies of it. A finished run's model is
-            rebuilt for later use (``RunDir.load_model``) by calling :meth:`adapt_model` of exactly these terms.
+            rebuilt for later use (``RunDir.load_model``) by calling `adapt_model` of exactly these terms.
         gradient_reaches: For the contract test, which the trainer does not read: where the term's gradient goes,
             ``"features"`` (the penultimate features, the default), ``"head"`` (the classifier's weight only),
             ``"model"`` (the backbone's parameters: weight penalties, intermediate feature maps) or ``"none"`` (the
@@ -176,7 +176,7 @@ class Regularizer(nn.Module):
             soft ``TrainStep.targets`` (``labels`` then hold each sample's own, unmixed, label). A term that never
             reads ``labels`` (nor per-sample state of the unmixed images) is; one that reads ``labels`` must read
             ``targets`` when it is set, or declare ``False``. ``False`` by default, on purpose: a term that does not
-            say is refused under mixup (:func:`soft_target_refusals`) rather than run on labels that are not the
+            say is refused under mixup ([`soft_target_refusals`][]) rather than run on labels that are not the
             truth. Set on the instance when it depends on the arguments (RandReg's class prior).
         soft_targets_note: Why the term cannot take mixed targets (one sentence, shown to the user when a run with
             mixup is refused); required when ``accepts_soft_targets`` is ``False``.
@@ -200,7 +200,7 @@ class Regularizer(nn.Module):
         """
 
     def attach_source_head(self, head: nn.Module | None) -> None:
-        """Receive the backbone's pretrained source classifier (see :class:`SourceHeadRegularizer`)."""
+        """Receive the backbone's pretrained source classifier (see [`SourceHeadRegularizer`][])."""
 
     def setup(self, model: nn.Module, loader: Iterable[Any] | None) -> None:
         """Called once before the first optimisation step (pretrained statistics, snapshots, ...)."""
@@ -214,18 +214,18 @@ class Regularizer(nn.Module):
         raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
-        """Return what the term wants logged after the last :meth:`forward` (weights, entropies, ...)."""
+        """Return what the term wants logged after the last `forward` (weights, entropies, ...)."""
         return {}
 
     def artifacts(self) -> dict[str, torch.Tensor]:
-        """What :meth:`setup` computed that a person may want to inspect or reuse (written to the run directory)."""
+        """What `setup` computed that a person may want to inspect or reuse (written to the run directory)."""
         return {}
 
     def param_group_options(self) -> dict[str, Any] | None:
         """Optimizer options (e.g. ``{"lr": 1e-2}``) for this term's own parameters; empty means the trainer's.
 
         ``None`` means the term updates its parameters itself (e.g. AdaRand's Adam step on its prior means inside
-        :meth:`forward`), and the trainer keeps them out of its optimizer.
+        `forward`), and the trainer keeps them out of its optimizer.
         """
         return {}
 
@@ -234,8 +234,8 @@ class SourceHeadRegularizer(Regularizer):
     """Base class of the terms that train a copy of the backbone's pretrained source classifier (Co-Tuning, LwF).
 
     The head comes from one of two places: the ``source_head`` argument, or the trainer, which hands over the
-    backbone's own pretrained classifier (e.g. ImageNet's 1000-way head) with :meth:`attach_source_head` before
-    :meth:`adapt_model` (a given head wins). :meth:`adapt_model` then installs ``self.source_head``, a trainable copy
+    backbone's own pretrained classifier (e.g. ImageNet's 1000-way head) with `attach_source_head` before
+    `adapt_model` (a given head wins). `adapt_model` then installs ``self.source_head``, a trainable copy
     that the trainer optimises with the backbone's learning rate; a subclass that overrides it calls
     ``super().adapt_model(model)`` first.
 
@@ -276,7 +276,7 @@ class Criterion(nn.Module):
 
     Attributes:
         accepts_soft_targets: Whether the loss reads the soft ``TrainStep.targets`` of a batch mixed by mixup /
-            CutMix (see :class:`Regularizer`); ``False`` by default, so that a criterion that does not say is
+            CutMix (see [`Regularizer`][]); ``False`` by default, so that a criterion that does not say is
             refused under mixup rather than trained on labels that are not the truth.
         soft_targets_note: Why the criterion cannot take mixed targets (one sentence); required when
             ``accepts_soft_targets`` is ``False``.
@@ -386,7 +386,7 @@ def _create(table: dict[str, type], kind: str, name: str, kwargs: dict[str, Any]
 
 
 def register_regularizer(name: str) -> Callable[[_T], _T]:
-    """Class decorator adding a :class:`Regularizer` to the registry under ``name`` (a duplicate name raises)."""
+    """Class decorator adding a [`Regularizer`][] to the registry under ``name`` (a duplicate name raises)."""
     return _register(_REGULARIZERS, "regularizer", name)
 
 
@@ -414,12 +414,12 @@ def list_regularizers() -> list[str]:
 
 
 def register_criterion(name: str) -> Callable[[_T], _T]:
-    """Class decorator adding a :class:`Criterion` to the registry under ``name`` (a duplicate name raises)."""
+    """Class decorator adding a [`Criterion`][] to the registry under ``name`` (a duplicate name raises)."""
     return _register(_CRITERIA, "criterion", name)
 
 
 def create_criterion(name: str, **kwargs: Any) -> Criterion:
-    """Build a registered criterion from its name and keyword arguments (see :func:`create_regularizer`)."""
+    """Build a registered criterion from its name and keyword arguments (see [`create_regularizer`][])."""
     return _create(_CRITERIA, "criterion", name, kwargs)
 
 
@@ -432,10 +432,10 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torc
                        label_smoothing: float = 0.0) -> torch.Tensor:
     r"""Cross-entropy to soft (mixed) targets, class-weighted and label-smoothed as torch's hard-label one.
 
-    .. math::
-
-        L = \frac{\sum_b \sum_c w_c\, t'_{b,c} \,(-\log p_{b,c})}{\sum_b \sum_c w_c\, t_{b,c}}, \qquad
-        t' = (1 - \varepsilon)\, t + \varepsilon / C
+    $$
+    L = \frac{\sum_b \sum_c w_c\, t'_{b,c} \,(-\log p_{b,c})}{\sum_b \sum_c w_c\, t_{b,c}}, \qquad
+    t' = (1 - \varepsilon)\, t + \varepsilon / C
+    $$
 
     with p_b = softmax(logits_b), t_b the soft target of sample b (a distribution over the classes, e.g. a mixup
     of two one-hot labels), t' the label-smoothed targets, w_c the weight of class c (1 without weights), epsilon
@@ -506,18 +506,18 @@ class CrossEntropy(LazyShapeMixin, Criterion):
 
     On integer labels y (an unmixed batch), torch's weighted, label-smoothed cross-entropy:
 
-    .. math::
-
-        L = \frac{\sum_b \big[(1 - \varepsilon)\, w_{y_b} (-\log p_{b,y_b})
-            + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{b,c})\big]}{\sum_b w_{y_b}}
+    $$
+    L = \frac{\sum_b \big[(1 - \varepsilon)\, w_{y_b} (-\log p_{b,y_b})
+        + \frac{\varepsilon}{C} \sum_c w_c (-\log p_{b,c})\big]}{\sum_b w_{y_b}}
+    $$
 
     with p_b = softmax(logits_b), w_c the weight of class c (1 without class weights), epsilon the label smoothing
     and C the number of classes. On a batch mixed by mixup / CutMix (``TrainStep.targets`` set), the same loss on
-    the soft targets, :func:`soft_cross_entropy`, which is the above for one-hot targets; ``labels`` are then not read.
+    the soft targets, [`soft_cross_entropy`][], which is the above for one-hot targets; ``labels`` are then not read.
 
     ``class_weights="balanced"`` sets w_c = n / (C n_c), with n_c the number of training images of class c and n
     their total (scikit-learn's ``compute_class_weight("balanced")``): a class with half the mean count weighs 2.
-    The counts come from :meth:`set_class_counts`, which the trainer calls with the training subset's counts before
+    The counts come from `set_class_counts`, which the trainer calls with the training subset's counts before
     training. The weights are a buffer (``weight``, as ``nn.CrossEntropyLoss`` names it): a checkpoint carries them
     and a resumed run uses the same.
 
@@ -534,7 +534,7 @@ class CrossEntropy(LazyShapeMixin, Criterion):
 
     Raises:
         ValueError: at construction, ``label_smoothing`` outside ``[0, 1)``, or ``class_weights`` an unknown string,
-            empty, or with an entry that is not positive and finite; at :meth:`set_class_counts`, a class without
+            empty, or with an entry that is not positive and finite; at `set_class_counts`, a class without
             training images under ``"balanced"``, or a weight list whose length is not the number of classes (at
             the first forward if no counts were given).
         RuntimeError: ``"balanced"`` at the first forward with no counts given (nor loaded from a checkpoint).

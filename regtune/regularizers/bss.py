@@ -19,14 +19,15 @@ def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor
     Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
     Transfer Learning", NeurIPS 2019.
 
-    .. math::
-
-        L_{BSS} = \sum_{i=1}^{k} \sigma_{m+1-i}^2, \qquad \sigma_1 \ge \dots \ge \sigma_m \text{ the singular values
-        of } F,\ m = \min(B, D)
+    $$
+    L_{BSS} = \sum_{i=1}^{k} \sigma_{m+1-i}^2, \qquad \sigma_1 \ge \dots \ge \sigma_m \text{ the singular values
+    of } F,\ m = \min(B, D)
+    $$
 
     Computed as the smallest eigenvalues of the m x m Gram matrix (F F^T, or F^T F when D < B) in float64: the
-    eigenvalue gradient V diag(g) V^T needs no eigen-gaps, unlike the SVD's, and float64 keeps the small end of the
-    spectrum accurate. The result is cast back to the features' dtype.
+    eigenvalue gradient V diag(g) V^T needs no eigen-gaps (as for singular values: only the gradients of singular or
+    eigen-vectors do), the Gram matrix is small, and float64 keeps the small end of the spectrum accurate. The result
+    is cast back to the features' dtype.
 
     Args:
         features: Batch feature matrix F.
@@ -52,7 +53,7 @@ def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor
 
 @register_regularizer("bss")
 class BatchSpectralShrinkage(Regularizer):
-    """Batch Spectral Shrinkage: L = eta * :func:`batch_spectral_shrinkage` of the batch's penultimate features.
+    """Batch Spectral Shrinkage: L = eta * [`batch_spectral_shrinkage`][] of the batch's penultimate features.
 
     Chen, Wang, Fu, Long, Wang, "Catastrophic Forgetting Meets Negative Transfer: Batch Spectral Shrinkage for Safe
     Transfer Learning", NeurIPS 2019. The small singular directions carry the features that do not transfer; TLlib

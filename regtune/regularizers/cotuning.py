@@ -30,9 +30,9 @@ def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_cla
 
     You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS 2020.
 
-    .. math::
-
-        R[t] = \frac{1}{|\{b : y_b = t\}|} \sum_{b : y_b = t} \mathrm{softmax}(g(f_b))
+    $$
+    R[t] = \frac{1}{|\{b : y_b = t\}|} \sum_{b : y_b = t} \mathrm{softmax}(g(f_b))
+    $$
 
     ("direct approach"; every row sums to 1).
 
@@ -55,7 +55,7 @@ def class_relationship(source_probs: torch.Tensor, labels: torch.Tensor, num_cla
 
 
 def relationship_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """:func:`class_relationship` from per-class sums of source probabilities (C_t, C_s) and counts (C_t,), e.g.
+    """[`class_relationship`][] from per-class sums of source probabilities (C_t, C_s) and counts (C_t,), e.g.
     accumulated batch by batch, or all-reduced over processes that each saw a share of the data.
 
     Raises:
@@ -71,10 +71,10 @@ def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor | None, rel
                    targets: torch.Tensor | None = None) -> torch.Tensor:
     r"""Soft cross-entropy of the source head to the relationship row of each label (Co-Tuning).
 
-    .. math::
-
-        L = \frac{1}{B} \sum_b \Big[ -\sum_{s} q_{b,s} \log \mathrm{softmax}(g(f_b))_s \Big], \qquad
-        q_b = R[y_b] \ \text{(labels)}, \quad q_b = \sum_c t_{b,c} R[c] \ \text{(soft targets)}
+    $$
+    L = \frac{1}{B} \sum_b \Big[ -\sum_{s} q_{b,s} \log \mathrm{softmax}(g(f_b))_s \Big], \qquad
+    q_b = R[y_b] \ \text{(labels)}, \quad q_b = \sum_c t_{b,c} R[c] \ \text{(soft targets)}
+    $$
 
     with g(f_b) the source logits of sample b, y_b its label and R the (C_t, C_s) relationship. On a mixed batch
     (mixup / CutMix) with soft targets t, q_b mixes the rows of the sample's classes in its proportions; as the loss
@@ -83,7 +83,7 @@ def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor | None, rel
     Args:
         source_logits: Source-head outputs g(f).
         labels: Integer target classes y; not read when ``targets`` are given (may then be ``None``).
-        relationship: Target-to-source relationship R (:func:`class_relationship`), rows summing to 1.
+        relationship: Target-to-source relationship R ([`class_relationship`][]), rows summing to 1.
         targets: Soft targets t of a mixed batch (rows summing to 1), or ``None``.
 
     Shape:
@@ -114,10 +114,10 @@ def co_tuning_loss(source_logits: torch.Tensor, labels: torch.Tensor | None, rel
 class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
     """Co-Tuning: soft cross-entropy of the source head to the target-to-source class relationship.
 
-    L = lambda * :func:`co_tuning_loss` (g(f), y, R), with R the :func:`class_relationship` of the pretrained model's
+    L = lambda * [`co_tuning_loss`][] (g(f), y, R), with R the [`class_relationship`][] of the pretrained model's
     source predictions g0(f0) on the training subset. You, Kou, Long, Wang, "Co-Tuning for Transfer Learning", NeurIPS
     2020. g is a trainable copy of the backbone's pretrained source classifier (trained with the backbone's learning
-    rate, as TLlib); R is computed once by :meth:`setup` from the pretrained model (eval mode) over the training subset
+    rate, as TLlib); R is computed once by `setup` from the pretrained model (eval mode) over the training subset
     with the deterministic evaluation transform ("direct approach"; the paper's calibrated "reverse approach" is not in
     TLlib either) and written to the run directory as an artifact.
 

@@ -46,9 +46,9 @@ def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torc
     Li, Xiong, Wang, Rao, Liu, Chen, Huan, "DELTA: Deep Learning Transfer using Feature Map with Attention for
     Convolutional Networks", ICLR 2019, arXiv 1901.09229.
 
-    .. math::
-
-        \Omega_j = \tfrac12 \sum_b \sum_{c=1}^{C} C\,a_c\,\frac{\lVert FM(x_b)_c - FM^0(x_b)_c \rVert_2^2}{S}
+    $$
+    \Omega_j = \tfrac12 \sum_b \sum_{c=1}^{C} C\,a_c\,\frac{\lVert FM(x_b)_c - FM^0(x_b)_c \rVert_2^2}{S}
+    $$
 
     with S = H W spatial positions (or tokens) and a the channel attention (uniform a_c = 1/C when ``None``, which
     makes the term the per-position mean squared distance summed over channels). ``normalize=False`` is TLlib's
@@ -56,7 +56,7 @@ def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torc
 
     Args:
         maps: Feature maps of the network being trained, as ``(B, C, S)`` (see
-            :func:`regtune.regularizers.hooks.as_channel_maps`).
+            `regtune.regularizers.hooks.as_channel_maps`).
         source_maps: The frozen source network's maps of the same images (detached here).
         attention: Channel attention a (non-negative, summing to 1), or ``None``.
         normalize: Weight by C a_c and divide by S (DELTA); ``False`` gives the plain squared distance.
@@ -97,10 +97,10 @@ def delta_penalty(maps: torch.Tensor, source_maps: torch.Tensor, attention: torc
 def channel_attention(loss_increase: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
     r"""DELTA's channel attention from the loss increase when each channel is zeroed.
 
-    .. math::
-
-        a = \mathrm{softmax}\!\left(\frac{z}{T}\right), \qquad z_c = \frac{\Delta_c - \mathrm{mean}(\Delta)}
-        {\mathrm{std}(\Delta)}
+    $$
+    a = \mathrm{softmax}\!\left(\frac{z}{T}\right), \qquad z_c = \frac{\Delta_c - \mathrm{mean}(\Delta)}
+    {\mathrm{std}(\Delta)}
+    $$
 
     with the population standard deviation (numpy's ``std``, as TLlib). A layer whose channels all give the same
     increase (std 0) gets uniform attention.
@@ -206,14 +206,14 @@ def layer_loss_increase(model: nn.Module, head: nn.Module, layer: str, images: t
 class DELTA(LazyShapeMixin, Regularizer):
     """DELTA: attention-weighted distance of intermediate feature maps to the frozen pretrained network's.
 
-    L = alpha * sum_j :func:`delta_penalty` (FM_j, FM0_j, a_j) + beta * :func:`~regtune.regularizers.l2sp.l2_penalty`
+    L = alpha * sum_j `delta_penalty` (FM_j, FM0_j, a_j) + beta * `l2_penalty`
     (head weights). FM_j are the outputs of the layers chosen from the model's own ``feature_info`` (default: its last
     four entries, e.g. ``layer1..4`` of a ResNet, ``blocks.1, 2, 4, 6`` of EfficientNet-Lite0, the last four blocks of a
     ViT with the class / register tokens dropped); FM0_j the same layers of a frozen eval-mode copy of the pretrained
     network, run on the same batch every step (no gradient, kept out of the optimizer and of DDP's gradient sync, its
-    BatchNorm never updated). The copy is made by :meth:`adapt_model` and saved in checkpoints.
+    BatchNorm never updated). The copy is made by `adapt_model` and saved in checkpoints.
 
-    Channel attention a_j (``attention="ablation"``, computed once by :meth:`setup`): a linear probe on the frozen
+    Channel attention a_j (``attention="ablation"``, computed once by `setup`): a linear probe on the frozen
     pretrained features of the training subset (L-BFGS, ``probe_steps``); then for the first ``attention_samples``
     training images, each channel of each layer is zeroed in turn and the increase of the probe's cross-entropy is
     recorded; a = softmax(zscore(increase) / 5) per layer.
@@ -234,7 +234,7 @@ class DELTA(LazyShapeMixin, Regularizer):
     Args:
         alpha: Weight of the feature-map term (TLlib 0.01).
         beta: Weight of the head's L2 term (TLlib 0.01; 0 disables it).
-        layers: ``feature_info`` indices or module names (see :func:`regtune.regularizers.hooks.feature_layers`);
+        layers: ``feature_info`` indices or module names (see `regtune.regularizers.hooks.feature_layers`);
             ``None`` takes the last ``num_layers`` entries.
         num_layers: How many of the deepest ``feature_info`` entries ``layers=None`` takes.
         attention: ``"ablation"`` (DELTA), ``"uniform"`` or ``"none"``.

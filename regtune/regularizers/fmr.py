@@ -32,12 +32,12 @@ def channel_entropy(features: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     r"""Per-sample entropy of the softmax across feature channels (the FMR loss).
 
     Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672. The FMR loss is
-    ``-lambda_t * channel_entropy(features, tau).mean()``; the weight comes from :func:`fmr_weight`.
+    ``-lambda_t * channel_entropy(features, tau).mean()``; the weight comes from [`fmr_weight`][].
 
-    .. math::
-
-        p_{b,i} = \frac{\exp(f_{b,i} / \tau)}{\sum_{j=1}^{D} \exp(f_{b,j} / \tau)}, \qquad
-        H_b = -\sum_{i=1}^{D} p_{b,i} \log p_{b,i}
+    $$
+    p_{b,i} = \frac{\exp(f_{b,i} / \tau)}{\sum_{j=1}^{D} \exp(f_{b,j} / \tau)}, \qquad
+    H_b = -\sum_{i=1}^{D} p_{b,i} \log p_{b,i}
+    $$
 
     with f_b the raw (unnormalised, post-ReLU GAP) penultimate feature of sample b, D its number of channels, tau the
     softmax temperature and log the natural logarithm. Computed from ``log_softmax`` (no overflow for large f, no
@@ -78,9 +78,9 @@ def fmr_weight(h_t: torch.Tensor | float, h_init: torch.Tensor | float, h_max: t
 
     Chapman, Xu, Liu, "Feature Magnitude Regularization", DICTA 2024, arXiv 2409.01672.
 
-    .. math::
-
-        \lambda_t = \beta \, \frac{H_{max} - H_t}{H_{max} - H_{init}}
+    $$
+    \lambda_t = \beta \, \frac{H_{max} - H_t}{H_{max} - H_{init}}
+    $$
 
     with H_max = log D (entropy of the uniform channel distribution), H_t the running mean of recent batch-mean
     channel entropies, H_init that running mean at the end of the statistics pass, and beta the desired initial
@@ -130,12 +130,12 @@ class FeatureMagnitudeRegularization(Regularizer):
     """Maximise the entropy of the softmax over feature channels, with a weight that adapts to it.
 
     The term is L_FMR = -lambda_t * mean_b H_b, with H_b the channel-softmax entropy of sample b's penultimate feature
-    at temperature tau (:func:`channel_entropy`). The weight lambda_t carries no
+    at temperature tau ([`channel_entropy`][]). The weight lambda_t carries no
     gradient and depends on ``mode``:
 
-    - ``"meta"`` (META_CALCULATED, every published config): :func:`fmr_weight`
+    - ``"meta"`` (META_CALCULATED, every published config): [`fmr_weight`][]
       with H_t the running mean of the last ``window`` batch-mean entropies (at tau = 1, detached, the current batch
-      included) and H_init that running mean at the end of the statistics pass (see :meth:`setup`). No clamp, as in
+      included) and H_init that running mean at the end of the statistics pass (see `setup`). No clamp, as in
       the code (``lambda_max`` adds one).
     - ``"provided"``: a fixed lambda (the paper suggests a sweep over 10, 100, 1000).
     - ``"dynamic"`` (DYNAMICALLY_CALCULATED): lambda_t = max_coef (H_max - H_t) / H_max, i.e. ``fmr_weight`` with

@@ -5,7 +5,7 @@ Each function lives next to its method's module (``fmr.py``, ``adarand.py``, ``p
 the criterion in ``base.py``), where it is documented; this module re-exports them for training loops of your own
 and for the analysis code. Every function is stateless, takes tensors of any floating dtype on any device, never
 modifies its inputs, and is differentiable wherever the formula is. No weight (lambda, beta, gamma) is applied
-except in :func:`fmr_weight`, which computes one.
+except in [`fmr_weight`][], which computes one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Intermediate feature maps of any timm model: which layers (from ``feature_info``) and their outputs (hooks).
 
 Layers are named by the model itself (timm's ``feature_info``: the stage outputs of a CNN, the blocks of a ViT),
-never by hard-coded architecture names. :func:`capture_outputs` registers forward hooks for one forward pass and
+never by hard-coded architecture names. `capture_outputs` registers forward hooks for one forward pass and
 always removes them, also when the pass raises. Imports nothing but ``torch``.
 """
 

@@ -32,9 +32,9 @@ def l2_sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor
     Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018,
     arXiv 1802.01483.
 
-    .. math::
-
-        \Omega_{SP}(w) = \tfrac12 \sum_i \lVert w_i - w^0_i \rVert_2^2
+    $$
+    \Omega_{SP}(w) = \tfrac12 \sum_i \lVert w_i - w^0_i \rVert_2^2
+    $$
 
     Args:
         params: Current parameters w_i (any shapes).
@@ -99,8 +99,8 @@ def split_backbone_head(model: nn.Module, exclude_norm: bool = False,
 class L2SP(Regularizer):
     """L2-SP: squared distance of the backbone to its starting point, plus L2 on the new head.
 
-    L = alpha * :func:`l2_sp_penalty` (backbone parameters, their starting values w0) + beta * :func:`l2_penalty` (head
-    parameters). The starting point w0 is snapshotted by :meth:`adapt_model` (the pretrained model, before any update)
+    L = alpha * [`l2_sp_penalty`][] (backbone parameters, their starting values w0) + beta * [`l2_penalty`][] (head
+    parameters). The starting point w0 is snapshotted by `adapt_model` (the pretrained model, before any update)
     into buffers, so it is saved in checkpoints and follows ``.to()`` (TLlib keeps it in a plain dict: lost on resume,
     left on the CPU). All trainable backbone parameters count by default, BatchNorm affine and biases included (TLlib);
     BatchNorm running statistics are buffers and never count.

@@ -30,9 +30,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     Li & Hoiem, "Learning without Forgetting", ECCV 2016, arXiv 1606.09282.
 
-    .. math::
-
-        L = \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(t_b / T) \,\Vert\, \mathrm{softmax}(s_b / T)\big)
+    $$
+    L = \frac{1}{B} \sum_b \mathrm{KL}\big(\mathrm{softmax}(t_b / T) \,\Vert\, \mathrm{softmax}(s_b / T)\big)
+    $$
 
     (KLDivLoss 'batchmean', no T^2 factor, as TLlib).
 
@@ -58,14 +58,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
     """Learning without Forgetting: keep the source head's tempered predictions close to the pretrained model's.
 
-    L = lambda * :func:`distillation_loss` (g(f(x)), g0(f0(x)), T). Li & Hoiem, "Learning without Forgetting", ECCV
+    L = lambda * [`distillation_loss`][] (g(f(x)), g0(f0(x)), T). Li & Hoiem, "Learning without Forgetting", ECCV
     2016, arXiv 1606.09282; TLlib's re-implementation: lambda = 4, T = 3. g is a trainable copy of the pretrained source
     head on the fine-tuned features (backbone learning rate); the teacher g0(f0(x)) is the pretrained model's source
     output.
 
     Teacher (``teacher``):
 
-    - ``"cached"`` (default; TLlib's protocol, cost-free per step): computed once by :meth:`setup` for every
+    - ``"cached"`` (default; TLlib's protocol, cost-free per step): computed once by `setup` for every
       training image and looked up by its index. TLlib records them under ONE random training augmentation per
       image; regtune uses the deterministic evaluation view, so the stored target does not depend on a random draw
       (see docs/methods/lwf.md, "Readings we chose").

@@ -49,10 +49,10 @@ def cosine_logits(features: torch.Tensor, weight: torch.Tensor, eps: float = 1e-
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
-
-        \cos_{b,c} = \langle \tilde f_b, \tilde w_c \rangle, \qquad
-        \tilde f_b = f_b / \lVert f_b \rVert_2, \quad \tilde w_c = w_c / \lVert w_c \rVert_2
+    $$
+    \cos_{b,c} = \langle \tilde f_b, \tilde w_c \rangle, \qquad
+    \tilde f_b = f_b / \lVert f_b \rVert_2, \quad \tilde w_c = w_c / \lVert w_c \rVert_2
+    $$
 
     with f_b the feature of sample b and w_c the row of the head for class c (no bias). Norms are bounded below by
     ``eps``, so a zero feature or row gives cosine 0 instead of NaN. Multiply by a scale s for the logits.
@@ -93,14 +93,14 @@ def lm_softmax_loss(cos: torch.Tensor, labels: torch.Tensor, s: float = 64.0) ->
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
+    $$
+    L_{LM} = \frac{1}{s} \cdot \frac{1}{B} \sum_b \log \sum_{j \ne y_b}
+    \exp\bigl(s (\cos_{b,j} - \cos_{b,y_b})\bigr)
+    $$
 
-        L_{LM} = \frac{1}{s} \cdot \frac{1}{B} \sum_b \log \sum_{j \ne y_b}
-        \exp\bigl(s (\cos_{b,j} - \cos_{b,y_b})\bigr)
-
-    with cos_{b,j} the cosine of sample b to class j (:func:`cosine_logits`), y_b its label and s the scale: a
+    with cos_{b,j} the cosine of sample b to class j ([`cosine_logits`][]), y_b its label and s the scale: a
     softmax cross-entropy whose denominator omits the target, divided by s. As s grows it tends to the negative
-    sample margin (:func:`sample_margin_loss`). Computed with ``logsumexp`` over the differences with the target
+    sample margin ([`sample_margin_loss`][]). Computed with ``logsumexp`` over the differences with the target
     masked to -inf (stable for s = 64; the third-party copy exponentiates directly). The default s = 64 is copied from
     that code; the paper's per-task values were not checked (see docs/methods/margins.md, 'Readings we chose').
     Per-class weights are not applied.
@@ -142,9 +142,9 @@ def sample_margins(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
-
-        \gamma_b = \cos_{b,y_b} - \max_{j \ne y_b} \cos_{b,j}
+    $$
+    \gamma_b = \cos_{b,y_b} - \max_{j \ne y_b} \cos_{b,j}
+    $$
 
     with cos_{b,j} the cosine of sample b to class j and y_b its label; positive iff the sample is classified
     correctly by the cosine head. The target is excluded by masking it to -inf (the third-party copy sets it to -1,
@@ -185,12 +185,12 @@ def sample_margin_loss(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
+    $$
+    R_{sm} = \frac{1}{B} \sum_b \bigl(\max_{j \ne y_b} \cos_{b,j} - \cos_{b,y_b}\bigr)
+           = -\frac{1}{B} \sum_b \gamma_b
+    $$
 
-        R_{sm} = \frac{1}{B} \sum_b \bigl(\max_{j \ne y_b} \cos_{b,j} - \cos_{b,y_b}\bigr)
-               = -\frac{1}{B} \sum_b \gamma_b
-
-    with gamma_b the sample margin of :func:`sample_margins`; no scale s. The weight lambda_sm (whose default is not
+    with gamma_b the sample margin of [`sample_margins`][]; no scale s. The weight lambda_sm (whose default is not
     from the paper) is applied by the caller.
 
     Args:
@@ -223,10 +223,10 @@ def zero_centroid_loss(weight: torch.Tensor, reduce: str = "sum", squared: bool 
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
-
-        R_{zc} = \Bigl\lVert \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('sum')}
-        \quad\text{or}\quad \Bigl\lVert \frac{1}{C} \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('mean')}
+    $$
+    R_{zc} = \Bigl\lVert \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('sum')}
+    \quad\text{or}\quad \Bigl\lVert \frac{1}{C} \sum_{c=1}^{C} \tilde w_c \Bigr\rVert_2^2 \ \text{('mean')}
+    $$
 
     with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c and C the number of classes; 0 for a
     regular simplex (the max-class-margin configuration). The default sums: the only public code found for the term
@@ -274,9 +274,9 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     Zhou, Liu, Zhai, Jiang, Gao, Ji, "Learning Towards the Largest Margins", ICLR 2022, arXiv 2206.11589.
 
-    .. math::
-
-        m_{cls} = \min_{i \ne j} \arccos \langle \tilde w_i, \tilde w_j \rangle
+    $$
+    m_{cls} = \min_{i \ne j} \arccos \langle \tilde w_i, \tilde w_j \rangle
+    $$
 
     with w~_c = w_c / max(||w_c||_2, eps) the normalised prototype of class c. Its maximum for C <= D + 1 is
     arccos(-1/(C-1)), reached by a regular simplex. The cosine is clamped to ``[-1, 1]`` before arccos (rounding can
@@ -312,7 +312,7 @@ def class_margin(weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 class CosineClassifier(nn.Module):
-    """Bias-free classifier on normalised features and prototypes: s * :func:`cosine_logits`.
+    """Bias-free classifier on normalised features and prototypes: s * [`cosine_logits`][].
 
     Args:
         in_features: D.
@@ -339,9 +339,9 @@ class CosineClassifier(nn.Module):
 class LMSoftmax(Criterion):
     """Largest-margin softmax (see docs/methods/margins.md); replaces cross-entropy and the head.
 
-    L = :func:`lm_softmax_loss` of the :func:`cosine_logits` between the penultimate features and the head's rows.
+    L = [`lm_softmax_loss`][] of the [`cosine_logits`][] between the penultimate features and the head's rows.
 
-    The model's classifier is replaced by a :class:`CosineClassifier` with the same prototypes (bias dropped), so
+    The model's classifier is replaced by a [`CosineClassifier`][] with the same prototypes (bias dropped), so
     that predictions at test time are the argmax of the cosines the loss trains.
 
     Args:
@@ -389,7 +389,7 @@ class LMSoftmax(Criterion):
 
 @register_regularizer("sample_margin")
 class SampleMarginRegularizer(Regularizer):
-    """Sample-margin regularization: lambda * :func:`sample_margin_loss` of the cosines (see docs/methods/margins.md).
+    """Sample-margin regularization: lambda * [`sample_margin_loss`][] of the cosines (see docs/methods/margins.md).
 
     Cosines are between the normalised penultimate feature and the normalised rows of the head's weight, whatever
     the head (plain linear or cosine).
@@ -426,7 +426,7 @@ class SampleMarginRegularizer(Regularizer):
 
 @register_regularizer("zero_centroid")
 class ZeroCentroidRegularizer(Regularizer):
-    """Zero-centroid regularization: lambda * :func:`zero_centroid_loss` of the head's weight.
+    """Zero-centroid regularization: lambda * [`zero_centroid_loss`][] of the head's weight.
 
     Pulls the centroid of the normalised prototypes to the origin (the max-class-margin simplex has zero centroid).
     By default the squared norm of the SUM of the normalised prototypes, as the only public code found for the term

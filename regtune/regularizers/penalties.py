@@ -41,11 +41,11 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
     Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and Hallucinating Features", ICCV 2017,
     arXiv 1606.02819.
 
-    .. math::
-
-        \text{none:}\ \frac{1}{B} \sum_b \lVert f_b \rVert_2^2, \qquad
-        \text{sgm:}\ \frac{1}{B} \sum_b \alpha_b \lVert f_b \rVert_2^2, \quad
-        \alpha_b = \sum_c \bigl(p_{b,c} - [c = y_b]\bigr)^2
+    $$
+    \text{none:}\ \frac{1}{B} \sum_b \lVert f_b \rVert_2^2, \qquad
+    \text{sgm:}\ \frac{1}{B} \sum_b \alpha_b \lVert f_b \rVert_2^2, \quad
+    \alpha_b = \sum_c \bigl(p_{b,c} - [c = y_b]\bigr)^2
+    $$
 
     with f_b the penultimate feature, p_b = softmax(logits_b) and y_b the label of sample b. For softmax regression
     alpha_b ||f_b||^2 is the squared norm of the gradient of the cross-entropy w.r.t. the classifier weights (SGM).
@@ -115,9 +115,9 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     Dubey, Gupta, Raskar, Naik, "Maximum-Entropy Fine-Grained Classification", NeurIPS 2018, arXiv 1809.05934.
     The MaxEnt loss is ``CE - gamma * prediction_entropy(logits).mean()``.
 
-    .. math::
-
-        H_b = -\sum_{c=1}^{C} p_{b,c} \log p_{b,c}, \qquad p_b = \mathrm{softmax}(\text{logits}_b)
+    $$
+    H_b = -\sum_{c=1}^{C} p_{b,c} \log p_{b,c}, \qquad p_b = \mathrm{softmax}(\text{logits}_b)
+    $$
 
     with C the number of classes and log the natural logarithm, computed from ``log_softmax`` (no eps inside the log,
     unlike TLlib's ``entropy``). Gradient flows through p.
@@ -153,9 +153,9 @@ def head_l1(weight: torch.Tensor) -> torch.Tensor:
     Studied for its effect on class activation maps (Zhou et al., "Learning Deep Features for Discriminative
     Localization", CVPR 2016, arXiv 1512.04150, define the CAM).
 
-    .. math::
-
-        R_1 = \sum_{c,k} \lvert w_{c,k} \rvert
+    $$
+    R_1 = \sum_{c,k} \lvert w_{c,k} \rvert
+    $$
 
     with w_{c,k} the head weight from channel k to class c. The weight lambda_1 is applied by the caller.
 
@@ -188,9 +188,9 @@ def head_l2(weight: torch.Tensor) -> torch.Tensor:
     Studied for its effect on class activation maps (Zhou et al., CVPR 2016, arXiv 1512.04150). The head term of
     TLlib's L2-SP is half of this.
 
-    .. math::
-
-        R_2 = \sum_{c,k} w_{c,k}^2
+    $$
+    R_2 = \sum_{c,k} w_{c,k}^2
+    $$
 
     with w_{c,k} the head weight from channel k to class c. The weight lambda_2 is applied by the caller.
 
@@ -225,9 +225,9 @@ def negative_weight_penalty(weight: torch.Tensor) -> torch.Tensor:
     Localization", ECCV 2020). Neither paper states this penalty: it is regtune's own reading of that finding, offered
     as an option for the CAM study, not a published method (see docs/methods/head-penalties.md, 'Readings we chose').
 
-    .. math::
-
-        R_- = \sum_{c,k} \max(0, -w_{c,k})
+    $$
+    R_- = \sum_{c,k} \max(0, -w_{c,k})
+    $$
 
     with w_{c,k} the head weight from channel k to class c; it equals the L1 norm of the negative part W^-.
 
@@ -255,7 +255,7 @@ def negative_weight_penalty(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Logged(Regularizer):
-    """Keeps the unweighted value of the last forward for :meth:`stats` (detached, no host sync until read)."""
+    """Keeps the unweighted value of the last forward for `stats` (detached, no host sync until read)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -273,7 +273,7 @@ class _Logged(Regularizer):
 class FeatureNormPenalty(_Logged):
     """Feature-norm penalty (Hariharan & Girshick, ICCV 2017, arXiv 1606.02819; see docs/methods/fnp.md).
 
-    L = lambda * :func:`feature_norm_penalty` of the penultimate features, plain or SGM-weighted (squared gradient
+    L = lambda * [`feature_norm_penalty`][] of the penultimate features, plain or SGM-weighted (squared gradient
     magnitude, its per-sample weight detached).
 
     Args:
@@ -309,7 +309,7 @@ class FeatureNormPenalty(_Logged):
 class MaxEntropy(_Logged):
     """Maximum-entropy confidence penalty (Dubey et al., NeurIPS 2018, arXiv 1809.05934; see docs/methods/maxent.md).
 
-    L = -gamma * mean_b :func:`prediction_entropy` (logits_b); gradients flow through the softmax.
+    L = -gamma * mean_b [`prediction_entropy`][] (logits_b); gradients flow through the softmax.
 
     Args:
         gamma: Weight; the paper's per-dataset values were not checked, 0.1 is our starting point (try 0.01, 0.1,
@@ -357,7 +357,7 @@ class _HeadPenalty(_Logged):
 class HeadL1(_HeadPenalty):
     """L1 penalty on the classifier weights (the CAM study's sparse head; see docs/methods/head-penalties.md).
 
-    lambda_1 * :func:`head_l1` of the head's (C, D) weight (bias excluded).
+    lambda_1 * [`head_l1`][] of the head's (C, D) weight (bias excluded).
 
     Args:
         weight: lambda_1 (the study's values were not checked; 1e-4 is a mild default for D = 1280).
@@ -377,7 +377,7 @@ class HeadL1(_HeadPenalty):
 class HeadL2(_HeadPenalty):
     """L2 penalty on the classifier weights (TLlib's L2-SP head term is this with 0.5 * 0.01).
 
-    lambda_2 * :func:`head_l2` of the head's (C, D) weight (bias excluded).
+    lambda_2 * [`head_l2`][] of the head's (C, D) weight (bias excluded).
 
     Args:
         weight: lambda_2 (default 5e-3 = TLlib's 1/2 * 0.01).
@@ -395,7 +395,7 @@ class HeadL2(_HeadPenalty):
 
 @register_regularizer("head_neg")
 class HeadNegativePenalty(_HeadPenalty):
-    """Penalty on negative classifier weights: lambda * :func:`negative_weight_penalty` of the head.
+    """Penalty on negative classifier weights: lambda * [`negative_weight_penalty`][] of the head.
 
     The CAM study finds that negative weights falling on the foreground hurt localization; this term discourages
     them. It is the library's reading (no public code defines it), offered as an option next to L1 / L2.

@@ -16,11 +16,11 @@ def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_v
                           momentum: float, eps: float) -> torch.Tensor:
     r"""StochNorm's training-mode normalisation (Kou, You, Long, Wang, NeurIPS 2020).
 
-    .. math::
-
-        z_0 = \frac{x - \mu_{run}}{\sqrt{\sigma^2_{run} + \epsilon}},\quad
-        z_1 = \frac{x - \mu_{batch}}{\sqrt{\sigma^2_{batch} + \epsilon}},\quad
-        y = \gamma \big((1 - s) z_0 + s z_1\big) + \beta
+    $$
+    z_0 = \frac{x - \mu_{run}}{\sqrt{\sigma^2_{run} + \epsilon}},\quad
+    z_1 = \frac{x - \mu_{batch}}{\sqrt{\sigma^2_{batch} + \epsilon}},\quad
+    y = \gamma \big((1 - s) z_0 + s z_1\big) + \beta
+    $$
 
     with s the per-channel 0/1 ``mask`` (drawn ~ Bernoulli(p) by the caller). z0 uses the running statistics from
     before this batch, which are then updated in place exactly as BatchNorm does (``momentum``, unbiased batch
@@ -51,7 +51,7 @@ def stochastic_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_v
 class StochNormMixin:
     """Training-mode forward of a BatchNorm with StochNorm's per-channel branch choice (eval mode: plain BN).
 
-    Mixed into the class of an existing BatchNorm instance by :func:`convert_stochnorm`, so parameter and buffer
+    Mixed into the class of an existing BatchNorm instance by [`convert_stochnorm`][], so parameter and buffer
     names, the state dict and the module tree stay those of the original model (a StochNorm checkpoint loads into
     the plain model). timm's ``BatchNormAct2d`` keeps its dropout and activation after the normalisation.
     """
@@ -104,7 +104,7 @@ class StochNorm(Regularizer):
 
     In training mode each channel picks, independently per forward pass with probability ``p``, the batch statistics
     (which also update the moving averages) or the moving statistics of the pretrained model
-    (:func:`stochastic_batch_norm`, with the mask s_c ~ Bernoulli(p)). Eval mode is ordinary BatchNorm. The mask is
+    ([`stochastic_batch_norm`][], with the mask s_c ~ Bernoulli(p)). Eval mode is ordinary BatchNorm. The mask is
     drawn with torch's seeded generator on the layer's device (TLlib draws it with numpy, unseeded, and moves it with
     ``.cuda()``). It changes the model and adds no loss: the term's value is 0.
 

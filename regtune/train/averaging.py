@@ -51,12 +51,12 @@ def check_same_layout(first: Mapping[str, Tensor], other: Mapping[str, Tensor],
 def interpolate_states(start: Mapping[str, Tensor], end: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
     r"""WiSE-FT's weight-space interpolation between two state dicts of one architecture.
 
-    .. math::
-
-        \theta(\alpha) = (1 - \alpha)\,\theta_{start} + \alpha\,\theta_{end}
+    $$
+    \theta(\alpha) = (1 - \alpha)\,\theta_{start} + \alpha\,\theta_{end}
+    $$
 
     theta_start: the weights training started from (WiSE-FT: the zero-shot or pretrained model); theta_end: the
-    fine-tuned weights; alpha in [0, 1]. Computed with :func:`torch.lerp`; at alpha 0 and 1 the result is a copy of
+    fine-tuned weights; alpha in [0, 1]. Computed with `torch.lerp`; at alpha 0 and 1 the result is a copy of
     ``start`` or ``end``, bit for bit (a signed zero or a non-finite entry included).
 
     Args:
@@ -94,9 +94,9 @@ def _mix(start: Tensor, end: Tensor, alpha: float) -> Tensor:
 def average_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     r"""The uniform mean of state dicts of one architecture (a uniform model soup).
 
-    .. math::
-
-        \bar\theta = \frac{1}{n} \sum_{i=1}^{n} \theta_i
+    $$
+    \bar\theta = \frac{1}{n} \sum_{i=1}^{n} \theta_i
+    $$
 
     Each floating entry is summed in float64 and cast back to its dtype, so the mean of one state is that state
     bit for bit, and the order of the states changes at most the last bit.

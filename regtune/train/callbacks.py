@@ -39,7 +39,7 @@ class EpochSeed(pl.Callback):
 
     An epoch's data order, augmentation and dropout then depend only on ``(seed, epoch)``, not on what ran before
     it (validation loaders, a sanity check, a restart), so a run resumed from the checkpoint of epoch k continues
-    exactly as the uninterrupted run did. The seed is :func:`regtune.data.seeds.epoch_seed`.
+    exactly as the uninterrupted run did. The seed is `regtune.data.seeds.epoch_seed`.
     """
 
     def __init__(self, seed: int) -> None:
@@ -72,7 +72,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what `rng_state` returned."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -84,13 +84,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class MidEpochResume(pl.Callback):
     """Make a checkpoint written in the middle of an epoch resume exactly where it stopped.
 
-    With the per-sample augmentation seeds of :class:`~regtune.data.transforms.TransformedSubset`, the data of a
+    With the per-sample augmentation seeds of `TransformedSubset`, the data of a
     batch depends only on ``(seed, epoch, items)``, and the global generators carry only what the model draws
     (dropout, random-feature draws). So the state of an epoch after ``k`` batches is: the weights, optimizer and
     regularizer state (in the checkpoint already), Lightning's batch count, and the global generators' state after
     batch ``k``, which this callback records at every batch end and stores in the checkpoint. On a restart in the
     middle of an epoch it restores those generators and makes the training sampler skip the ``k`` batches already
-    trained on (Lightning's loop continues its count at ``k``). Must come after :class:`EpochSeed`.
+    trained on (Lightning's loop continues its count at ``k``). Must come after `EpochSeed`.
     """
 
     def __init__(self) -> None:
@@ -140,9 +140,9 @@ class Preemption(pl.Callback):
     """On SIGTERM (or a first Ctrl-C) stop at the end of the current training batch and save a resumable checkpoint.
 
     Lightning sets its SIGTERM flag and raises at the end of the batch; this callback then writes ``path`` (the
-    run's ``last.ckpt``) with the loop's batch count and :class:`MidEpochResume`'s state, so ``regtune fit --resume``
+    run's ``last.ckpt``) with the loop's batch count and `MidEpochResume`'s state, so ``regtune fit --resume``
     continues with the next batch. A stop while an epoch validates lets Lightning finish that epoch (its logs and
-    end-of-epoch checkpoint) and stop there; any other error saves nothing here. Use :meth:`sigint_handler` for
+    end-of-epoch checkpoint) and stop there; any other error saves nothing here. Use `sigint_handler` for
     Ctrl-C: the first press asks for the same stop, a second one interrupts at once.
 
     Args:
@@ -326,7 +326,7 @@ class SetupArtifacts(pl.Callback):
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` (union of their keys as the header) atomically (:func:`regtune._io.atomic_write_text`)."""
+    """Write ``rows`` (union of their keys as the header) atomically (`regtune._io.atomic_write_text`)."""
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)

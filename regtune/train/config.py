@@ -131,11 +131,11 @@ class ModelConfig:
             own initialisation.
         lp_cs: Inverse L2 strengths C of the probe tried (scikit-learn's ``LogisticRegression(C=...)``).
         lp_select: How the probe's C is chosen on the validation split: ``one_se`` (default: the most regularised
-            C within one standard error of the best accuracy, :func:`regtune.train.probe.fit_linear_probe`) or
+            C within one standard error of the best accuracy, `regtune.train.probe.fit_linear_probe`) or
             ``best`` (highest accuracy, then lowest loss).
         lp_adapt_bn: Before the probe, re-estimate the backbone's BatchNorm running statistics on the training
             images (AdaBN; evaluation transform, no gradient step), so that the probe's features are normalised as
-            training mode normalises them (:func:`regtune.train.probe.adapt_batchnorm`). Off by default: on the
+            training mode normalises them (`regtune.train.probe.adapt_batchnorm`). Off by default: on the
             default task at 64 px it cost the probe 15 points (63.8 % against 79.4 %, seed 0); LP-FT keeps the
             pretrained statistics instead (``freeze_bn_stats``).
         lp_max_iter: L-BFGS iterations of each probe fit.
@@ -384,7 +384,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> FitConfig:
-    """Build a :class:`FitConfig` from nested dicts (unknown keys are errors)."""
+    """Build a [`FitConfig`][] from nested dicts (unknown keys are errors)."""
     data = dict(data or {})
     if "criterion" in data and isinstance(data["criterion"], str):
         data["criterion"] = {"name": data["criterion"]}
@@ -444,7 +444,7 @@ def load_config(path: str | Path, check: bool = True) -> FitConfig:
 
     Args:
         path: The YAML file.
-        check: Also :func:`check_names` (names of dataset, backbone, criterion, regularizers and their arguments).
+        check: Also `check_names` (names of dataset, backbone, criterion, regularizers and their arguments).
     """
     path = Path(path)
     if not path.is_file():

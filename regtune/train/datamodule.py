@@ -20,8 +20,8 @@ __all__ = ["EpochShuffle", "FineTuneData", "Shard"]
 class EpochShuffle(Sampler[tuple[int, int]]):
     """A random permutation per epoch that depends only on ``(seed, epoch)``; yields ``(epoch, index)`` keys.
 
-    Lightning calls :meth:`set_epoch` before each training epoch. The epoch travels with every index, so
-    :class:`~regtune.data.transforms.TransformedSubset` seeds each sample's augmentation from ``(seed, epoch,
+    Lightning calls `set_epoch` before each training epoch. The epoch travels with every index, so
+    `TransformedSubset` seeds each sample's augmentation from ``(seed, epoch,
     index)`` in whichever process loads it. The sampler also owns the generator the DataLoader draws its worker base
     seed from, re-seeded with the permutation, so nothing here depends on how much of torch's global random stream
     ran before (a validation loop, a restart from a checkpoint).
@@ -30,7 +30,7 @@ class EpochShuffle(Sampler[tuple[int, int]]):
     fill one item per process is dropped), so the processes see disjoint shares of one epoch; the trainer runs with
     Lightning's sampler replacement off.
 
-    :meth:`resume` makes the next pass over ``epoch`` start after the items already trained on: an exact
+    `resume` makes the next pass over ``epoch`` start after the items already trained on: an exact
     mid-epoch restart.
 
     Args:
@@ -89,7 +89,7 @@ class Shard(Sampler[int]):
 
 
 class FineTuneData(pl.LightningDataModule):
-    """Loaders over one :class:`~regtune.data.subset.Split` of a dataset.
+    """Loaders over one `Split` of a dataset.
 
     Args:
         train_set: The dataset's full training split (the subset is ``split.train``).
@@ -102,9 +102,9 @@ class FineTuneData(pl.LightningDataModule):
         num_workers: Worker processes per loader.
         validate_on_test: Use the test split as the validation loader (the papers' test-set selection; only with
             ``select="test_acc"``).
-        seed: Seed of the training order (see :class:`EpochShuffle`).
+        seed: Seed of the training order (see `EpochShuffle`).
         with_index: Training batches also carry each sample's position in the training subset (the order of
-            :meth:`setup_dataloader`), for regularizers with per-sample state.
+            `setup_dataloader`), for regularizers with per-sample state.
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """One fine-tuning run, end to end: data, split, model, Lightning ``Trainer``, test of the selected checkpoint.
 
-:func:`fit` runs in named steps: resolve the config, build the parts (data, split, model, terms, module), claim
+`fit` runs in named steps: resolve the config, build the parts (data, split, model, terms, module), claim
 the run directory, make the trainer, train, test the selected checkpoint, report. What the run directory holds is
-described in :mod:`regtune.train.rundir`.
+described in `regtune.train.rundir`.
 """
 
 from __future__ import annotations
@@ -561,7 +561,7 @@ def fit(
             config). It changes no result, so it is not part of the config written for the run.
 
     Returns:
-        The :class:`FitResult`; ``interrupted`` is true when the run was stopped (Ctrl-C) before its end, in which
+        The `FitResult`; ``interrupted`` is true when the run was stopped (Ctrl-C) before its end, in which
         case no metrics are written and ``regtune fit --resume`` continues it.
 
     Raises:

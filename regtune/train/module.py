@@ -54,14 +54,14 @@ def _unique_names(terms: Sequence[Regularizer]) -> list[str]:
 class FineTuner(pl.LightningModule):
     """Fine-tunes ``model`` with ``criterion`` plus the sum of ``regularizers``.
 
-    The model is reached only through :func:`regtune.models.forward_parts` (``forward_features``,
+    The model is reached only through `regtune.models.forward_parts` (``forward_features``,
     ``forward_head(pre_logits=True)``, the classifier), so any timm backbone works. Every term is logged by name
     (``train/<name>``), with each regularizer's ``stats()`` (``train/<name>/<key>``).
 
     Args:
         model: timm model with a ``num_classes``-way head.
         criterion: The classification loss.
-        regularizers: Terms added to the loss; each follows the :class:`~regtune.regularizers.Regularizer` contract.
+        regularizers: Terms added to the loss; each follows the `Regularizer` contract.
         optim: Optimizer and schedule settings.
         num_classes: Classes of the task (for per-class test accuracy).
         setup_loader: Called with no argument, returns the loader that regularizers' ``setup`` passes iterate
@@ -76,7 +76,7 @@ class FineTuner(pl.LightningModule):
             own sums, reduced across processes) is the exact mean over the epoch's images.
         resuming: The fit continues from a checkpoint, which holds the terms' set-up state: no set-up pass runs.
         mixup: Mixes each training batch (timm's ``Mixup`` with ``label_smoothing=0``: ``(images, labels) ->
-            (mixed images, soft targets)``); its draws are seeded per step (:func:`~regtune.data.seeds.mix_seed`).
+            (mixed images, soft targets)``); its draws are seeded per step (`mix_seed`).
             The step record then carries the soft ``targets``.
         seed: The run's seed (for the per-step mixing seed).
         ema_decay: Keep an exponential moving average of the weights (``self.ema``, saved in checkpoints), updated
@@ -298,7 +298,7 @@ class FineTuner(pl.LightningModule):
         """The criterion and every regularizer evaluated on one step record, without logging.
 
         Args:
-            record: What :meth:`forward_step` returned, or a copy of it with other tensors (the overhead benchmark
+            record: What `forward_step` returned, or a copy of it with other tensors (the overhead benchmark
                 times the terms alone on detached copies).
 
         Returns:
@@ -312,9 +312,9 @@ class FineTuner(pl.LightningModule):
     def compute_terms(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0, epoch: int = 0,
                       total_steps: int | None = None, indices: torch.Tensor | None = None,
                       targets: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], TrainStep]:
-        """One forward pass and every term of the loss, without logging (:meth:`forward_step`, :meth:`loss_terms`).
+        """One forward pass and every term of the loss, without logging (`forward_step`, `loss_terms`).
 
-        What :meth:`training_step` runs and the overhead benchmark times; the arguments are :meth:`forward_step`'s.
+        What `training_step` runs and the overhead benchmark times; the arguments are `forward_step`'s.
 
         Returns:
             ``({name: term}, step record)``; the criterion's term first; the record holds features and logits.
@@ -522,7 +522,7 @@ class FineTuner(pl.LightningModule):
 
     def _backbone_groups(self, backbone: list[nn.Parameter]) -> list[dict[str, Any]]:
         """``backbone`` at ``lr``; with layer-wise decay, one group per layer ``l`` of ``L`` (timm's grouping of the
-        model's blocks, its ``group_matcher``, as :func:`timm.optim.param_groups_layer_decay` uses it), named
+        model's blocks, its ``group_matcher``, as `timm.optim.param_groups_layer_decay` uses it), named
         ``backbone/<l>``, at ``lr * layer_decay ** (L - 1 - l)``: the last layer (where timm puts the head) at
         ``lr``, the stem lowest. Weight decay is not changed (timm's helper would also drop it from biases and norms).
         """

@@ -5,9 +5,9 @@ Underperform Out-of-Distribution", ICLR 2022, arXiv 2202.10054), and a baseline 
 scikit-learn's ``LogisticRegression`` (L-BFGS, softmax over the classes, L2 penalty, unpenalized intercept), which
 minimises
 
-.. math::
-
-    \tfrac12 \lVert W \rVert_F^2 + C \sum_{i=1}^{n} -\log \operatorname{softmax}(W (f_i - \mu) + c)_{y_i}
+$$
+\tfrac12 \lVert W \rVert_F^2 + C \sum_{i=1}^{n} -\log \operatorname{softmax}(W (f_i - \mu) + c)_{y_i}
+$$
 
 f_i: the penultimate features (D,) of training image i; mu: their mean over the training images; y_i its class;
 W (C_classes, D), c (C_classes,): the head; C: the inverse regularization strength, chosen from a grid by
@@ -58,7 +58,7 @@ mean fitted bias for every input: an absent class is never the largest logit, an
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> bool:
     """Re-estimate every BatchNorm layer's running statistics on ``loader``'s images (AdaBN, Li et al., 2016):
-    the plain average over the batches of their means and variances (:func:`torch.optim.swa_utils.update_bn`).
+    the plain average over the batches of their means and variances (`torch.optim.swa_utils.update_bn`).
 
     A probe fitted on features normalised with the pretrained statistics fails once training normalises with the
     new data's batch statistics (measured: EfficientNet-Lite0 on Fashion-MNIST at 64 px, a probe right on 100 % of
@@ -205,7 +205,7 @@ def _scores(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor) -> t
 
 
 def _choose(val_acc: dict[float, float], val_loss: dict[float, float], select: str, count: int) -> float:
-    """The C that ``select`` picks from the validation scores of the grid (see :func:`fit_linear_probe`)."""
+    """The C that ``select`` picks from the validation scores of the grid (see `fit_linear_probe`)."""
     best = min(val_acc, key=lambda c: (-val_acc[c], val_loss[c], c))
     if select == "best":
         return best
@@ -236,7 +236,7 @@ def fit_linear_probe(
     where C = 0.01 trained smoothly. The chosen head was trained on the training features only. The same inputs
     give the same result.
 
-    Classes without training features get a zero weight row and a bias :data:`ABSENT_CLASS_GAP` below the smallest
+    Classes without training features get a zero weight row and a bias `ABSENT_CLASS_GAP` below the smallest
     fitted bias, so they are never predicted (a warning names them).
 
     Args:
@@ -253,7 +253,7 @@ def fit_linear_probe(
         select: ``"best"`` or ``"one_se"`` (see above); without validation features the one C is taken.
 
     Returns:
-        The :class:`ProbeResult`.
+        The `ProbeResult`.
 
     Raises:
         ValueError: inconsistent shapes, labels out of range, a non-positive C, several C without validation
@@ -321,10 +321,10 @@ def linear_probe(
         tol: float = 1e-6,
         select: str = "best",
 ) -> ProbeResult:
-    """Extract the frozen model's features once and fit the linear probe on them (:func:`fit_linear_probe`).
+    """Extract the frozen model's features once and fit the linear probe on them (`fit_linear_probe`).
 
     Args:
-        model: The backbone (timm contract); its weights are not changed (see :func:`set_head`).
+        model: The backbone (timm contract); its weights are not changed (see `set_head`).
         train_loader: Training images with the evaluation transform (features of a frozen backbone).
         val_loader: Validation images, or ``None`` (then ``Cs`` must hold one value).
         num_classes: Classes of the task.
@@ -333,11 +333,11 @@ def linear_probe(
         cache: An ``.npz`` file for the features: read when it exists (no extraction), else written (atomically).
             It is keyed by nothing but its path: delete it when the model, the data or the transform change.
         device: Where the features are extracted.
-        tol: L-BFGS gradient tolerance (see :func:`fit_linear_probe`).
-        select: How C is chosen on validation (see :func:`fit_linear_probe`).
+        tol: L-BFGS gradient tolerance (see `fit_linear_probe`).
+        select: How C is chosen on validation (see `fit_linear_probe`).
 
     Returns:
-        The :class:`ProbeResult`.
+        The `ProbeResult`.
     """
     loaders = {"train": train_loader, "val": val_loader}
     if cache is not None and Path(cache).is_file():

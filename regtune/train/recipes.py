@@ -66,7 +66,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 class UnknownRecipeError(KeyError):
-    """A recipe name that is not in :data:`RECIPES`; the message lists them."""
+    """A recipe name that is not in `RECIPES`; the message lists them."""
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -16,7 +16,7 @@ Every run writes one directory::
     analysis.json    ``regtune analyze``'s measurements (and ``analysis.png``)
     localization.json  ``regtune cam --localize``'s metrics
 
-:class:`RunDir` knows these names; code elsewhere asks it for paths instead of spelling them. Its status is decided
+`RunDir` knows these names; code elsewhere asks it for paths instead of spelling them. Its status is decided
 here only: a run with ``metrics.json`` is *finished*, one with ``checkpoints/last.ckpt`` and no metrics was
 *interrupted* (``regtune fit --resume`` continues it), one with only ``config.yaml`` *started* (no epoch finished),
 anything else is *new*.
@@ -137,7 +137,7 @@ class RunDir:
 
     @property
     def status(self) -> str:
-        """One of :data:`RUN_STATUSES` (see the module docstring)."""
+        """One of `RUN_STATUSES` (see the module docstring)."""
         if self.metrics_path.is_file():
             return "finished"
         if self.last_checkpoint.is_file():
@@ -160,7 +160,7 @@ class RunDir:
         return self
 
     def claim(self, resume: bool = False, overwrite: bool = False) -> None:
-        """Make the directory ready for :func:`~regtune.train.fit.fit`.
+        """Make the directory ready for `fit`.
 
         With ``resume`` the run must be interrupted (a ``last.ckpt``, no metrics). Otherwise the directory must be
         new, or ``overwrite`` removes what it holds first.
@@ -304,7 +304,7 @@ def make_split(config: FitConfig, train_set: ImageDataset, manifest: str | Path 
     """The split a run of ``config`` trains on: read from ``manifest`` (or ``data.split_manifest``), else drawn.
 
     A drawn split is stratified per class with the config's fraction (or images per class), validation share and
-    seed (:func:`~regtune.data.subset.stratified_split`); the same config and dataset always give the same split.
+    seed (`stratified_split`); the same config and dataset always give the same split.
     """
     from regtune.data.subset import split_from_manifest, stratified_split
 
@@ -318,7 +318,7 @@ def make_split(config: FitConfig, train_set: ImageDataset, manifest: str | Path 
 
 def default_run_dir(config: FitConfig, root: str | Path = "runs") -> Path:
     """``runs/<dataset>-<backbone>-<method>-s<seed>-<timestamp>``, the method being the baseline
-    (:func:`regtune.train.recipes.recipe_label`) and the regularizers, e.g. ``wise_ft+fmr``."""
+    (`regtune.train.recipes.recipe_label`) and the regularizers, e.g. ``wise_ft+fmr``."""
     recipe = recipe_label(config.to_dict())
     terms = "+".join(([recipe] if recipe != "ft" else []) + [r.name for r in config.regularizers]) or "ft"
     stamp = time.strftime("%Y%m%d-%H%M%S")
