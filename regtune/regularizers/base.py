@@ -230,6 +230,13 @@ class Regularizer(nn.Module):
         return {}
 
 
+def _drop_given_head(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the given head was kept out of the term's state hold it as ``_given_head.*``:
+    drop those keys, so that such runs still resume and load."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}_given_head.")]:
+        del state_dict[key]
+
+
 class SourceHeadRegularizer(Regularizer):
     """Base class of the terms that train a copy of the backbone's pretrained source classifier (Co-Tuning, LwF).
 
@@ -247,13 +254,19 @@ class SourceHeadRegularizer(Regularizer):
 
     def __init__(self, source_head: nn.Module | None = None) -> None:
         super().__init__()
-        self._given_head = source_head
+        self._keep_given(source_head)
         self.source_head: nn.Module | None = None
+        self.register_load_state_dict_pre_hook(_drop_given_head)
+
+    def _keep_given(self, head: nn.Module | None) -> None:
+        # Held, not registered: only its copy (``source_head``) is the term's, so the given head is in neither
+        # ``parameters()`` (an optimizer built from them) nor ``state_dict()`` (checkpoints).
+        object.__setattr__(self, "_given_head", head)
 
     def attach_source_head(self, head: nn.Module | None) -> None:
         """Receive the backbone's pretrained source classifier (ignored when one was given to the constructor)."""
         if self._given_head is None:
-            self._given_head = head
+            self._keep_given(head)
 
     def adapt_model(self, model: nn.Module) -> None:
         """Install ``self.source_head``, a trainable copy of the source classifier.

@@ -360,6 +360,25 @@ def test_co_tuning_module_relationship_from_pretrained_predictions() -> None:
     torch.testing.assert_close(term(dataclasses.replace(step, targets=targets)), expected_mixed)
 
 
+@pytest.mark.parametrize("cls", [CoTuning, LearningWithoutForgetting])
+def test_the_given_source_head_is_not_the_terms_state(cls: type) -> None:
+    model = _tiny("resnet18")
+    source = nn.Linear(model.num_features, 7)  # trainable, as a plain loop's model.get_classifier() is
+    term = cls()
+    term.attach_source_head(source)
+    term.adapt_model(model)
+    assert not any(p is q for p in term.parameters() for q in source.parameters())  # only the copy is optimised
+    state = term.state_dict()
+    assert not [k for k in state if k.startswith("_given_head")] and "source_head.weight" in state
+    # checkpoints written when the given head was registered hold it too: they still load, strictly
+    old = {**state, "_given_head.weight": source.weight.detach(), "_given_head.bias": source.bias.detach()}
+    again = cls()
+    again.attach_source_head(source)
+    again.adapt_model(model)
+    again.load_state_dict(old)
+    torch.testing.assert_close(again.source_head.weight, term.source_head.weight)
+
+
 def test_co_tuning_without_source_head_says_what_to_do() -> None:
     term = CoTuning()
     term.attach_source_head(None)
