@@ -98,3 +98,29 @@ def test_the_readme_entry_points_run_from_outside_the_checkout(installed: tuple[
     dry = _run([regtune, "bench", "quick", "--dry-run"], outside, env)
     assert "15 runs: 0 finished before, 0 ran" in dry
     assert not (outside / "runs").exists()  # a dry run writes nothing
+
+
+def test_the_practitioners_path_runs_from_the_wheel(installed: tuple[Path, Path, dict[str, str]]) -> None:
+    """fit, predict, export, interpret and ``regtune.load`` as the README shows them, with the wheel alone."""
+    from tests.conftest import TINY_BACKBONE, write_imagefolder
+
+    venv, outside, env = installed
+    regtune = venv / "bin" / "regtune"
+    photos = write_imagefolder(outside / "photos", classes=3, train_per_class=6, test_per_class=2)
+    _run([regtune, "fit", "--dataset", "imagefolder", "--data-root", photos, "--backbone", TINY_BACKBONE,
+          "--pretrained", "none", "--head-init", "normal", "--img-size", "32", "--epochs", "1", "--batch-size", "6",
+          "--num-workers", "0", "--no-progress", "--accelerator", "cpu", "--val-fraction", "0.2",
+          "--set", "data.fraction=null", "--wise-alphas", "", "--run-dir", "run"], outside, env)
+    _run([regtune, "predict", "run", photos / "test", "--out", "preds.csv"], outside, env)
+    assert len((outside / "preds.csv").read_text().splitlines()) == 1 + 6
+    _run([regtune, "export", "run", "--out", "export", "--format", "safetensors,onnx,pt2"], outside, env)
+    assert {p.name for p in (outside / "export").iterdir()} >= {"model.safetensors", "config.json", "model.onnx",
+                                                                  "model.pt2"}
+    _run([regtune, "interpret", "run", "--out", "interpret", "--top-losses", "2"], outside, env)
+    assert (outside / "interpret" / "confusion_matrix.png").is_file()
+    code = ("import regtune\n"
+            "for where in ('run', 'export'):\n"
+            "    print(*regtune.load(where).predict(['photos/test/class_0/0.png'], topk=3)[0].topk)\n")
+    from_run, from_export = _run([venv / "bin" / "python", "-c", code], outside, env).splitlines()
+    assert from_run.count("class_") == 3  # the three classes by name, best first
+    assert from_run.split()[0] == from_export.split()[0]  # the run and its export agree
