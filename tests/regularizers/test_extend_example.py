@@ -77,10 +77,10 @@ def registered(example: Path) -> str:
     return NAME
 
 
-def test_the_doc_names_exactly_one_module_and_one_test() -> None:
-    assert set(example_files()) == {MODULE, TEST}
+def test_the_doc_names_exactly_one_module_one_test_and_one_page() -> None:
+    assert set(example_files()) == {MODULE, TEST}  # the code it shows; the page is described, not shown
     text = DOC.read_text(encoding="utf-8")
-    assert "Those two files\nare all you touch" in text
+    assert "Those three files" in text and "`docs/methods/<name>.md`" in text
 
 
 def test_the_example_registers_from_the_package_folder(registered: str) -> None:
