@@ -291,6 +291,26 @@ def _add_soup(sub: Any) -> None:
     soup.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes reading the images")
 
 
+def _add_tune(sub: Any) -> None:
+    tune = _subcommand(sub, "tune", "equal-budget hyperparameter search (Optuna), the tuned comparison on fresh seeds, "
+                                    "and the refit of the chosen configuration")
+    tune.add_argument("search", help="a search YAML file, or the name of a search shipped with regtune, e.g. small "
+                                     "(see `regtune list searches`)")
+    tune.add_argument("--out", type=Path, help="output folder (default: the search's 'out' or runs/tune/<name>)")
+    tune.add_argument("--storage", help="an Optuna storage URL (sqlite:///tune.db, postgresql://...) shared by "
+                                        "workers on several machines (default: the journal file <out>/study.journal)")
+    tune.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    tune.add_argument("--dataset", help="the data of every run (sets data.dataset of the search's base)")
+    tune.add_argument("--data-root", help="where the data is (sets data.root of the search's base)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any field of the search's base config, e.g. --set data.img_size=96 (repeatable)")
+    tune.add_argument("--no-finals", action="store_true",
+                      help="skip the finals (each method's best configuration tested on the fresh seeds)")
+    tune.add_argument("--refit", action="store_true",
+                      help="train the chosen method and knobs as a normal run (<out>/refit) for predict / export")
+    tune.add_argument("--report-only", action="store_true", help="report the finished trials and runs, run nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``regtune`` parser: one sub-command per task; no option may be abbreviated."""
     parser = argparse.ArgumentParser(prog="regtune", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -299,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_fit(sub)
     _add_bench(sub)
+    _add_tune(sub)
     _add_report(sub)
     _add_analyze(sub)
     _add_cam(sub)
@@ -307,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_soup(sub)
     lst = _subcommand(sub, "list", "list known names")
-    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights", "grids"])
+    lst.add_argument("what", choices=["datasets", "regularizers", "criteria", "recipes", "offline-weights", "grids",
+                                      "searches"])
     return parser
 
 
@@ -444,6 +466,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"the report covers the {len(records)} finished runs; {missing} are not finished (other shards still "
               "running, failures, or an interrupted grid): rerun with --report-only when they are")
     return 1 if not args.report_only and counts["failed"] else 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from regtune.tune.pipeline import choice_table, run_tune
+    from regtune.tune.search import load_search
+
+    base: dict[str, Any] = {}
+    if args.dataset is not None:
+        base["data.dataset"] = args.dataset
+    if args.data_root is not None:
+        base["data.root"] = args.data_root
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        base[key.strip()] = load_yaml(value)
+    search = load_search(args.search, out=args.out, base=base)
+    result = run_tune(search, storage_url=args.storage, workers=args.workers, finals=not args.no_finals,
+                      refit_best=args.refit, report_only=args.report_only)
+    print((search.out / "search" / "search.md").read_text())
+    print("chosen on validation (mean ± std over the search seeds):")
+    print(choice_table(result["summaries"]))
+    if "report" in result:
+        print(result["report"]["summary_md"].read_text())
+        if result.get("orderings"):
+            print(result["orderings"].read_text())
+    if "refit" in result:
+        print(f"refit: {result['refit']} (regtune predict / export / interpret take it)")
+    written = [*result["search"].values(), *result.get("report", {}).values()]
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -602,10 +655,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         width = max(map(len, RECIPES))
         names = [f"{name:<{width}}  {recipe.summary}" for name, recipe in RECIPES.items()]
-    elif args.what == "grids":
+    elif args.what in ("grids", "searches"):
         from regtune.bench.shipped import grid_description, shipped_grids
 
-        grids = shipped_grids()
+        grids = shipped_grids(args.what)
         width = max(map(len, grids), default=0)
         names = [f"{name:<{width}}  {grid_description(path)}" for name, path in grids.items()]
     elif args.what == "offline-weights":
@@ -694,6 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_fit(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "tune":
+            return _cmd_tune(args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "analyze":

@@ -171,8 +171,9 @@ def _resolve_config(config: FitConfig | None, run_dir: str | Path | None, resume
     return config
 
 
-def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
-    """Data, split, backbone, terms and module; a missing folder or an empty class leaves no run directory behind."""
+def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = True) -> _Parts:
+    """Data, split, backbone, terms and module; a missing folder or an empty class leaves no run directory behind.
+    Without ``test`` the test images are never opened (a search's trials)."""
     d, t = config.data, config.trainer
     criterion = create_criterion(config.criterion.name, **config.criterion.args)
     regularizers = [create_regularizer(r.name, **r.args) for r in config.regularizers]
@@ -181,7 +182,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
     if list(train_set.classes) != list(test_set.classes):
         raise ValueError(f"{d.dataset}: train and test splits have different classes")
     split = resume_from.split(train_set) if resume_from is not None else make_split(config, train_set)
-    _check_images(train_set, test_set, split, resume_from)
+    _check_images(train_set, test_set if test else None, split, resume_from)
     if t.select in ("val_acc", "val_loss") and not split.val:
         raise ValueError(
             f"selection by {t.select} needs a validation split, but val_fraction={d.val_fraction} holds out no image "
@@ -219,19 +220,21 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None) -> _Parts:
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
 
 
-def _check_images(train_set: ImageDataset, test_set: ImageDataset, split: Split, resume_from: RunDir | None) -> None:
+def _check_images(train_set: ImageDataset, test_set: ImageDataset | None, split: Split,
+                  resume_from: RunDir | None) -> None:
     """Every image the run will read (its training and validation images, the test split), decoded once before
     anything is written or trained: every unreadable file is named at once, with advice that works."""
     def where(dataset: ImageDataset, item: str) -> str:  # the file to act on (an index "split:i" without files)
         return str(Path(dataset.root) / item) if dataset.root else item
 
     bad = [(where(train_set, i), why) for i, why in unreadable_images(train_set, [*split.train, *split.val])]
-    bad += [(where(test_set, i), why) for i, why in unreadable_images(test_set, range(len(test_set)))]
+    if test_set is not None:
+        bad += [(where(test_set, i), why) for i, why in unreadable_images(test_set, range(len(test_set)))]
     if not bad:
         return
     listed = "\n".join(f"  {name}: {why}" for name, why in bad[:50]) + (
         f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
-    root = train_set.root or test_set.root
+    root = train_set.root
     advice = ("Restore them (the same files) and continue with `regtune fit --resume RUN`; a training image deleted "
               "instead changes the split this run was made with, so start that run again with --overwrite"
               if resume_from is not None else
@@ -402,13 +405,12 @@ def _probe(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module
     return record
 
 
-def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict[str, Any]:
-    """A linear-probe run (``trainer.epochs: 0``): the probe on the frozen backbone, tested once."""
+def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, test: bool) -> dict[str, Any]:
+    """A linear-probe run (``trainer.epochs: 0``): the probe on the frozen backbone, tested once (if ``test``)."""
     module = parts.module
     module.to(made.trainer.strategy.root_device)
     probe = _probe(config, parts, run, module.model)
-    with _quiet_lightning(), _no_uninitialized_fill():
-        (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    result = _evaluate(parts, made, test)
     if made.trainer.is_global_zero:
         _save_weights(module.model, run.model_path, parts.train_set.classes)
     best_val = probe["val_acc"].get(str(probe["C"]))  # the probe's C is chosen on validation whatever `select` says
@@ -451,9 +453,21 @@ def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
     return record, interpolate_states(start, end, alpha)
 
 
-def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict[str, Any]:
+def _evaluate(parts: _Parts, made: _Trainer, test: bool) -> dict[str, Any]:
+    """The chosen weights on the validation split (``val/acc``, ``val/loss``) and, if ``test``, once on the test set."""
+    val_acc, val_loss = _val_score(parts, made) if parts.split.val else (None, None)
+    result: dict[str, Any] = {"val/acc": val_acc, "val/loss": val_loss}
+    if test:
+        with _quiet_lightning(), _no_uninitialized_fill():
+            (tested,) = made.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
+        result.update(tested)
+    return result
+
+
+def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, test: bool) -> dict[str, Any]:
     """Test once the weights selection chose: the selected checkpoint's, its EMA's where validation preferred them,
-    their WiSE-FT interpolation where asked for. Returns the test results with what was chosen."""
+    their WiSE-FT interpolation where asked for. Returns the results (validation, and test if ``test``) with what was
+    chosen."""
     selected = _selected_checkpoint(config, run, made)
     checkpoint = torch.load(selected, map_location="cpu", weights_only=True)  # tensors and plain types only
     module = parts.module
@@ -465,8 +479,7 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer) -> dict
     if config.trainer.wise_alphas:
         wise, weights = _wise(config, parts, run, made, weights)
     module.model.load_state_dict(weights)
-    with _quiet_lightning(), _no_uninitialized_fill():
-        (result,) = made.trainer.test(module, datamodule=parts.datamodule, verbose=False)
+    result = _evaluate(parts, made, test)
     own = not ema and wise is None  # the checkpoint's own weights were tested
     if not own and made.trainer.is_global_zero:
         _save_weights(module.model, run.model_path, parts.train_set.classes)
@@ -490,11 +503,15 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
     """What ``metrics.json`` holds."""
     d, t = config.data, config.trainer
     epoch = result["epoch"]
+    tested = "test/acc" in result
     return {
-        "test_acc": result["test/acc"],
-        "test_loss": result["test/loss"],
-        "test_mean_class_acc": result["test/mean_class_acc"],
-        "test_class_acc": parts.module.test_class_accuracy(),
+        **({"test_acc": result["test/acc"],
+            "test_loss": result["test/loss"],
+            "test_mean_class_acc": result["test/mean_class_acc"],
+            "test_class_acc": parts.module.test_class_accuracy()} if tested else {}),
+        "tested": tested,  # False: a search's trial, chosen on validation, never tested
+        "val_acc": result["val/acc"],  # the tested weights (after EMA / WiSE-FT) on the validation split
+        "val_loss": result["val/loss"],
         "selection": t.select,
         "selection_note": _SELECT[t.select][2],
         "selected_epoch": epoch + 1 if epoch is not None else None,
@@ -534,11 +551,11 @@ def _report(config: FitConfig, run: RunDir, metrics: dict[str, Any], made: _Trai
         if config.trainer.epochs > 0:  # a probe alone has no epochs to plot
             plot_learning_curves(read_epoch_log(run.epochs_csv), run.curves_png,
                                  title=f"{run.path.name} ({config.trainer.select})", criterion=config.criterion.name,
-                                 selected_epoch=metrics["selected_epoch"], test_acc=metrics["test_acc"])
+                                 selected_epoch=metrics["selected_epoch"], test_acc=metrics.get("test_acc"))
         atomic_write_json(run.metrics_path, metrics)
     # The result itself is the caller's to print (the CLI prints it once).
-    _log.debug("test accuracy %.4f, checkpoint of epoch %s; run directory %s", metrics["test_acc"],
-               metrics["selected_epoch"], run)
+    _log.debug("test accuracy %s, validation accuracy %s, checkpoint of epoch %s; run directory %s",
+               metrics.get("test_acc"), metrics["val_acc"], metrics["selected_epoch"], run)
 
 
 def fit(
@@ -548,6 +565,7 @@ def fit(
         overwrite: bool = False,
         callbacks: Sequence[pl.Callback] = (),
         progress_bar: bool | None = None,
+        test: bool = True,
 ) -> FitResult:
     """Fine-tune, select a checkpoint, test it once, and write the run directory.
 
@@ -559,6 +577,8 @@ def fit(
         callbacks: Extra Lightning callbacks (progress hooks, tests).
         progress_bar: Show Lightning's progress bar; ``None`` follows ``trainer.progress_bar`` (a resumed run's own
             config). It changes no result, so it is not part of the config written for the run.
+        test: Test the chosen weights once. ``False`` (a search's trials, chosen on validation): the test images are
+            never opened, and ``metrics.json`` holds the chosen weights' validation accuracy and no test metric.
 
     Returns:
         The `FitResult`; ``interrupted`` is true when the run was stopped (Ctrl-C) before its end, in which
@@ -570,8 +590,11 @@ def fit(
     """
     started = time.perf_counter()
     config = _resolve_config(config, run_dir, resume)
+    if not test and config.trainer.select == "test_acc":
+        raise ValueError("a run that is not tested cannot select on the test set (trainer.select: test_acc); "
+                         "select on val_acc or val_loss")
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    parts = _build_parts(config, RunDir(Path(run_dir).absolute()) if resume else None)
+    parts = _build_parts(config, RunDir(Path(run_dir).absolute()) if resume else None, test)
     run = _claim_run_dir(config, parts, run_dir, resume, overwrite)
     if not resume and config.trainer.epochs > 0 and (config.model.head_init == "lp" or config.trainer.wise_alphas):
         parts.module.prepare = lambda model: _prepare_start(config, parts, run, model)
@@ -583,11 +606,11 @@ def fit(
               parts.train_set.num_classes, parts.backbone.name, parts.backbone.weights,
               parts.preprocessing["input_size"])
     if config.trainer.epochs == 0:
-        result = _probe_only(config, parts, run, made)
+        result = _probe_only(config, parts, run, made, test)
     elif _train(config, parts, run, made, resume):
         return FitResult(run_dir=run.path, metrics={}, interrupted=True)
     else:
-        result = _test(config, parts, run, made)
+        result = _test(config, parts, run, made, test)
     trained = time.perf_counter() - started
     metrics = _metrics(config, parts, run, result, resume, started, trained)
     _report(config, run, metrics, made)

@@ -1,0 +1,95 @@
+"""`regtune tune` from end to end: the search, its report, the finals on fresh seeds, the refit of the choice."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from regtune.train.config import apply_overrides
+from regtune.tune.report import (
+    chosen,
+    finals_grid,
+    study_summaries,
+    write_orderings,
+    write_search_report,
+)
+from regtune.tune.search import Search, apply_params, studies
+from regtune.tune.study import run_search
+
+__all__ = ["choice_table", "refit", "run_tune"]
+
+_log = logging.getLogger(__name__)
+
+
+def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, finals: bool = True,
+             refit_best: bool = False, report_only: bool = False,
+             fit_fn: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Search (unless ``report_only``), report it, run and report the finals, refit the chosen configuration.
+
+    Each step continues where an earlier call stopped. The test set is read only by the finals and the refit, after
+    the search has chosen.
+
+    Returns:
+        ``{"summaries", "search", "report", "orderings", "refit"}``: the studies' summaries and the written paths
+        (``report`` / ``orderings`` / ``refit`` only when those steps ran).
+    """
+    if not report_only:
+        run_search(search, storage_url, workers, fit_fn)
+    summaries = study_summaries(search, storage_url)
+    result: dict[str, Any] = {"summaries": summaries,
+                              "search": write_search_report(search, summaries, search.out / "search")}
+    if finals:
+        from regtune.bench.aggregate import collect_grid, write_report
+        from regtune.bench.grid import run_grid
+
+        grid = finals_grid(search, summaries)
+        if not report_only:
+            run_grid(grid, fit_fn=fit_fn)
+        records = collect_grid(grid)
+        result["report"] = write_report(records, search.out / "report", baseline=grid.baseline,
+                                        title=f"{search.name}: each method tuned ({search.trials} trials), "
+                                              "tested on fresh seeds")
+        result["orderings"] = write_orderings(search, records, search.out / "report")
+    if refit_best:
+        result["refit"] = refit(search, summaries, fit_fn)
+    return result
+
+
+def choice_table(summaries: list[dict[str, Any]]) -> str:
+    """What was chosen and why: each study's best validation accuracy, mean ± std over the search seeds."""
+    best = chosen(summaries)
+    lines = []
+    for s in sorted(summaries, key=lambda s: -(s["best_value"] if s["best_value"] is not None else -1.0)):
+        value = (f"{100 * s['best_value']:6.2f} ± {100 * s['best_val_std']:.2f} %" if s["best_value"] is not None
+                 else "   (no complete trial)")
+        knobs = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in (s["best_params"] or {}).items())
+        mark = "->" if s is best else "  "
+        lines.append(f"{mark} {s['study']:<40} validation {value}  {knobs}")
+    return "\n".join(lines)
+
+
+def refit(search: Search, summaries: list[dict[str, Any]], fit_fn: Callable[..., Any] | None = None) -> Path:
+    """Train the chosen method with its chosen knobs as a normal run (tested once): ``<out>/refit``.
+
+    The run draws its own split at the finals' first seed (fresh to the search) from the same data and amount.
+    """
+    if fit_fn is None:
+        from regtune.train.fit import fit as fit_fn
+    from regtune.train.rundir import RunDir
+
+    best = chosen(summaries)
+    spec = next(s for s in studies(search) if s.name == best["study"])
+    run = next(iter(spec.runs.values()))
+    seed = search.grid.axes["trainer.seed"][0]
+    config = apply_overrides(apply_params(run.config, best["best_params"]),
+                             {"data.split_manifest": None, "trainer.seed": seed})
+    run_dir = search.out / "refit"
+    if RunDir(run_dir).status == "finished":
+        _log.info("refit: %s is finished already", run_dir)
+        return run_dir
+    _log.info("refit: %s with %s, seed %d -> %s", best["study"], best["best_params"], seed, run_dir)
+    fit_fn(config, run_dir=run_dir, overwrite=True)
+    return run_dir

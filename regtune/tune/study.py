@@ -1,0 +1,344 @@
+"""Running a search: one Optuna study per (cell, method), the same budget of trials for each, on any Optuna storage.
+
+A trial draws its knob values from Optuna's TPE sampler, trains the method once per search seed (every trial of
+every method on the same split manifests) without testing, and reports the mean validation accuracy of the chosen
+weights as its objective. The validation accuracy after each epoch feeds Optuna's pruner (steps ``i * epochs + e``
+for seed ``i``, epoch ``e``: the same split and epoch across trials), which stops hopeless trials early.
+
+Budget and interruptions. The budget counts the trials that finished (complete or pruned) plus those running or
+queued; a worker claims a trial under a lock, and a trial claimed beyond the budget (workers on several machines
+racing) is marked failed with ``surplus`` and never runs. A running trial writes a heartbeat (a user attribute) every
+``heartbeat_s``; one whose heartbeat is older than ``stale_after_s`` belongs to a worker that died: it is marked failed
+with ``interrupted`` (kept, visible) and its knob values are queued again, so the search continues to the same set of
+finished trials. TPE is seeded per trial from the trial's position in the budget, so an interrupted sequential search
+draws what an uninterrupted one draws.
+
+Disk: a finished trial keeps each run's config, metrics and logs (about 40 KB per seed), not its checkpoints, weights or
+cached features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from regtune.tune.search import Search, SearchError, StudySpec, apply_params, studies
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
+
+__all__ = ["COUNTED", "counted_trials", "open_storage", "run_search", "run_worker", "study_for"]
+
+_log = logging.getLogger(__name__)
+KEEP = {"config.yaml", "metrics.json", "epochs.csv", "steps.csv", "probe.json", "split.json"}
+
+
+def _optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # regtune logs what matters, once per trial
+    return optuna
+
+
+def _states() -> tuple[Any, ...]:
+    state = _optuna().trial.TrialState
+    return state.COMPLETE, state.PRUNED, state.RUNNING, state.WAITING
+
+
+COUNTED = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+
+
+def open_storage(search: Search, url: str | None = None) -> Any:
+    """The search's Optuna storage: ``url`` (any Optuna storage URL: ``sqlite:///x.db``, ``postgresql://...``) or, by
+    default, the journal file ``<out>/study.journal`` (no server; processes on one machine, or machines sharing the
+    folder, use it together).
+
+    Raises:
+        SearchError: the storage cannot be opened (the message says which and why).
+    """
+    optuna = _optuna()
+    try:
+        if url is None:
+            from optuna.storages.journal import JournalFileBackend
+
+            search.out.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(search.out / "study.journal")))
+        storage = optuna.storages.get_storage(url)
+        storage.get_all_studies()  # connect now: a bad URL fails before any trial
+        return storage
+    except Exception as err:  # any driver's error: one clear line
+        raise SearchError(f"cannot open the storage {url or search.out / 'study.journal'}: {type(err).__name__}: "
+                          f"{err}") from err
+
+
+def study_for(search: Search, spec: StudySpec, storage: Any) -> Any:
+    """The Optuna study of ``spec`` (created on first use), maximising the mean validation accuracy."""
+    optuna = _optuna()
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=_pruner(search))
+    study.set_user_attr("budget", search.budget(spec.method))
+    return study
+
+
+def _pruner(search: Search) -> Any:
+    optuna = _optuna()
+    if search.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if search.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, search.warmup_epochs))
+    return optuna.pruners.MedianPruner(n_startup_trials=max(1, search.startup_trials // 2),
+                                       n_warmup_steps=search.warmup_epochs)
+
+
+def counted_trials(study: Any, below: int | None = None) -> list[Any]:
+    """The trials that count against the budget (complete, pruned, running, queued), optionally numbered below
+    ``below``."""
+    states = _states()
+    return [t for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below]
+
+
+@contextlib.contextmanager
+def _claim_lock(search: Search) -> Iterator[None]:
+    """Serialises claiming trials between the processes that share the search folder."""
+    search.out.mkdir(parents=True, exist_ok=True)
+    with open(search.out / ".claim.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _reap_stale(study: Any, search: Search) -> None:
+    """Mark trials whose worker died as failed (``interrupted``) and queue their knob values again, once."""
+    optuna = _optuna()
+    now = time.time()
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        beat = trial.user_attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start else now)
+        if now - beat <= search.stale_after_s:
+            continue
+        _log.warning("%s: trial %d stopped without finishing (no heartbeat for %.0f s)", study.study_name,
+                     trial.number, now - beat)
+        _interrupted(study, trial.number, trial.params)
+
+
+def _interrupted(study: Any, number: int, params: dict[str, Any]) -> None:
+    """Mark a running trial failed and queue its knob values again (the queued trial's ``retry_of`` names it: the
+    report counts it as interrupted, not as a failure of the method)."""
+    optuna = _optuna()
+    try:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    except (ValueError, RuntimeError):  # it finished (or was marked) meanwhile
+        return
+    if number not in {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}:
+        study.enqueue_trial(params, user_attrs={"retry_of": number})
+
+
+def _claim(study: Any, search: Search, spec: StudySpec) -> tuple[Any, int] | None:
+    """A trial to run and its position in the budget, or ``None`` when the budget is taken."""
+    optuna = _optuna()
+    with _claim_lock(search):
+        _reap_stale(study, search)
+        queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        budget = search.budget(spec.method)
+        if not queued and len(counted_trials(study)) >= budget:
+            return None
+        trial = study.ask()
+        position = len(counted_trials(study, below=trial.number))
+        if position >= budget:  # another machine claimed the last one first
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+    return trial, position
+
+
+class _Heartbeat:
+    """Writes the trial's heartbeat every ``interval`` seconds until stopped."""
+
+    def __init__(self, trial: Any, interval: float) -> None:
+        self.trial, self.interval = trial, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.trial.set_user_attr("heartbeat", time.time())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _reporter(trial: Any, offset: int) -> Any:
+    """A Lightning callback that reports each epoch's validation accuracy to the pruner and stops a pruned run."""
+    import lightning.pytorch as pl
+
+    class _Report(pl.Callback):
+        pruned = False
+
+        def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            metrics = trainer.callback_metrics
+            value = metrics.get("select/acc", metrics.get("val/acc"))
+            if trainer.sanity_checking or value is None:
+                return
+            trial.report(float(value), offset + trainer.current_epoch)
+            if trial.should_prune():
+                self.pruned = True
+                trainer.should_stop = True
+
+    return _Report()
+
+
+def _strip(run_dir: Path) -> None:
+    """Keep a finished trial run's record (config, metrics, logs), not its checkpoints, weights or caches."""
+    for path in run_dir.iterdir():
+        if path.name in KEEP:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
+    return search.out / "trials" / spec.cell / spec.method / f"t{number:03d}"
+
+
+def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any]) -> None:
+    """Draw the knobs, train once per search seed, tell Optuna the mean validation accuracy (or that it pruned)."""
+    from regtune.bench.grid import _write_split
+    from regtune.train.config import apply_overrides
+
+    optuna = _optuna()
+    study = trial.study
+    study.sampler = optuna.samplers.TPESampler(seed=search.sampler_seed * 100_003 + position,
+                                               n_startup_trials=search.startup_trials)
+    params = {knob.key: knob.suggest(trial) for knob in search.spaces[spec.method].values()}
+    trial.set_user_attr("position", position)
+    folder = trial_dir(search, spec, trial.number)
+    shutil.rmtree(folder, ignore_errors=True)  # a number is never reused; leftovers are a crashed attempt's
+    values, seconds = [], 0.0
+    with _Heartbeat(trial, search.heartbeat_s):
+        for i, (seed, run) in enumerate(sorted(spec.runs.items())):
+            _write_split(run)
+            config = apply_overrides(apply_params(run.config, params),
+                                     {"data.split_manifest": str(run.split_path.absolute()),
+                                      "trainer.progress_bar": False})
+            reporter = _reporter(trial, i * max(1, config.trainer.epochs))
+            result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter], test=False)
+            if getattr(result, "interrupted", False):
+                raise KeyboardInterrupt
+            _strip(folder / f"s{seed}")
+            seconds += float(result.metrics.get("wall_time_s", 0.0))
+            trial.set_user_attr("seconds", round(seconds, 1))
+            if reporter.pruned:
+                trial.set_user_attr("pruned_at_seed", seed)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                _log.info("%s trial %d (%d/%d): pruned during seed %d (%.0f s) %s", spec.name, trial.number,
+                          position + 1, search.budget(spec.method), seed, seconds, params)
+                return
+            if result.metrics.get("val_acc") is None:
+                raise SearchError(f"{spec.name}: the run has no validation images to choose on (raise "
+                                  "data.val_fraction or use more images per class)")
+            values.append(float(result.metrics["val_acc"]))
+            trial.set_user_attr("val_acc", values)
+    value = sum(values) / len(values)
+    study.tell(trial, value)
+    _log.info("%s trial %d (%d/%d): validation accuracy %.4f over %d seeds (%.0f s) %s", spec.name, trial.number,
+              position + 1, search.budget(spec.method), value, len(values), seconds, params)
+
+
+def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[..., Any] | None = None,
+               wait: bool = True) -> int:
+    """Run trials until every study's budget is taken; then, with ``wait``, until the other workers' trials end.
+
+    Returns:
+        The number of trials this worker ran.
+    """
+    if fit_fn is None:
+        from regtune.train.fit import fit as fit_fn
+    storage = open_storage(search, storage_url)
+    ran = 0
+    specs = studies(search)
+    for spec in specs:
+        study = study_for(search, spec, storage)
+        while (claimed := _claim(study, search, spec)) is not None:
+            trial, position = claimed
+            try:
+                _run_trial(search, spec, trial, position, fit_fn)
+            except KeyboardInterrupt:
+                _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
+                             "continue)", spec.name, trial.number)
+                _interrupted(study, trial.number, trial.params)
+                raise
+            except Exception as err:
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+                study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+                raise
+            ran += 1
+    if wait:
+        _wait_for_others(search, specs, storage)
+    return ran
+
+
+def _wait_for_others(search: Search, specs: list[StudySpec], storage: Any) -> None:
+    """Until no study has a running or queued trial (reaping the stale ones, running the queued ones)."""
+    optuna = _optuna()
+    busy = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    while True:
+        pending = 0
+        for spec in specs:
+            study = study_for(search, spec, storage)
+            with _claim_lock(search):
+                _reap_stale(study, search)
+            pending += len(study.get_trials(deepcopy=False, states=busy))
+        if not pending:
+            return
+        _log.info("waiting for %d trial(s) of other workers", pending)
+        time.sleep(min(search.heartbeat_s, 30.0))
+
+
+def run_search(search: Search, storage_url: str | None = None, workers: int = 1,
+               fit_fn: Callable[..., Any] | None = None) -> None:
+    """Run the search to its budget with ``workers`` local processes (each one a `run_worker`)."""
+    if workers < 1:
+        raise SearchError(f"--workers must be at least 1, got {workers}")
+    open_storage(search, storage_url)  # a bad URL fails here, once
+    if workers == 1:
+        run_worker(search, storage_url, fit_fn)
+        return
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    processes = [context.Process(target=_worker_main, args=(search, storage_url, threads), daemon=False)
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {workers} workers failed (exit codes {failed}); run the same command "
+                           "again to continue the search")
+
+
+def _worker_main(search: Search, storage_url: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="[regtune] %(message)s")
+    run_worker(search, storage_url)
