@@ -496,7 +496,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"refit: {result['refit']} (regtune predict / export / interpret take it)")
     written = [*result["search"].values(), *result.get("report", {}).values()]
     print("written: " + ", ".join(str(p) for p in written))
-    return 0
+    failed = result.get("finals", {}).get("failed", 0)
+    if failed:
+        print(f"{failed} finals run(s) failed: see {search.out / 'finals' / 'failures.json'}; the same command "
+              "retries them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -32,8 +32,9 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
     the search has chosen.
 
     Returns:
-        ``{"summaries", "search", "report", "orderings", "refit"}``: the studies' summaries and the written paths
-        (``report`` / ``orderings`` / ``refit`` only when those steps ran).
+        ``{"summaries", "search", "finals", "report", "orderings", "refit"}``: the studies' summaries, the finals'
+        run counts (as `regtune.bench.grid.run_grid` returns them) and the written paths (only for the steps that
+        ran).
     """
     if not report_only:
         run_search(search, storage_url, workers, fit_fn)
@@ -46,7 +47,7 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
 
         grid = finals_grid(search, summaries)
         if not report_only:
-            run_grid(grid, fit_fn=fit_fn)
+            result["finals"] = run_grid(grid, fit_fn=fit_fn)
         records = collect_grid(grid)
         result["report"] = write_report(records, search.out / "report", baseline=grid.baseline,
                                         title=f"{search.name}: each method tuned ({search.trials} trials), "

@@ -74,8 +74,9 @@ def open_storage(search: Search, url: str | None = None) -> Any:
         storage.get_all_studies()  # connect now: a bad URL fails before any trial
         return storage
     except Exception as err:  # any driver's error: one clear line
+        first = (str(err).strip().splitlines() or [""])[0]  # drivers add lines (links, SQL) after the reason
         raise SearchError(f"cannot open the storage {url or search.out / 'study.journal'}: {type(err).__name__}: "
-                          f"{err}") from err
+                          f"{first}") from err
 
 
 def study_for(search: Search, spec: StudySpec, storage: Any) -> Any:
@@ -261,7 +262,8 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
 
 def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[..., Any] | None = None,
                wait: bool = True) -> int:
-    """Run trials until every study's budget is taken; then, with ``wait``, until the other workers' trials end.
+    """Run trials until every study's budget is taken; then, with ``wait``, until no trial of any worker is running
+    or queued (a queued one, the retry of an interrupted trial, is run here).
 
     Returns:
         The number of trials this worker ran.
@@ -269,44 +271,53 @@ def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[
     if fit_fn is None:
         from regtune.train.fit import fit as fit_fn
     storage = open_storage(search, storage_url)
-    ran = 0
     specs = studies(search)
-    for spec in specs:
-        study = study_for(search, spec, storage)
-        while (claimed := _claim(study, search, spec)) is not None:
-            trial, position = claimed
-            try:
-                _run_trial(search, spec, trial, position, fit_fn)
-            except KeyboardInterrupt:
-                _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
-                             "continue)", spec.name, trial.number)
-                _interrupted(study, trial.number, trial.params)
-                raise
-            except Exception as err:
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-                study.tell(trial, state=_optuna().trial.TrialState.FAIL)
-                raise
-            ran += 1
-    if wait:
-        _wait_for_others(search, specs, storage)
+    ran = 0
+    while True:
+        for spec in specs:
+            ran += _run_study(search, spec, study_for(search, spec, storage), fit_fn)
+        if not wait:
+            return ran
+        running, queued = _pending(search, specs, storage)
+        if queued:
+            continue
+        if not running:
+            return ran
+        _log.info("waiting for %d trial(s) of other workers", running)
+        time.sleep(min(search.heartbeat_s, 30.0))
+
+
+def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[..., Any]) -> int:
+    """Claim and run trials of one study until its budget is taken; the number run."""
+    ran = 0
+    while (claimed := _claim(study, search, spec)) is not None:
+        trial, position = claimed
+        try:
+            _run_trial(search, spec, trial, position, fit_fn)
+        except KeyboardInterrupt:
+            _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
+                         "continue)", spec.name, trial.number)
+            _interrupted(study, trial.number, trial.params)
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+            raise
+        ran += 1
     return ran
 
 
-def _wait_for_others(search: Search, specs: list[StudySpec], storage: Any) -> None:
-    """Until no study has a running or queued trial (reaping the stale ones, running the queued ones)."""
+def _pending(search: Search, specs: list[StudySpec], storage: Any) -> tuple[int, int]:
+    """``(running, queued)`` trials over the studies, after marking the stale ones interrupted."""
     optuna = _optuna()
-    busy = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    while True:
-        pending = 0
-        for spec in specs:
-            study = study_for(search, spec, storage)
-            with _claim_lock(search):
-                _reap_stale(study, search)
-            pending += len(study.get_trials(deepcopy=False, states=busy))
-        if not pending:
-            return
-        _log.info("waiting for %d trial(s) of other workers", pending)
-        time.sleep(min(search.heartbeat_s, 30.0))
+    running = queued = 0
+    for spec in specs:
+        study = study_for(search, spec, storage)
+        with _claim_lock(search):
+            _reap_stale(study, search)
+        running += len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        queued += len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    return running, queued
 
 
 def run_search(search: Search, storage_url: str | None = None, workers: int = 1,
