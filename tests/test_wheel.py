@@ -68,8 +68,9 @@ def test_the_wheel_holds_the_shipped_grids(installed: tuple[Path, Path, dict[str
     venv, _, _ = installed
     wheel, = venv.parent.glob("dist/regtune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"regtune/grids/{path.name}" for path in (REPO / "regtune" / "grids").glob("*.yaml")}
-    assert "regtune/grids/quick.yaml" in shipped and shipped <= names
+    shipped = {f"regtune/{kind}/{path.name}" for kind in ("grids", "searches")
+               for path in (REPO / "regtune" / kind).glob("*.yaml")}
+    assert {"regtune/grids/quick.yaml", "regtune/searches/small.yaml"} <= shipped <= names
 
 
 def test_regtune_imports_from_the_wheel_and_finds_its_grids_there(
@@ -95,6 +96,7 @@ def test_the_readme_entry_points_run_from_outside_the_checkout(installed: tuple[
     assert any(line.startswith("quick ") and line.endswith("(15 runs)") for line in grids.splitlines()), grids
     assert "fmr" in _run([regtune, "list", "regularizers"], outside, env).split()  # read from the wheel's sources
     assert "fashion_mnist" in _run([regtune, "list", "datasets"], outside, env).split()
+    assert "small" in _run([regtune, "list", "searches"], outside, env).split()  # a shipped search, from the wheel
     dry = _run([regtune, "bench", "quick", "--dry-run"], outside, env)
     assert "15 runs: 0 finished before, 0 ran" in dry
     assert not (outside / "runs").exists()  # a dry run writes nothing
