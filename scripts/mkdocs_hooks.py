@@ -2,10 +2,10 @@
 
 MkDocs reads pages from ``docs/`` only and refuses the repository root as its ``docs_dir``. The pages link to what
 lies beside them in the repository: the README links to ``docs/baselines.md``, the docs to
-``../benchmarks/results/<name>/accuracy.png`` and to the shipped grids. This hook therefore gives every file of
-``docs/`` its repository path (``docs/baselines.md``), and adds the README (the home page), the LICENSE and the
-files under ``benchmarks/`` and ``regtune/grids/`` that git does not ignore at theirs. A link that resolves to none
-of them is a broken link, and ``mkdocs build --strict`` fails on it.
+``../benchmarks/results/<name>/accuracy.png`` and to the shipped grids and searches. This hook therefore gives every
+file of ``docs/`` its repository path (``docs/baselines.md``), and adds the README (the home page), the LICENSE and
+the files under ``benchmarks/``, ``regtune/grids/`` and ``regtune/searches/`` that git does not ignore at theirs. A
+link that resolves to none of them is a broken link, and ``mkdocs build --strict`` fails on it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 
-EXTRA_ROOTS = ("README.md", "LICENSE", "benchmarks", "regtune/grids")
+EXTRA_ROOTS = ("README.md", "LICENSE", "benchmarks", "regtune/grids", "regtune/searches")
 
 
 def _tracked(root: Path) -> list[str]:

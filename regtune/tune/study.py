@@ -13,7 +13,7 @@ with ``interrupted`` (kept, visible) and its knob values are queued again, so th
 finished trials. TPE is seeded per trial from the trial's position in the budget, so an interrupted sequential search
 draws what an uninterrupted one draws.
 
-Disk: a finished trial keeps each run's config, metrics and logs (about 40 KB per seed), not its checkpoints, weights or
+Disk: a finished trial keeps each run's config, metrics and logs (about 20 KB per seed), not its checkpoints, weights or
 cached features.
 """
 
