@@ -84,7 +84,8 @@ def study_for(search: Search, spec: StudySpec, storage: Any) -> Any:
     optuna = _optuna()
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=_pruner(search))
-    study.set_user_attr("budget", search.budget(spec.method))
+    if study.user_attrs.get("budget") != search.budget(spec.method):  # once: every write grows the journal
+        study.set_user_attr("budget", search.budget(spec.method))
     return study
 
 
