@@ -345,7 +345,8 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> None:
+    """regtune's log lines on stderr (above a progress bar), Lightning's warnings only; also in worker processes."""
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("[regtune] %(message)s"))
     root = logging.getLogger("regtune")
@@ -744,7 +745,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``regtune`` console script."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         if args.command == "fit":

@@ -43,11 +43,10 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
                               "search": write_search_report(search, summaries, search.out / "search")}
     if finals:
         from regtune.bench.aggregate import collect_grid, write_report
-        from regtune.bench.grid import run_grid
 
         grid = finals_grid(search, summaries)
         if not report_only:
-            result["finals"] = run_grid(grid, fit_fn=fit_fn)
+            result["finals"] = _run_finals(grid, workers, fit_fn)
         records = collect_grid(grid)
         result["report"] = write_report(records, search.out / "report", baseline=grid.baseline,
                                         title=f"{search.name}: each method tuned ({search.trials} trials), "
@@ -56,6 +55,38 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
     if refit_best:
         result["refit"] = refit(search, summaries, fit_fn)
     return result
+
+
+def _run_finals(grid: Any, workers: int, fit_fn: Callable[..., Any] | None) -> dict[str, int]:
+    """The finals grid, split over ``workers`` processes (its shards) like the search."""
+    from regtune.bench.grid import run_grid
+
+    if workers == 1 or fit_fn is not None:
+        return run_grid(grid, fit_fn=fit_fn)
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // workers)
+    with context.Pool(workers) as pool:
+        shards = pool.starmap(_finals_shard, [(grid, (i, workers), threads) for i in range(1, workers + 1)])
+    total = {key: sum(s[key] for s in shards) for key in shards[0]}
+    total["total"] = shards[0]["total"]
+    total["other_shards"] = 0
+    return total
+
+
+def _finals_shard(grid: Any, shard: tuple[int, int], threads: int) -> dict[str, int]:
+    import torch
+
+    from regtune.bench.grid import run_grid
+
+    torch.set_num_threads(threads)
+    from regtune.cli import configure_logging
+
+    configure_logging(False)  # as the command line: regtune's lines, Lightning's warnings only
+    return run_grid(grid, shard=shard)
 
 
 def choice_table(summaries: list[dict[str, Any]]) -> str:

@@ -352,5 +352,7 @@ def _worker_main(search: Search, storage_url: str | None, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="[regtune] %(message)s")
+    from regtune.cli import configure_logging
+
+    configure_logging(False)  # as the command line: regtune's lines, Lightning's warnings only
     run_worker(search, storage_url)
