@@ -41,6 +41,10 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
     summaries = study_summaries(search, storage_url)
     result: dict[str, Any] = {"summaries": summaries,
                               "search": write_search_report(search, summaries, search.out / "search")}
+    unfinished = [s["study"] for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
+    if finals and report_only and unfinished:
+        _log.info("finals not reported: the search is not finished (%s)", ", ".join(unfinished))
+        finals = False
     if finals:
         from regtune.bench.aggregate import collect_grid, write_report
 
