@@ -1,7 +1,7 @@
 """What a search found, the tuned comparison on fresh seeds, and the refit of the chosen configuration.
 
 ``<out>/search/``: ``search.md`` / ``search.json`` (per study: the budget, trials complete / pruned / interrupted,
-the best trial's knobs and its validation accuracy per search seed, CPU time, what pruning saved),
+the best trial's knobs and its validation accuracy per search seed, run time, what pruning saved),
 ``history.png`` (each trial's objective, the best so far, pruned trials marked) and ``knobs.png`` (the objective
 against a lone knob, or Optuna's parameter importances). ``<out>/finals/``: each method's best configuration on
 the finals' seeds (a benchmark grid, resumable), tested once; ``<out>/report/``: the benchmark report of the finals
@@ -79,7 +79,7 @@ def write_search_report(search: Search, summaries: list[dict[str, Any]], out: Pa
               f"knobs); objective: validation accuracy of the chosen weights, mean over the search seeds "
               f"{search.seeds}; TPE seed {search.sampler_seed}, pruner {search.pruner}.")
     columns = ("| study | knobs | complete | pruned | interrupted | best trial | validation acc (%) | chosen knobs | "
-               "CPU (min) | pruning saved (min) |")
+               "run time (min) | pruning saved (min) |")
     lines = [f"# {search.name}: the search (validation only)", "", header, "", columns,
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in summaries:
@@ -91,7 +91,8 @@ def write_search_report(search: Search, summaries: list[dict[str, Any]], out: Pa
                      f"{_knob_text(s['best_params'])} | {s['cpu_seconds'] / 60:.1f} | {saved} |")
     total = sum(s["cpu_seconds"] for s in summaries)
     trials = sum(s["complete"] + s["pruned"] for s in summaries)
-    lines += ["", (f"CPU time of the search: {total / 3600:.2f} h over {trials} trials. ± is the standard deviation of "
+    lines += ["", (f"Run time of the search: {total / 3600:.2f} h over {trials} trials (the runs' wall time, summed "
+                   "over the workers). ± is the standard deviation of "
                    "the best trial's validation accuracy over the search seeds (its spread, not an interval). Pruning "
                    "saved: for each pruned trial, the mean time of a complete trial of the same study minus its own.")]
     paths = {"md": out / "search.md", "json": out / "search.json"}
