@@ -117,6 +117,11 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, s in zip(axes.flat, summaries):
         done = [h for h in s["history"] if h["value"] is not None]
+        if not done:
+            ax.set_title(s["study"], fontsize=9)
+            ax.text(0.5, 0.5, "no finished trial yet", ha="center", va="center")
+            ax.axis("off")
+            continue
         complete = [h for h in done if h["state"] == "COMPLETE"]
         ax.plot([h["number"] for h in complete], [100 * h["value"] for h in complete], "o", color="tab:blue",
                 label="complete")
@@ -134,7 +139,10 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
         ax.set_ylabel("validation acc (%)")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    for ax in axes.flat:  # one legend, on the first panel that has data
+        if ax.lines:
+            ax.legend(fontsize=7)
+            break
     fig.suptitle(f"{search.name}: objective per trial ({search.trials} per method)")
     fig.tight_layout()
     paths["history"] = out / "history.png"
@@ -171,7 +179,7 @@ def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Pa
             ax.text(0.5, 0.5, "every complete trial scored the same:\nno knob mattered", ha="center", va="center")
             ax.axis("off")
         else:
-            ax.text(0.5, 0.5, "no knob" if not knobs else "too few trials", ha="center", va="center")
+            ax.text(0.5, 0.5, "no knob" if not knobs else "too few complete trials yet", ha="center", va="center")
             ax.axis("off")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
