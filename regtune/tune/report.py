@@ -168,7 +168,11 @@ def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Pa
             knob = next(iter(knobs.values()))
             xs = [h["params"][knob.key] for h in complete]
             ax.plot(xs, [100 * h["value"] for h in complete], "o")
-            ax.set_xscale("log" if knob.log else "linear")
+            if knob.log:
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a narrow range
             ax.set_xlabel(knob.key)
             ax.set_ylabel("validation acc (%)")
         elif len(knobs) > 1 and len(complete) >= 3 and len({h["value"] for h in complete}) > 1:
