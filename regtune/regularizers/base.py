@@ -493,8 +493,8 @@ def _explicit_class_weights(class_weights: Sequence[float]) -> torch.Tensor:
     try:
         values = [float(value) for value in class_weights]
     except (TypeError, ValueError) as err:
-        raise ValueError(f"class_weights must be None, 'balanced' or a list of C positive numbers (one per class), "
-                         f"got {class_weights!r}") from err
+        raise ValueError(f"class_weights must be None, 'balanced', 'effective' or a list of C positive numbers (one "
+                         f"per class), got {class_weights!r}") from err
     bad = [(i, v) for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
     if not values or bad:
         raise ValueError(f"class_weights must be positive and finite, one per class; got {values} "
@@ -530,13 +530,20 @@ class CrossEntropy(LazyShapeMixin, Criterion):
 
     ``class_weights="balanced"`` sets w_c = n / (C n_c), with n_c the number of training images of class c and n
     their total (scikit-learn's ``compute_class_weight("balanced")``): a class with half the mean count weighs 2.
+    ``class_weights="effective"`` weighs each class by the inverse of its effective number of samples,
+    (1 - beta^{n_c}) / (1 - beta), normalised so that the weights sum to C (Cui et al., CVPR 2019, arXiv
+    1901.05555; `regtune.regularizers.imbalance.effective_number_weights`): equal weights for beta = 0, nearly
+    inverse frequency when every count is well below 1 / (1 - beta) (then 1 - beta^{n_c} is about n_c (1 - beta)).
     The counts come from `set_class_counts`, which the trainer calls with the training subset's counts before
     training. The weights are a buffer (``weight``, as ``nn.CrossEntropyLoss`` names it): a checkpoint carries them
     and a resumed run uses the same.
 
     Args:
         label_smoothing: epsilon, mass moved uniformly to all classes, in ``[0, 1)``.
-        class_weights: ``None`` (all 1), ``"balanced"``, or C positive weights in class order.
+        class_weights: ``None`` (all 1), ``"balanced"``, ``"effective"``, or C positive weights in class order.
+        effective_beta: beta of ``"effective"``, in ``[0, 1)``; ``None`` means 0.999 (the official scripts' value
+            for ImageNet and iNaturalist, there with the focal loss; their CIFAR script uses 0.9999). Only with
+            ``class_weights="effective"``.
 
     Shape:
         step.logits (B, C), step.labels (B,) or step.targets (B, C) -> scalar.
@@ -546,11 +553,13 @@ class CrossEntropy(LazyShapeMixin, Criterion):
         (B without class weights), as torch's ``reduction="mean"``.
 
     Raises:
-        ValueError: at construction, ``label_smoothing`` outside ``[0, 1)``, or ``class_weights`` an unknown string,
-            empty, or with an entry that is not positive and finite; at `set_class_counts`, a class without
-            training images under ``"balanced"``, or a weight list whose length is not the number of classes (at
-            the first forward if no counts were given).
-        RuntimeError: ``"balanced"`` at the first forward with no counts given (nor loaded from a checkpoint).
+        ValueError: at construction, ``label_smoothing`` outside ``[0, 1)``, ``class_weights`` an unknown string,
+            empty, or with an entry that is not positive and finite, or ``effective_beta`` outside ``[0, 1)`` or
+            given without ``"effective"``; at `set_class_counts`, a class without training images under
+            ``"balanced"`` or ``"effective"``, or a weight list whose length is not the number of classes (at the
+            first forward if no counts were given).
+        RuntimeError: ``"balanced"`` or ``"effective"`` at the first forward with no counts given (nor loaded from
+            a checkpoint).
 
     Example:
         >>> step = TrainStep(features=torch.zeros(1, 2), logits=torch.zeros(1, 2), labels=torch.tensor([0]),
@@ -561,17 +570,28 @@ class CrossEntropy(LazyShapeMixin, Criterion):
 
     accepts_soft_targets = True
 
-    def __init__(self, label_smoothing: float = 0.0, class_weights: None | str | Sequence[float] = None) -> None:
+    def __init__(self, label_smoothing: float = 0.0, class_weights: None | str | Sequence[float] = None,
+                 effective_beta: float | None = None) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
+        if effective_beta is not None and class_weights != "effective":
+            raise ValueError(f"effective_beta applies to class_weights='effective' only, got class_weights="
+                             f"{class_weights!r}: drop effective_beta or set class_weights='effective'")
+        self.effective_beta = None
+        if class_weights == "effective":
+            beta = 0.999 if effective_beta is None else effective_beta
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+                raise ValueError(f"effective_beta must be in [0, 1) (0: equal weights; towards 1: inverse frequency, "
+                                 f"which class_weights='balanced' gives exactly), got {beta!r}")
+            self.effective_beta = float(beta)
         if class_weights is None:
             weight = None
         elif isinstance(class_weights, str):
-            if class_weights != "balanced":
-                raise ValueError(f"class_weights must be None, 'balanced' or a list of C positive numbers, got "
-                                 f"{class_weights!r}")
+            if class_weights not in ("balanced", "effective"):
+                raise ValueError(f"class_weights must be None, 'balanced', 'effective' or a list of C positive "
+                                 f"numbers, got {class_weights!r}")
             weight = torch.zeros(0)  # (C,) once set_class_counts() or a checkpoint gives it
         else:
             weight = _explicit_class_weights(class_weights)
@@ -580,8 +600,8 @@ class CrossEntropy(LazyShapeMixin, Criterion):
         self.register_buffer("weight", weight)
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
-        """Compute the ``"balanced"`` weights from the training subset's images per class; check a weight list's
-        length against the number of classes; nothing without class weights.
+        """Compute the ``"balanced"`` or ``"effective"`` weights from the training subset's images per class; check a
+        weight list's length against the number of classes; nothing without class weights.
 
         Args:
             counts: Images of each class in the training subset, int64.
@@ -590,22 +610,32 @@ class CrossEntropy(LazyShapeMixin, Criterion):
             counts: (C,).
 
         Raises:
-            ValueError: a class has no image (``"balanced"``), or the weight list does not hold C values.
+            ValueError: a class has no image (``"balanced"``, ``"effective"``), or the weight list does not hold C
+                values.
         """
         counts = _checked_counts(counts)
         if self.weight is None:
             return
-        if self.class_weights != "balanced":
+        if self.class_weights not in ("balanced", "effective"):
             self._check_length(counts.numel(), "the class counts")
             return
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
+            formula = "n / (C n_c)" if self.class_weights == "balanced" else "(1 - beta) / (1 - beta^n_c)"
             raise ValueError(
-                f"class_weights='balanced' needs a training image of every class, but class(es) {empty} have none "
-                "(their weight n / (C n_c) would be infinite). Give explicit class_weights=[...] (one positive weight "
-                "per class), or train on more data (a larger fraction or per-class count) so every class is present.")
-        n = counts.double()
-        self.weight = (n.sum() / (n.numel() * n)).to(self.weight.device, self.weight.dtype)
+                f"class_weights={self.class_weights!r} needs a training image of every class, but class(es) {empty} "
+                f"have none (their weight {formula} would be infinite). Give explicit class_weights=[...] (one "
+                "positive weight per class), or train on more data (a larger fraction or per-class count) so every "
+                "class is present.")
+        if self.class_weights == "balanced":
+            n = counts.double()
+            weight = n.sum() / (n.numel() * n)
+        else:
+            # Imported here: the imbalance module builds its criteria on this one's base class.
+            from regtune.regularizers.imbalance import effective_number_weights
+
+            weight = effective_number_weights(counts, self.effective_beta)
+        self.weight = weight.to(self.weight.device, self.weight.dtype)
 
     def _check_length(self, num_classes: int, against: str) -> None:
         if self.weight.shape[0] != num_classes:
@@ -616,7 +646,7 @@ class CrossEntropy(LazyShapeMixin, Criterion):
         weight = self.weight
         if weight is not None:
             if weight.numel() == 0:
-                raise RuntimeError("CrossEntropy(class_weights='balanced') has no class counts: call "
+                raise RuntimeError(f"CrossEntropy(class_weights={self.class_weights!r}) has no class counts: call "
                                    "set_class_counts(counts) with the training subset's images per class before the "
                                    "first step (the trainer does), or load the checkpoint of a run that had them")
             self._check_length(step.logits.shape[1], "the logits")

@@ -457,13 +457,22 @@ def test_checks_list_every_check() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Criteria
 
+CLASS_COUNTS = torch.tensor([7, 2, 4])  # training images per class of an imbalanced subset (NUM_CLASSES classes)
+
+
+def build_criterion(name: str, model: nn.Module) -> nn.Module:
+    """The criterion as the trainer prepares it: built, ``adapt_model``, then the training subset's class counts."""
+    criterion = create_criterion(name)
+    criterion.adapt_model(model)
+    criterion.set_class_counts(CLASS_COUNTS)
+    return criterion
+
 
 @pytest.mark.parametrize("name", list_criteria())
 @DTYPES
 def test_criterion_is_finite_scalar(name: str, dtype: torch.dtype) -> None:
     model = make_model(dtype)
-    criterion = create_criterion(name)
-    criterion.adapt_model(model)
+    criterion = build_criterion(name, model)
     step = make_step(model, dtype)
     value = criterion(step)
     assert_scalar(value, dtype)
@@ -475,8 +484,7 @@ def test_criterion_is_finite_scalar(name: str, dtype: torch.dtype) -> None:
 def test_criterion_soft_targets_are_declared_truthfully(name: str) -> None:
     """A criterion that accepts mixed batches reads the soft targets, not the labels, when the step holds them."""
     model = make_model()
-    criterion = create_criterion(name)
-    criterion.adapt_model(model)
+    criterion = build_criterion(name, model)
     assert type(criterion.accepts_soft_targets) is bool and isinstance(criterion.soft_targets_note, str)
     if not criterion.accepts_soft_targets:
         assert criterion.soft_targets_note.strip(), f"{name}: a refusal needs a soft_targets_note"
@@ -544,8 +552,7 @@ def test_lm_softmax_value_matches_numpy() -> None:
 @pytest.mark.parametrize("name", list_criteria())
 def test_criterion_stats_are_str_to_float(name: str) -> None:
     model = make_model()
-    criterion = create_criterion(name)
-    criterion.adapt_model(model)
+    criterion = build_criterion(name, model)
     assert criterion.stats() == {}  # nothing before the first forward
     step = make_step(model, torch.float32)
     criterion(step)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from regtune.regularizers import TrainStep, create_criterion, list_criteria
-from tests.regularizers.test_contract import build, cases, make_model, make_step, step_for
+from regtune.regularizers import TrainStep, list_criteria
+from tests.regularizers.test_contract import build, build_criterion, cases, make_model, make_step, step_for
 from tests.regularizers.tolerance import TOL
 
 
@@ -57,8 +57,7 @@ def test_regularizer_under_bf16_autocast_matches_float32(name: str, kwargs: dict
 @pytest.mark.parametrize("name", list_criteria())
 def test_criterion_under_bf16_autocast_matches_float32(name: str) -> None:
     model = make_model()
-    criterion = create_criterion(name)
-    criterion.adapt_model(model)
+    criterion = build_criterion(name, model)
     step = make_step(model, torch.float32, step=3, seed=11)
     reference = criterion(_quantised(step))
     with torch.autocast("cpu", dtype=torch.bfloat16):
