@@ -34,7 +34,7 @@ __all__ = [
     "save_config",
 ]
 
-SELECT_MODES = ("val_acc", "val_loss", "test_acc", "last")
+SELECT_MODES = ("val_acc", "val_loss", "val_bal_acc", "test_acc", "last")
 HEAD_INITS = ("normal", "timm", "lp")
 CROP_MODES = ("center", "squash", "border")  # timm's evaluation frames (create_transform's crop_mode)
 WISE_ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))  # WiSE-FT's mixing coefficients: 0, 0.1, ..., 1
@@ -201,8 +201,10 @@ class TrainerConfig:
         epochs: Training epochs.
         seed: Seed of everything (split, initialisation, order, augmentation).
         select: ``val_acc`` / ``val_loss``: best checkpoint on the held-out validation split (honest);
-            ``test_acc``: the papers' protocol (TLlib, FMR) of picking the best epoch on the TEST set (optimistic,
-            labelled so in the results); ``last``: the final epoch.
+            ``val_bal_acc``: the same by balanced validation accuracy (mean per-class recall, for imbalanced
+            classes; WiSE-FT then chooses its mix by it too); ``test_acc``: the papers' protocol (TLlib, FMR) of
+            picking the best epoch on the TEST set (optimistic, labelled so in the results); ``last``: the final
+            epoch.
         deterministic: ``torch.use_deterministic_algorithms`` (via Lightning).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Lightning devices (``auto``, a count, or a list).
@@ -293,7 +295,7 @@ def validate(config: FitConfig) -> None:
         (0.0 < t.train_fraction <= 1.0, f"trainer.train_fraction must be in (0, 1], got {t.train_fraction}"),
         (t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}"),
         (t.select in SELECT_MODES, f"trainer.select must be one of {', '.join(SELECT_MODES)}, got {t.select!r}"),
-        (not (t.select in ("val_acc", "val_loss") and d.val_fraction == 0.0),
+        (not (t.select in ("val_acc", "val_loss", "val_bal_acc") and d.val_fraction == 0.0),
          f"trainer.select={t.select!r} needs a validation split: set data.val_fraction > 0"),
     ]
     for ok, message in checks:

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from regtune._io import atomic_write_bytes, atomic_write_json
+from regtune.analysis.imbalance import imbalance_metrics
 from regtune.analysis.plots import plot_learning_curves
 from regtune.data.base import CorruptImageError, ImageDataset, unreadable_images
 from regtune.data.datasets import build_dataset
@@ -46,7 +47,7 @@ from regtune.train.callbacks import (
 )
 from regtune.train.config import FitConfig, check_names
 from regtune.train.datamodule import FineTuneData
-from regtune.train.module import FineTuner, NonFiniteLossError
+from regtune.train.module import Evaluation, FineTuner, NonFiniteLossError
 from regtune.train.rundir import (
     RunDir,
     RunDirError,
@@ -65,10 +66,13 @@ _RUN_DIR_ENV = "REGTUNE_RUN_DIR"  # process 0's run directory, for the DDP proce
 _SELECT = {  # select mode -> (monitored metric, mode, what the results call it)
     "val_acc": ("val/acc", "max", "best validation accuracy (held-out split of the training subset)"),
     "val_loss": ("val/loss", "min", "lowest validation loss (held-out split of the training subset)"),
+    "val_bal_acc": ("val/bal_acc", "max", ("best balanced validation accuracy, the mean per-class recall (held-out "
+                                           "split of the training subset)")),
     "test_acc": ("val/acc", "max", ("best TEST accuracy over epochs (papers' protocol, optimistic: the test set "
                                     "chose the checkpoint)")),
     "last": (None, "max", "last epoch"),
 }
+_NEEDS_VAL = ("val_acc", "val_loss", "val_bal_acc")  # the selections made on the validation split
 
 
 @dataclass
@@ -183,7 +187,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
         raise ValueError(f"{d.dataset}: train and test splits have different classes")
     split = resume_from.split(train_set) if resume_from is not None else make_split(config, train_set)
     _check_images(train_set, test_set if test else None, split, resume_from)
-    if t.select in ("val_acc", "val_loss") and not split.val:
+    if t.select in _NEEDS_VAL and not split.val:
         raise ValueError(
             f"selection by {t.select} needs a validation split, but val_fraction={d.val_fraction} holds out no image "
             f"of the {len(split.train)} training images (at most floor(val_fraction x images of a class) per class). "
@@ -198,8 +202,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
     preprocessing = run_preprocessing(backbone.model, config)
     train_tf, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip, color_jitter=d.color_jitter,
                                          auto_augment=d.auto_augment, re_prob=d.re_prob)
-    targets = torch.as_tensor(train_set.targets)[torch.as_tensor(split.train, dtype=torch.long)]
-    criterion.set_class_counts(torch.bincount(targets, minlength=train_set.num_classes))
+    criterion.set_class_counts(torch.tensor(_train_class_counts(train_set, split)))
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed,
@@ -218,6 +221,12 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
                          "criterion ce with the probe, or train that criterion from a random head: --recipe ft "
                          "(model.head_init: normal, no WiSE-FT)")
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
+
+
+def _train_class_counts(train_set: ImageDataset, split: Split) -> list[int]:
+    """Training images per class in the run's training split (its validation carve-out left out)."""
+    targets = torch.as_tensor(train_set.targets)[torch.as_tensor(split.train, dtype=torch.long)]
+    return torch.bincount(targets, minlength=train_set.num_classes).tolist()
 
 
 def _check_images(train_set: ImageDataset, test_set: ImageDataset | None, split: Split,
@@ -424,8 +433,8 @@ def _selected_checkpoint(config: FitConfig, run: RunDir, made: _Trainer) -> str:
     return selected or str(run.last_checkpoint)
 
 
-def _val_score(parts: _Parts, made: _Trainer) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of the module's model on the validation split, at the run's precision;
+def _val_score(parts: _Parts, made: _Trainer) -> Evaluation:
+    """Loss, accuracy and balanced accuracy of the module's model on the validation split, at the run's precision;
     every process evaluates all of it."""
     return parts.module.score(_eval_loader(parts, parts.split.val), made.trainer.strategy.root_device,
                               made.trainer.precision_plugin.forward_context)
@@ -433,8 +442,9 @@ def _val_score(parts: _Parts, made: _Trainer) -> tuple[float, float]:
 
 def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
           end: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """WiSE-FT: each ``(1 - a) * start + a * end`` on the validation split; the best (accuracy, then loss, then the
-    earlier ``a``) is returned with the record of all."""
+    """WiSE-FT: each ``(1 - a) * start + a * end`` on the validation split; the best (by the run's selection:
+    balanced accuracy for ``select: val_bal_acc``, else accuracy; then loss, then the earlier ``a``) is returned with
+    the record of all."""
     from safetensors.torch import load_file
 
     from regtune.train.averaging import interpolate_states
@@ -445,18 +455,24 @@ def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
     for alpha in config.trainer.wise_alphas:
         parts.module.model.load_state_dict(interpolate_states(start, end, alpha))
         scores.append(_val_score(parts, made))
-        _log.info("WiSE-FT alpha %.2f: validation accuracy %.4f, loss %.4f", alpha, *scores[-1])
-    best = min(range(len(scores)), key=lambda i: (-scores[i][0], scores[i][1], i))
+        _log.info("WiSE-FT alpha %.2f: validation accuracy %.4f, balanced %.4f, loss %.4f", alpha, scores[-1].acc,
+                  scores[-1].bal_acc, scores[-1].loss)
+    balanced = config.trainer.select == "val_bal_acc"
+    best = min(range(len(scores)),
+               key=lambda i: (-(scores[i].bal_acc if balanced else scores[i].acc), scores[i].loss, i))
     alpha = config.trainer.wise_alphas[best]
-    record = {"alphas": list(config.trainer.wise_alphas), "val_acc": [a for a, _ in scores],
-              "val_loss": [v for _, v in scores], "alpha": alpha}
+    record = {"alphas": list(config.trainer.wise_alphas), "val_acc": [s.acc for s in scores],
+              "val_bal_acc": [s.bal_acc for s in scores], "val_loss": [s.loss for s in scores],
+              "chosen_by": "val_bal_acc" if balanced else "val_acc", "alpha": alpha}
     return record, interpolate_states(start, end, alpha)
 
 
 def _evaluate(parts: _Parts, made: _Trainer, test: bool) -> dict[str, Any]:
-    """The chosen weights on the validation split (``val/acc``, ``val/loss``) and, if ``test``, once on the test set."""
-    val_acc, val_loss = _val_score(parts, made) if parts.split.val else (None, None)
-    result: dict[str, Any] = {"val/acc": val_acc, "val/loss": val_loss}
+    """The chosen weights on the validation split (``val/acc``, ``val/bal_acc``, ``val/loss``) and, if ``test``, once on
+    the test set."""
+    val = _val_score(parts, made) if parts.split.val else None
+    result: dict[str, Any] = {f"val/{key}": getattr(val, key) if val is not None else None
+                              for key in ("acc", "bal_acc", "loss")}
     if test:
         with _quiet_lightning(), _no_uninitialized_fill():
             (tested,) = made.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
@@ -504,13 +520,18 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
     d, t = config.data, config.trainer
     epoch = result["epoch"]
     tested = "test/acc" in result
+    train_counts = _train_class_counts(parts.train_set, parts.split)
+    class_names = [str(c) for c in parts.train_set.classes]
     return {
         **({"test_acc": result["test/acc"],
             "test_loss": result["test/loss"],
-            "test_mean_class_acc": result["test/mean_class_acc"],
-            "test_class_acc": parts.module.test_class_accuracy()} if tested else {}),
+            "test_mean_class_acc": result["test/mean_class_acc"],  # = test_bal_acc (its older name)
+            "test_class_acc": parts.module.test_class_accuracy(),
+            # test_bal_acc, test_macro_f1, test_class_acc_by_name, test_groups (many / medium / few-shot)
+            **imbalance_metrics(parts.module.test_confusion(), train_counts, class_names)} if tested else {}),
         "tested": tested,  # False: a search's trial, chosen on validation, never tested
         "val_acc": result["val/acc"],  # the tested weights (after EMA / WiSE-FT) on the validation split
+        "val_bal_acc": result["val/bal_acc"],
         "val_loss": result["val/loss"],
         "selection": t.select,
         "selection_note": _SELECT[t.select][2],
@@ -527,7 +548,8 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "num_val": len(parts.split.val),
         "num_test": len(parts.test_set),
         "num_classes": parts.train_set.num_classes,
-        "class_names": [str(c) for c in parts.train_set.classes],  # the head's output order; test_class_acc's too
+        "class_names": class_names,  # the head's output order; test_class_acc's too
+        "train_class_counts": train_counts,  # training images per class (the split's, validation left out)
         "dataset": d.dataset,
         "backbone": parts.backbone.name,
         "weights": parts.backbone.weights,
@@ -592,7 +614,7 @@ def fit(
     config = _resolve_config(config, run_dir, resume)
     if not test and config.trainer.select == "test_acc":
         raise ValueError("a run that is not tested cannot select on the test set (trainer.select: test_acc); "
-                         "select on val_acc or val_loss")
+                         "select on val_acc, val_bal_acc or val_loss")
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     parts = _build_parts(config, RunDir(Path(run_dir).absolute()) if resume else None, test)
     run = _claim_run_dir(config, parts, run_dir, resume, overwrite)

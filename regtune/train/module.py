@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from regtune.analysis.imbalance import balanced_accuracy, class_recall
 from regtune.data.seeds import mix_seed
 from regtune.data.transforms import seeded_rng
 from regtune.models import forward_parts
@@ -19,11 +20,19 @@ from regtune.regularizers._utils import all_reduce_sum
 from regtune.regularizers.functional import channel_entropy, class_margin, cosine_logits, sample_margins
 from regtune.train.config import OptimConfig
 
-__all__ = ["FineTuner", "NonFiniteLossError", "lr_factor"]
+__all__ = ["Evaluation", "FineTuner", "NonFiniteLossError", "lr_factor"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the term."""
+
+
+class Evaluation(NamedTuple):
+    """A model's scores on a whole evaluation split."""
+
+    loss: float  # mean cross-entropy
+    acc: float  # accuracy
+    bal_acc: float  # balanced accuracy: mean per-class recall over the classes with items
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, optim: OptimConfig) -> float:
@@ -81,8 +90,8 @@ class FineTuner(pl.LightningModule):
         seed: The run's seed (for the per-step mixing seed).
         ema_decay: Keep an exponential moving average of the weights (``self.ema``, saved in checkpoints), updated
             after every optimisation step, evaluated beside the raw weights at each validation.
-        select_by: The run's selection (``trainer.select``): with an EMA, validation loss or accuracy decides which
-            of the two weights an epoch stands for.
+        select_by: The run's selection (``trainer.select``): with an EMA, validation loss, accuracy or balanced
+            accuracy (``val_bal_acc``) decides which of the two weights an epoch stands for.
         freeze_bn_stats: Keep the model's BatchNorm layers in evaluation mode during training (see
             ``ModelConfig.freeze_bn_stats``).
         prepare: Called once with the model before the terms' set-up (not on resume): the linear probe that gives
@@ -144,10 +153,10 @@ class FineTuner(pl.LightningModule):
         self._steps_total: int | None = None  # known once configure_optimizers ran
         self.channels_last = channels_last
         self.feature_stats = feature_stats
-        self._test_hits = torch.zeros(num_classes, dtype=torch.long)
-        self._test_counts = torch.zeros(num_classes, dtype=torch.long)
+        self._test_confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # [true class, predicted]
         self._epoch_sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x batch size, sum of batch sizes]
-        self._eval_sums: torch.Tensor | None = None  # [loss sum, correct, count] of the running evaluation
+        # [loss sum, correct, count, correct per class (C), count per class (C)] of the running evaluation
+        self._eval_sums: torch.Tensor | None = None
         self._ema_sums: torch.Tensor | None = None  # the same for the EMA weights
         self.train()
 
@@ -388,19 +397,26 @@ class FineTuner(pl.LightningModule):
 
     def _batch_sums(self, model: nn.Module, images: torch.Tensor,
                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(features, predictions, [loss sum, correct, count])`` of one evaluation batch."""
+        """``(features, predictions, sums)`` of one evaluation batch; ``sums`` is ``[loss sum, correct, count]``
+        followed by the correct predictions and the items of each class."""
         _, features, logits = forward_parts(model, images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         loss = loss.to(self._sum_dtype(loss.device))
         predicted = logits.argmax(-1)
-        sums = torch.stack([loss, (predicted == labels).sum().to(loss.dtype), torch.full_like(loss, labels.shape[0])])
+        # Per-class sums by one-hot rows, not bincount of the correct labels: no boolean indexing (a device
+        # synchronisation per batch) and deterministic on every device.
+        items = nn.functional.one_hot(labels, self.num_classes).to(loss.dtype)  # (B, C)
+        class_hits = (items * (predicted == labels).unsqueeze(1)).sum(0)
+        class_counts = items.sum(0)
+        sums = torch.cat([torch.stack([loss, class_hits.sum(), torch.full_like(loss, labels.shape[0])]),
+                          class_hits, class_counts])
         return features, predicted, sums
 
     @torch.no_grad()
     def score(self, loader: Iterable[Sequence[torch.Tensor]], device: torch.device,
-              context: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, float]:
-        """``(accuracy, mean cross-entropy)`` of the model, in evaluation mode, on every batch of ``loader`` in this
-        process (no sharding, no logging): WiSE-FT's choice among its mixes.
+              context: Callable[[], Any] = contextlib.nullcontext) -> Evaluation:
+        """Mean cross-entropy, accuracy and balanced accuracy of the model, in evaluation mode, on every batch of
+        ``loader`` in this process (no sharding, no logging): WiSE-FT's choice among its mixes.
 
         Args:
             loader: Yields ``(images, labels, ...)``.
@@ -408,13 +424,18 @@ class FineTuner(pl.LightningModule):
             context: Entered around the passes, e.g. the trainer's precision (``precision_plugin.forward_context``).
         """
         self.to(device).eval()
-        sums = torch.zeros(3, dtype=self._sum_dtype(device), device=device)  # read once, after the last batch
+        # read once, after the last batch
+        sums = torch.zeros(3 + 2 * self.num_classes, dtype=self._sum_dtype(device), device=device)
         with context():
             for images, labels, *_ in loader:
                 images, labels = self._layout(images.to(device)), labels.to(device)
                 sums += self._batch_sums(self.model, images, labels)[2]
-        loss, correct, count = sums.tolist()
-        return correct / count, loss / count
+        return self._scores(sums.tolist())
+
+    def _scores(self, sums: list[float]) -> Evaluation:
+        loss, correct, count = sums[:3]
+        hits, counts = sums[3:3 + self.num_classes], sums[3 + self.num_classes:]
+        return Evaluation(loss / count, correct / count, balanced_accuracy(hits, counts))
 
     def _evaluate(self, batch: Sequence[torch.Tensor], prefix: str) -> torch.Tensor:
         images, labels = self._layout(batch[0]), batch[1]
@@ -427,38 +448,46 @@ class FineTuner(pl.LightningModule):
             self._ema_sums = ema_sums if self._ema_sums is None else self._ema_sums + ema_sums
         return predicted
 
-    def _reduce_evaluation(self, sums: torch.Tensor | None) -> tuple[float, float] | None:
-        """``(mean loss, accuracy)`` over the whole split: sums and counts reduced across processes (each holds a
-        share); ``None`` for a split without items."""
+    def _reduce_evaluation(self, sums: torch.Tensor | None) -> Evaluation | None:
+        """Loss, accuracy and balanced accuracy over the whole split: sums and counts reduced across processes (each
+        holds a share); ``None`` for a split without items."""
         if sums is None:  # a process without items joins with zeros
-            sums = torch.zeros(3, dtype=self._sum_dtype(self.device), device=self.device)
-        loss, correct, count = all_reduce_sum(sums).tolist()
-        return (loss / count, correct / count) if count > 0 else None
+            sums = torch.zeros(3 + 2 * self.num_classes, dtype=self._sum_dtype(self.device), device=self.device)
+        sums = all_reduce_sum(sums).tolist()
+        return self._scores(sums) if sums[2] > 0 else None
 
-    def _log_evaluation(self, prefix: str) -> tuple[float, float] | None:
+    def _log_evaluation(self, prefix: str) -> Evaluation | None:
         result = self._reduce_evaluation(self._eval_sums)
         self._eval_sums = None
         if result is not None:
-            self.log(f"{prefix}/loss", result[0], sync_dist=False)
-            self.log(f"{prefix}/acc", result[1], sync_dist=False)
+            self.log(f"{prefix}/loss", result.loss, sync_dist=False)
+            self.log(f"{prefix}/acc", result.acc, sync_dist=False)
+            self.log(f"{prefix}/bal_acc", result.bal_acc, sync_dist=False)
         return result
 
-    def _log_ema_evaluation(self, raw: tuple[float, float] | None) -> None:
-        """The EMA weights' validation loss and accuracy, and which of the two weights selection prefers this epoch:
-        ``select/acc`` and ``select/loss`` are the preferred one's (ties: the raw weights), ``select/ema`` is 1 when
-        it is the EMA."""
+    def _log_ema_evaluation(self, raw: Evaluation | None) -> None:
+        """The EMA weights' validation loss, accuracy and balanced accuracy, and which of the two weights selection
+        prefers this epoch (by the run's ``select``: lower loss for ``val_loss``, higher balanced accuracy for
+        ``val_bal_acc``, higher accuracy otherwise; ties: the raw weights): ``select/loss``, ``select/acc`` and
+        ``select/bal_acc`` are the preferred one's, ``select/ema`` is 1 when it is the EMA."""
         ema = self._reduce_evaluation(self._ema_sums)
         self._ema_sums = None
         if ema is None or raw is None:
             return
-        self.log("val_ema/loss", ema[0], sync_dist=False)
-        self.log("val_ema/acc", ema[1], sync_dist=False)
-        raw_loss, raw_acc = raw
-        by_loss = self.select_by == "val_loss"
-        self.ema_selected = ema[0] < raw_loss if by_loss else ema[1] > raw_acc
+        self.log("val_ema/loss", ema.loss, sync_dist=False)
+        self.log("val_ema/acc", ema.acc, sync_dist=False)
+        self.log("val_ema/bal_acc", ema.bal_acc, sync_dist=False)
+        if self.select_by == "val_loss":
+            self.ema_selected = ema.loss < raw.loss
+        elif self.select_by == "val_bal_acc":
+            self.ema_selected = ema.bal_acc > raw.bal_acc
+        else:
+            self.ema_selected = ema.acc > raw.acc
+        chosen = ema if self.ema_selected else raw
         self.log("select/ema", float(self.ema_selected), sync_dist=False)
-        self.log("select/loss", ema[0] if self.ema_selected else raw_loss, sync_dist=False)
-        self.log("select/acc", ema[1] if self.ema_selected else raw_acc, sync_dist=False)
+        self.log("select/loss", chosen.loss, sync_dist=False)
+        self.log("select/acc", chosen.acc, sync_dist=False)
+        self.log("select/bal_acc", chosen.bal_acc, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sums = None
@@ -474,28 +503,28 @@ class FineTuner(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._eval_sums = None
-        self._test_hits = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
-        self._test_counts = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+        self._test_confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         predicted = self._evaluate(batch, "test")
-        labels = batch[1]
-        self._test_counts += torch.bincount(labels, minlength=self.num_classes)
-        self._test_hits += torch.bincount(labels[predicted == labels], minlength=self.num_classes)
+        cells = batch[1] * self.num_classes + predicted  # row-major index of (true class, predicted class)
+        self._test_confusion += torch.bincount(cells, minlength=self.num_classes ** 2).reshape(self.num_classes, -1)
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-        hits = self.all_gather(self._test_hits).reshape(-1, self.num_classes).sum(0)
-        counts = self.all_gather(self._test_counts).reshape(-1, self.num_classes).sum(0)
-        self._test_hits, self._test_counts = hits, counts  # every process holds the whole split's counts
-        present = counts > 0
-        per_class = hits[present].double() / counts[present].double()
-        self.log("test/mean_class_acc", per_class.mean().float(), sync_dist=False)
+        result = self._log_evaluation("test")
+        confusion = self.all_gather(self._test_confusion).reshape(-1, self.num_classes, self.num_classes).sum(0)
+        self._test_confusion = confusion  # every process holds the whole split's confusion
+        if result is not None:  # the balanced accuracy under its older name
+            self.log("test/mean_class_acc", result.bal_acc, sync_dist=False)
+
+    def test_confusion(self) -> list[list[int]]:
+        """The confusion matrix of the last test run: ``[i][j]`` test images of class ``i`` predicted as ``j``."""
+        return self._test_confusion.tolist()
 
     def test_class_accuracy(self) -> list[float | None]:
         """Per-class test accuracy of the last test run (``None`` for classes absent from the test set)."""
-        return [float(h) / float(c) if c > 0 else None for h, c in zip(self._test_hits.tolist(),
-                                                                         self._test_counts.tolist())]
+        confusion = self._test_confusion
+        return class_recall(confusion.diagonal().tolist(), confusion.sum(1).tolist())
 
     # -- optimisation -----------------------------------------------------------------------------------------------
 
