@@ -37,6 +37,11 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--fraction": ("data", "data.fraction", float, "share of each class of the training split to use, in (0, 1]"),
     "--per-class": ("data", "data.per_class", int, "images per class instead of a fraction"),
     "--val-fraction": ("data", "data.val_fraction", float, "share of the chosen images held out for model selection"),
+    "--imbalance-ratio": ("data", "data.imbalance_ratio", float,
+                          ("draw a long-tailed subset with imbalance ratio rho = n_max / n_min >= 1 instead of a "
+                           "balanced one")),
+    "--imbalance-profile": ("data", "data.imbalance_profile", str,
+                            "long-tailed profile: exp (exponential, as long-tailed CIFAR) | step"),
     "--split-manifest": ("data", "data.split_manifest", str, "reuse the exact split (split.json) of an earlier run"),
     "--img-size": ("data", "data.img_size", int, "input resolution in pixels"),
     "--crop-mode": ("data", "data.crop_mode", str,

@@ -28,7 +28,8 @@ Layout of the output folder::
 
     grid.yaml                       the grid as run (a rerun with a different grid in the same folder is refused)
     splits/<dataset>-<fraction>-s<seed>.json   one split manifest per (dataset, fraction, seed): every method of
-                                               a cell trains on the very same images
+                                               a cell trains on the very same images (long-tailed splits add
+                                               their profile and ratio to the name, e.g. ``-exp100``)
     runs/<cell>/<method>/s<seed>/   one regtune run directory each
     failures.json                   runs that raised, with the error (the others go on)
 
@@ -61,7 +62,7 @@ import yaml
 
 from regtune._io import atomic_write_json, atomic_write_text, load_yaml
 from regtune.bench.shipped import resolve_grid
-from regtune.train.config import FitConfig, apply_overrides, check_names, config_from_dict
+from regtune.train.config import DataConfig, FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
 
 __all__ = ["Grid", "GridError", "GridRun", "expand", "load_grid", "parse_shard", "run_grid"]
@@ -246,10 +247,24 @@ def expand(grid: Grid) -> Iterator[GridRun]:
                                                                     for k, v in cell.items()
                                                                     if k not in ("data.dataset", "data.fraction",
                                                                                  "data.per_class")])
-                split = grid.out / "splits" / f"{_label(d.dataset)}-{amount}-vf{d.val_fraction}-s{seed}.json"
+                split_name = f"{_label(d.dataset)}-{amount}-vf{d.val_fraction}{_imbalance(d)}-s{seed}.json"
+                split = grid.out / "splits" / split_name
                 coords = {"data.dataset": d.dataset, **cell, "trainer.seed": seed}  # the dataset names every cell
                 yield GridRun(method=label, coords=coords, config=config,
                               run_dir=grid.out / "runs" / cell_dir / _label(label) / f"s{seed}", split_path=split)
+
+
+def _imbalance(d: DataConfig) -> str:
+    """The long-tailed settings in a split manifest's name (nothing for a balanced split, whose names stay as they
+    were): ``-exp100``, ``-step10m0.5``, ``-exp100-random``."""
+    if d.imbalance_ratio is None:
+        return ""
+    minority = f"m{d.imbalance_minority}" if d.imbalance_profile == "step" else ""
+    order = f"-{d.imbalance_order}" if d.imbalance_order != "index" else ""
+    ratio = f"{d.imbalance_ratio:g}"
+    if float(ratio) != d.imbalance_ratio:  # more digits than %g keeps: two such ratios must not share a manifest
+        ratio = repr(d.imbalance_ratio)
+    return f"-{d.imbalance_profile}{ratio}{minority}{order}"
 
 
 def _write_split(run: GridRun) -> None:

@@ -6,6 +6,7 @@ The resolved config that a run writes (``config.yaml``) is accepted by ``regtune
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,16 @@ class DataConfig:
             uses everything.
         per_class: Images per class instead of a fraction.
         val_fraction: Share of the chosen images held out (per class) for model selection.
+        imbalance_ratio: Draw a long-tailed (class-imbalanced) subset with imbalance ratio rho = n_max / n_min >= 1
+            (`regtune.data.subset.longtail_split`; docs/imbalance.md): the head class keeps the balanced budget
+            n_max (``per_class``, or ``fraction`` of the largest class), the others fewer as ``imbalance_profile``
+            says, and at least one validation image each. ``None`` (default): class-balanced. The test split is the
+            dataset's own either way.
+        imbalance_profile: ``exp``: n_i = floor(n_max * rho^(-i / (C - 1))) for the class at rank i of C (long-tailed
+            CIFAR); ``step``: n_max for the head classes, floor(n_max / rho) for the minority classes.
+        imbalance_minority: Share of the classes that are minority classes in the step profile, in (0, 1).
+        imbalance_order: Which classes are head and tail: ``index`` (class 0 is the head, as long-tailed CIFAR) or
+            ``random`` (a permutation seeded by ``trainer.seed``).
         split_manifest: Reuse the exact split of an earlier run (its ``split.json``).
         img_size: Input resolution; ``None`` uses the backbone's pretrained resolution.
         crop_pct: Evaluation crop ratio (resize to ``img_size / crop_pct``, crop ``img_size``); ``None`` uses the
@@ -95,6 +106,10 @@ class DataConfig:
     fraction: float | None = 0.01
     per_class: int | None = None
     val_fraction: float = 0.1
+    imbalance_ratio: float | None = None
+    imbalance_profile: str = "exp"
+    imbalance_minority: float = 0.5
+    imbalance_order: str = "index"
     split_manifest: str | None = None
     img_size: int | None = 128
     crop_pct: float | None = 1.0
@@ -309,6 +324,13 @@ def _data_checks(d: DataConfig) -> list[tuple[bool, str]]:
         (d.per_class is None or d.per_class >= 1, f"data.per_class must be >= 1, got {d.per_class}"),
         (d.fraction is None or d.per_class is None, "give data.fraction or data.per_class, not both"),
         (0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.imbalance_ratio is None or (math.isfinite(d.imbalance_ratio) and d.imbalance_ratio >= 1.0),
+         f"data.imbalance_ratio (rho = n_max / n_min) must be >= 1, or null for balanced, got {d.imbalance_ratio}"),
+        (d.imbalance_profile in ("exp", "step"),
+         f"data.imbalance_profile must be 'exp' or 'step', got {d.imbalance_profile!r}"),
+        (0.0 < d.imbalance_minority < 1.0, f"data.imbalance_minority must be in (0, 1), got {d.imbalance_minority}"),
+        (d.imbalance_order in ("index", "random"),
+         f"data.imbalance_order must be 'index' or 'random', got {d.imbalance_order!r}"),
         (d.crop_pct is None or 0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}"),
         (d.crop_mode in CROP_MODES, f"data.crop_mode must be one of {', '.join(CROP_MODES)}, got {d.crop_mode!r}"),
         (d.img_size is None or d.img_size >= 8, f"data.img_size must be >= 8, got {d.img_size}"),

@@ -304,14 +304,20 @@ def make_split(config: FitConfig, train_set: ImageDataset, manifest: str | Path 
     """The split a run of ``config`` trains on: read from ``manifest`` (or ``data.split_manifest``), else drawn.
 
     A drawn split is stratified per class with the config's fraction (or images per class), validation share and
-    seed (`stratified_split`); the same config and dataset always give the same split.
+    seed (`stratified_split`), or long-tailed with ``data.imbalance_ratio`` set (`longtail_split`, the head class
+    keeping that budget); the same config and dataset always give the same split.
     """
-    from regtune.data.subset import split_from_manifest, stratified_split
+    from regtune.data.subset import longtail_split, split_from_manifest, stratified_split
 
     d = config.data
     manifest = manifest or d.split_manifest
     if manifest:
         return split_from_manifest(manifest, train_set.ids, d.dataset)
+    if d.imbalance_ratio is not None:
+        return longtail_split(train_set.targets, train_set.num_classes, d.imbalance_ratio, profile=d.imbalance_profile,
+                              minority=d.imbalance_minority, order=d.imbalance_order, fraction=d.fraction,
+                              per_class=d.per_class, val_fraction=d.val_fraction, seed=config.trainer.seed,
+                              class_names=train_set.classes)
     return stratified_split(train_set.targets, train_set.num_classes, fraction=d.fraction, per_class=d.per_class,
                             val_fraction=d.val_fraction, seed=config.trainer.seed, class_names=train_set.classes)
 
