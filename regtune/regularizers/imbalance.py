@@ -87,8 +87,9 @@ def effective_number_weights(counts: torch.Tensor, beta: float = 0.999) -> torch
         TypeError: ``counts`` not integer.
 
     Example:
-        >>> # beta = 1/2, n = (1, 3): E = (1, 1.75), 1/E = (1, 4/7), w = 2 (1, 4/7) / (11/7) = (14/11, 8/11)
-        >>> [round(w, 4) for w in effective_number_weights(torch.tensor([1, 3]), beta=0.5).tolist()]
+        With beta = 1/2 and n = (1, 3): E = (1, 1.75), 1/E = (1, 4/7), w = 2 (1, 4/7) / (11/7) = (14/11, 8/11):
+
+        >>> [round(w, 4) for w in effective_number_weights(torch.tensor([1, 3]), beta=0.5).tolist()]  # 14/11, 8/11
         [1.2727, 0.7273]
     """
     counts = _checked_counts(counts)
@@ -142,7 +143,8 @@ def logit_adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log
         TypeError: non-floating logits or log_prior, or non-integer labels.
 
     Example:
-        >>> # z = 0, pi = (1/4, 3/4), tau = 1: softmax(log pi) = pi, so L = -log(1/4) for label 0
+        With z = 0, pi = (1/4, 3/4) and tau = 1: softmax(log pi) = pi, so L = -log(1/4) for label 0:
+
         >>> round(logit_adjusted_cross_entropy(torch.zeros(1, 2), torch.tensor([0]),
         ...                                    torch.tensor([0.25, 0.75]).log()).item(), 6)
         1.386294
@@ -188,7 +190,8 @@ def balanced_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, counts: to
         TypeError: non-floating logits or non-integer labels.
 
     Example:
-        >>> # z = 0, n = (1, 3): p_hat = (1/4, 3/4), so L = -log(3/4) for label 1
+        With z = 0 and n = (1, 3): p_hat = (1/4, 3/4), so L = -log(3/4) for label 1:
+
         >>> round(balanced_softmax_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([1, 3])).item(), 6)
         0.287682
     """
@@ -236,8 +239,10 @@ def posthoc_logit_adjustment(logits: torch.Tensor, log_prior: torch.Tensor, tau:
         TypeError: non-floating logits or log_prior.
 
     Example:
-        >>> # pi = (1/4, 3/4): -log pi = (1.386, 0.288); the rare class now wins a tie
-        >>> [round(v, 4) for v in posthoc_logit_adjustment(torch.zeros(2), torch.tensor([0.25, 0.75]).log()).tolist()]
+        With pi = (1/4, 3/4): -log pi = (1.386, 0.288); the rare class now wins a tie:
+
+        >>> log_prior = torch.tensor([0.25, 0.75]).log()
+        >>> [round(v, 4) for v in posthoc_logit_adjustment(torch.zeros(2), log_prior).tolist()]  # log 4, -log(3/4)
         [1.3863, 0.2877]
     """
     check_float_tensor("logits", logits)
