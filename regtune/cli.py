@@ -73,7 +73,9 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
                     "keep an EMA of the weights, selected against the raw ones on validation"),
     "--criterion": ("regularization", "criterion", str, "classification loss: NAME[:key=value,...]"),
     "--seed": ("run", "trainer.seed", int, "seed of everything"),
-    "--select": ("run", "trainer.select", str, "val_acc | val_loss | test_acc (papers' test-set selection) | last"),
+    "--select": ("run", "trainer.select", str,
+                 ("val_acc | val_loss | val_bal_acc (balanced accuracy, for imbalanced classes) | test_acc (papers' "
+                  "test-set selection) | last")),
     "--accelerator": ("run", "trainer.accelerator", str, "auto | cpu | gpu"),
     "--devices": ("run", "trainer.devices", str, "Lightning devices (auto, a count, or a list)"),
     "--precision": ("run", "trainer.precision", str, "32-true | bf16-mixed | 16-mixed"),
@@ -201,6 +203,7 @@ def _add_bench(sub: Any) -> None:
                        help="run only shard I of N (runs I, I+N, ... of the grid's order), e.g. one process per GPU "
                             "with CUDA_VISIBLE_DEVICES=I-1 regtune bench GRID --shard I/N; rerun to resume")
     bench.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
+    _add_metric(bench)
 
 
 def _add_report(sub: Any) -> None:
@@ -214,6 +217,15 @@ def _add_report(sub: Any) -> None:
                              "among the runs, else wise_ft, regtune's default recipe)")
     report.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
     report.add_argument("--title", default="", help="heading of summary.md")
+    _add_metric(report)
+
+
+def _add_metric(parser: argparse.ArgumentParser) -> None:
+    from regtune.analysis.imbalance import RUN_METRICS  # pure Python: no heavy import
+
+    parser.add_argument("--metric", choices=list(RUN_METRICS), default="test_acc",
+                        help="what the tables, paired differences and plots compare: " +
+                             "; ".join(f"{name}: {text}" for name, text in RUN_METRICS.items()).replace("%", "%%"))
 
 
 def _add_analyze(sub: Any) -> None:
@@ -464,7 +476,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
     records = collect_grid(grid)
-    paths = write_report(records, grid.out / "report", baseline=grid.baseline, ci=args.ci, title=grid.name)
+    paths = write_report(records, grid.out / "report", baseline=grid.baseline, metric=args.metric, ci=args.ci,
+                         title=grid.name)
     print((grid.out / "report" / "summary.md").read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     missing = sum(1 for _ in expand(grid)) - len(records)
@@ -531,8 +544,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     records = collect_runs(dirs, labels=labels)
     if not records:
         raise FileNotFoundError(f"no finished run (metrics.json) under {', '.join(args.run_dirs)}")
-    paths = write_report(records, args.out, baseline=_report_baseline(args.baseline, records), ci=args.ci,
-                         title=args.title)
+    paths = write_report(records, args.out, baseline=_report_baseline(args.baseline, records), metric=args.metric,
+                         ci=args.ci, title=args.title)
     print(paths["summary_md"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -2,12 +2,18 @@
 
 A *cell* is one point of the grid without the seed (dataset, fraction, any other axis); a cell's runs of one method
 are its seeds. Paired differences compare a method with the baseline on the same split and seed.
+
+The tables, paired differences and plots compare one metric of the runs' ``metrics.json`` (``metric``, one of
+`regtune.analysis.imbalance.RUN_METRICS`: test accuracy by default, balanced accuracy, macro-F1, the accuracy of the
+many / medium / few-shot classes, ...); accuracies and F1 are shown in percent. ``results.csv`` holds all of them,
+empty where a run has no value (runs written before a metric existed).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from regtune._io import atomic_write_text, load_yaml
+from regtune.analysis.imbalance import RUN_METRICS, run_metric
 from regtune.bench.cells import Cell, cell_label
 from regtune.bench.grid import Grid, expand
 from regtune.bench.plots import plot_accuracy_vs_fraction, plot_paired_differences
@@ -22,8 +29,18 @@ from regtune.bench.stats import PairedDifference, holm, mean_std, paired_differe
 from regtune.train.recipes import recipe_label
 from regtune.train.rundir import RunDir
 
-__all__ = ["CellSummary", "RunRecord", "collect_grid", "collect_runs", "markdown_report", "method_label", "summarize",
-           "write_report"]
+__all__ = ["RESULT_METRICS", "CellSummary", "RunRecord", "collect_grid", "collect_runs", "markdown_report",
+           "method_label", "summarize", "write_report"]
+
+_log = logging.getLogger(__name__)
+
+RESULT_METRICS = ("test_acc", "test_mean_class_acc", "test_bal_acc", "test_macro_f1", "test_many_acc",
+                  "test_medium_acc", "test_few_acc", "val_acc", "val_bal_acc")  # results.csv's metric columns
+
+
+def _in_percent(metric: str) -> bool:
+    """Accuracies and F1 are fractions in ``metrics.json`` and percentages in the tables."""
+    return metric.endswith(("acc", "f1"))
 
 
 @dataclass(frozen=True)
@@ -109,17 +126,39 @@ def summarize(records: Sequence[RunRecord], baseline: str = "ft", metric: str = 
               confidence: float = 0.95) -> list[CellSummary]:
     """Mean ± std per (method, cell), and the paired difference to ``baseline`` over the seeds both have.
 
+    Args:
+        records: The finished runs.
+        baseline: The method the paired differences are taken against.
+        metric: What is compared (`regtune.analysis.imbalance.RUN_METRICS`); accuracies and F1 in percent. Runs
+            without it (written before it existed, or a shot group without classes) are left out, with a warning.
+        ci: ``t`` or ``bootstrap``, the interval of the paired differences.
+        confidence: Level of the intervals.
+
     Raises:
-        ValueError: two runs of the same method, cell and seed (ambiguous pairing).
+        ValueError: an unknown metric; no run has the metric; two runs of the same method, cell and seed (ambiguous
+            pairing).
     """
+    scale = 100.0 if _in_percent(metric) else 1.0
     table: dict[tuple[str, tuple], dict[int, float]] = {}
+    seen: set[tuple[str, tuple, int]] = set()
+    missing = []
     for record in records:
-        values = table.setdefault((record.method, record.cell), {})
-        if record.seed in values:
+        if (record.method, record.cell, record.seed) in seen:
             raise ValueError(f"two runs of {record.method} in {cell_label(record.cell)} with seed {record.seed} "
                              f"(one is {record.run_dir}); give each method one run per seed")
-        values[record.seed] = 100.0 * float(record.metrics[metric]) if metric.endswith("acc") else \
-            float(record.metrics[metric])
+        seen.add((record.method, record.cell, record.seed))
+        value = run_metric(record.metrics, metric)
+        if value is None:
+            missing.append(record)
+            continue
+        table.setdefault((record.method, record.cell), {})[record.seed] = scale * value
+    if records and len(missing) == len(records):
+        raise ValueError(f"none of the {len(records)} runs has {metric} ({RUN_METRICS[metric]}) in its metrics.json: "
+                         "runs from an older regtune lack the imbalance metrics; compare by test_acc, or run them "
+                         "again")
+    if missing:
+        _log.warning("%d of %d runs have no %s and are left out of the tables (e.g. %s)", len(missing), len(records),
+                     metric, missing[0].run_dir)
     summaries = []
     for (method, cell), values in table.items():
         mean, std = mean_std(list(values.values()))
@@ -154,15 +193,17 @@ def _orders(summaries: Sequence[CellSummary], baseline: str) -> tuple[list[str],
 
 def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metric: str = "test_acc",
                     confidence: float = 0.95) -> str:
-    """Two tables: mean ± std (best mean per column in bold) and paired differences with their interval."""
+    """Which metric, then two tables: mean ± std (best mean per column in bold) and paired differences with their
+    interval."""
     if not summaries:
         return "(no finished runs)\n"
     methods, cells = _orders(summaries, baseline)
     index = {(s.method, s.cell): s for s in summaries}
-    unit = " (%)" if metric.endswith("acc") else ""
+    unit = " (%)" if _in_percent(metric) else ""
     header = "| method | " + " | ".join(cell_label(c) for c in cells) + " |"
     rule = "|---|" + "---:|" * len(cells)
-    lines = [(f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold (where more "
+    lines = [f"Metric: `{metric}`, {RUN_METRICS.get(metric, metric)}{unit}.", "",
+             (f"**{metric}{unit}**: mean ± sample std over seeds (n); best mean per column in bold (where more "
               "than one method has finished runs)."), "", header, rule]
     best = {c: max((s.mean for s in summaries if s.cell == c), default=math.nan) for c in cells
             if sum(1 for s in summaries if s.cell == c) > 1}  # one method alone is best of nothing
@@ -178,7 +219,8 @@ def markdown_report(summaries: Sequence[CellSummary], baseline: str = "ft", metr
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     kinds = {s.difference.method for s in summaries if s.difference is not None}
     how = {"t": "paired t over seeds", "bootstrap": "percentile bootstrap over seeds"}
-    lines += ["", (f"**Paired difference to {baseline}** (points; same split and seed), mean "
+    lines += ["", (f"**Paired difference to {baseline}** in {metric} ({'points; ' if unit else ''}same split and "
+                   "seed), mean "
                    f"[{100 * confidence:g} % CI, {', '.join(how[k] for k in sorted(kinds)) or '-'}]; "
                    "▲ = interval above zero, ▼ = below zero."), "", header, rule]
     for method in methods:
@@ -219,11 +261,11 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
     paths = {"results": out / "results.csv", "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"}
     handle = io.StringIO()
     writer = csv.writer(handle)
-    writer.writerow(["method", "cell", "seed", "test_acc", "test_mean_class_acc", "best_val", "selected_epoch",
-                     "wall_time_s", "run_dir"])
+    writer.writerow(["method", "cell", "seed", *RESULT_METRICS, "best_val", "selected_epoch", "wall_time_s",
+                     "run_dir"])
     for r in sorted(records, key=lambda r: (cell_label(r.cell), r.method, r.seed)):
         m = r.metrics
-        writer.writerow([r.method, cell_label(r.cell), r.seed, m.get("test_acc"), m.get("test_mean_class_acc"),
+        writer.writerow([r.method, cell_label(r.cell), r.seed, *(run_metric(m, k) for k in RESULT_METRICS),
                          m.get("best_val"), m.get("selected_epoch"), m.get("wall_time_s"), _relative(r.run_dir)])
     atomic_write_text(paths["results"], handle.getvalue())
     summaries = summarize(records, baseline, metric, ci)
@@ -243,7 +285,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
     accuracy = plot_accuracy_vs_fraction(summaries, out / "accuracy.png", baseline=baseline, metric=metric)
     if accuracy is not None:
         paths["accuracy_png"] = accuracy
-    forest = plot_paired_differences(summaries, out / "paired_differences.png", baseline=baseline)
+    forest = plot_paired_differences(summaries, out / "paired_differences.png", baseline=baseline, metric=metric)
     if forest is not None:
         paths["forest_png"] = forest
     return paths

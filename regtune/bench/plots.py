@@ -1,4 +1,5 @@
-"""Benchmark plots: accuracy against the data fraction per method, and a forest plot of paired differences."""
+"""Benchmark plots: a metric (test accuracy by default) against the data fraction per method, and a forest plot of
+paired differences."""
 
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ __all__ = ["plot_accuracy_vs_fraction", "plot_paired_differences"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8"]
 
 
+def _difference_unit(metric: str) -> str:
+    """How a difference in ``metric`` reads on an axis: accuracies and F1 (in percent) differ by points."""
+    return f"{metric}, points" if metric.endswith(("acc", "f1")) else metric
+
+
 def _curves_panel(ax: Any, below: Any, items: list, xs: list[float], methods: list[str], colours: dict,
-                  markers: dict, baseline: str, quantity: str) -> None:
+                  markers: dict, baseline: str, quantity: str, metric: str) -> None:
     """Mean ± std against the fraction, a line per method; below, each paired difference to the baseline."""
     for method in methods:
         points = sorted((x, s.mean, s.std) for s, x, _ in items if s.method == method and x is not None)
@@ -32,7 +38,7 @@ def _curves_panel(ax: Any, below: Any, items: list, xs: list[float], methods: li
                     marker=markers[method], capsize=3, label=method, color=colours[method],
                     linewidth=2.2 if method == baseline else 1.3, linestyle="--" if method == baseline else "-")
     ax.set_ylabel(f"{quantity}, mean ± std over seeds")
-    _difference_panel(below, items, methods, colours, markers, baseline)
+    _difference_panel(below, items, methods, colours, markers, baseline, metric)
     for a in (ax, below):
         a.set_xscale("log")
         a.xaxis.set_minor_locator(NullLocator())  # only the grid's fractions as ticks
@@ -60,9 +66,9 @@ def _means_panel(ax: Any, items: list, methods: list[str], colours: dict, baseli
 
 def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseline: str = "ft",
                               metric: str = "test_acc") -> Path | None:
-    """One column per dataset (and other axes): mean ± std against the fraction, a line per method; below it, each
-    method's paired difference to the baseline against the fraction with its confidence interval (what a reader of
-    15 overlapping lines wants to know).
+    """One column per dataset (and other axes): ``metric``'s mean ± std against the fraction, a line per method; below
+    it, each method's paired difference to the baseline against the fraction with its confidence interval (what a
+    reader of 15 overlapping lines wants to know).
 
     With a single fraction the panel is a chart of the methods' means instead. Returns ``None`` when there is nothing
     to plot.
@@ -85,12 +91,13 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     curves = any(len({x for _, x, _ in items if x is not None}) >= 2 for items in panels.values())
     fig = Figure(figsize=(6.0 * len(panels), 8.4 if curves else 4.2))
     axes = fig.subplots(2 if curves else 1, len(panels), squeeze=False, sharex="col")
-    unit = " (%)" if metric.endswith("acc") else ""
+    unit = " (%)" if metric.endswith(("acc", "f1")) else ""
     for column, (panel, items) in enumerate(panels.items()):
         ax = axes[0][column]
         xs = sorted({x for _, x, _ in items if x is not None})
         if len(xs) >= 2:
-            _curves_panel(ax, axes[1][column], items, xs, methods, colours, markers, baseline, f"{metric}{unit}")
+            _curves_panel(ax, axes[1][column], items, xs, methods, colours, markers, baseline, f"{metric}{unit}",
+                          metric)
         else:
             _means_panel(ax, items, methods, colours, baseline, f"{metric}{unit}")
             if curves:
@@ -109,7 +116,8 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
     return path
 
 
-def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, markers: dict, baseline: str) -> None:
+def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, markers: dict, baseline: str,
+                      metric: str) -> None:
     """Paired difference to the baseline against the fraction, each method's points spread a little sideways."""
     others = [m for m in methods if m != baseline]
     kind = ""
@@ -128,12 +136,14 @@ def _difference_panel(ax: Any, items: list, methods: list[str], colours: dict, m
         kind = points[0][1].method
     ax.axhline(0.0, color="black", linewidth=0.8)
     interval = "paired t" if kind == "t" else "bootstrap"
-    ax.set_ylabel(f"difference to {baseline} (points), 95 % CI ({interval})")
+    ax.set_ylabel(f"difference to {baseline} ({_difference_unit(metric)}), 95 % CI ({interval})")
     ax.grid(alpha=0.3)
 
 
-def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline: str = "ft") -> Path | None:
-    """Forest plot: per cell, each method's mean paired difference to the baseline with its confidence interval."""
+def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline: str = "ft",
+                            metric: str = "test_acc") -> Path | None:
+    """Forest plot: per cell, each method's mean paired difference in ``metric`` to the baseline with its confidence
+    interval."""
     with_diff = [s for s in summaries if s.difference is not None]
     if not with_diff:
         return None
@@ -157,7 +167,8 @@ def plot_paired_differences(summaries: Sequence[Any], path: str | Path, baseline
         ax.set_yticks(y)
         ax.set_yticklabels([f"{s.method} (n={s.difference.n})" for s in items])
         kind = items[0].difference.method
-        ax.set_xlabel(f"difference to {baseline} (points), 95 % CI ({'paired t' if kind == 't' else 'bootstrap'})")
+        ax.set_xlabel(f"difference to {baseline} ({_difference_unit(metric)}), 95 % CI "
+                      f"({'paired t' if kind == 't' else 'bootstrap'})")
         ax.set_title(cell_label(cell))
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """What a search found, the tuned comparison on fresh seeds, and the refit of the chosen configuration.
 
 ``<out>/search/``: ``search.md`` / ``search.json`` (per study: the budget, trials complete / pruned / interrupted,
-the best trial's knobs and its validation accuracy per search seed, run time, what pruning saved),
+the best trial's knobs and its objective, validation accuracy or balanced accuracy, per search seed, run time, what
+pruning saved),
 ``history.png`` (each trial's objective, the best so far, pruned trials marked) and ``knobs.png`` (the objective
 against a lone knob, or Optuna's parameter importances). ``<out>/finals/``: each method's best configuration on
 the finals' seeds (a benchmark grid, resumable), tested once; ``<out>/report/``: the benchmark report of the finals
@@ -19,7 +20,7 @@ from typing import Any
 
 from regtune._io import atomic_write_json, atomic_write_text
 from regtune.bench.grid import Grid, grid_from_dict
-from regtune.tune.search import Search, SearchError, StudySpec, studies
+from regtune.tune.search import OBJECTIVES, Search, SearchError, StudySpec, studies
 from regtune.tune.study import open_storage, study_for
 
 __all__ = ["chosen", "finals_grid", "study_summaries", "write_orderings", "write_search_report"]
@@ -40,7 +41,7 @@ def _summary(search: Search, spec: StudySpec, study: Any) -> dict[str, Any]:
     typical = statistics.mean(full) if full else math.nan
     spent = sum(t.user_attrs.get("seconds", 0.0) for t in complete + pruned)
     saved = sum(max(0.0, typical - t.user_attrs.get("seconds", 0.0)) for t in pruned) if full else math.nan
-    values = best.user_attrs.get("val_acc", []) if best else []
+    values = best.user_attrs.get(search.objective, []) if best else []  # per search seed
     return {
         "study": spec.name, "cell": spec.cell, "method": spec.method, "budget": search.budget(spec.method),
         "knobs": list(search.spaces[spec.method]),
@@ -51,6 +52,7 @@ def _summary(search: Search, spec: StudySpec, study: Any) -> dict[str, Any]:
         "running": sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)),
         "best_trial": best.number if best else None, "best_value": best.value if best else None,
         "best_params": dict(best.params) if best else None,
+        "objective": search.objective,
         "best_val_acc": values, "best_val_std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "cpu_seconds": round(spent, 1), "pruning_saved_seconds": None if math.isnan(saved) else round(saved, 1),
         "history": [{"number": t.number, "state": t.state.name, "value": t.value if t.state == TrialState.COMPLETE
@@ -76,9 +78,10 @@ def write_search_report(search: Search, summaries: list[dict[str, Any]], out: Pa
     """``search.md``, ``search.json`` and the plots of the search (validation only: no test metric exists yet)."""
     out.mkdir(parents=True, exist_ok=True)
     header = (f"Budget: **{search.trials} trials per method**, the same for every method (one for a method without "
-              f"knobs); objective: validation accuracy of the chosen weights, mean over the search seeds "
+              f"knobs); objective: {OBJECTIVES[search.objective]} (`{search.objective}`) of the chosen weights, mean "
+              f"over the search seeds "
               f"{search.seeds}; TPE seed {search.sampler_seed}, pruner {search.pruner}.")
-    columns = ("| study | knobs | complete | pruned | interrupted | best trial | validation acc (%) | chosen knobs | "
+    columns = (f"| study | knobs | complete | pruned | interrupted | best trial | {_axis(search)} | chosen knobs | "
                "run time (min) | pruning saved (min) |")
     lines = [f"# {search.name}: the search (validation only)", "", header, "", columns,
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -93,14 +96,20 @@ def write_search_report(search: Search, summaries: list[dict[str, Any]], out: Pa
     trials = sum(s["complete"] + s["pruned"] for s in summaries)
     lines += ["", (f"Run time of the search: {total / 3600:.2f} h over {trials} trials (the runs' wall time, summed "
                    "over the workers). ± is the standard deviation of "
-                   "the best trial's validation accuracy over the search seeds (its spread, not an interval). Pruning "
+                   f"the best trial's {OBJECTIVES[search.objective]} over the search seeds (its spread, not an "
+                   "interval). Pruning "
                    "saved: for each pruned trial, the mean time of a complete trial of the same study minus its own.")]
     paths = {"md": out / "search.md", "json": out / "search.json"}
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     atomic_write_json(paths["json"], {"search": search.name, "budget": search.trials, "seeds": search.seeds,
-                                      "studies": summaries})
+                                      "objective": search.objective, "studies": summaries})
     paths.update(_plots(summaries, search, out))
     return paths
+
+
+def _axis(search: Search) -> str:
+    """The objective as a column or axis label: ``validation acc (%)``, ``balanced validation acc (%)``."""
+    return f"{OBJECTIVES[search.objective].replace('accuracy', 'acc')} (%)"
 
 
 def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[str, Path]:
@@ -136,7 +145,7 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
         ax.step(xs, ys, where="post", color="crimson", label="best so far")
         ax.set_title(s["study"], fontsize=9)
         ax.set_xlabel("trial")
-        ax.set_ylabel("validation acc (%)")
+        ax.set_ylabel(_axis(search))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     for ax in axes.flat:  # one legend, on the first panel that has data
@@ -174,7 +183,7 @@ def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Pa
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a narrow range
             ax.set_xlabel(knob.key)
-            ax.set_ylabel("validation acc (%)")
+            ax.set_ylabel(_axis(search))
         elif len(knobs) > 1 and len(complete) >= 3 and len({h["value"] for h in complete}) > 1:
             importances = _importances(s, search)
             ax.barh(list(importances), list(importances.values()))
@@ -275,7 +284,8 @@ def finals_grid(search: Search, summaries: list[dict[str, Any]]) -> Grid:
 
 
 def chosen(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The study with the best mean validation accuracy (ties: the earlier in the file)."""
+    """The study with the best mean objective, validation accuracy or balanced accuracy (ties: the earlier in the
+    file)."""
     candidates = [s for s in summaries if s["best_value"] is not None]
     if not candidates:
         raise SearchError("no study has a complete trial: nothing to choose")

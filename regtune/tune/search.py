@@ -10,6 +10,7 @@ A search file is a grid file whose methods may carry a ``space``, with a ``searc
     search:
       trials: 12                      # the budget: trials per method, the same for every method
       seeds: [100, 101, 102]          # the splits whose mean validation accuracy is a trial's objective
+      objective: val_acc              # val_acc | val_bal_acc (balanced: mean per-class recall) of the chosen weights
       sampler_seed: 0                 # TPE's seed
       startup_trials: 4               # TPE's random trials before it models the results
       pruner: median                  # median | halving | none (per-epoch validation accuracy)
@@ -26,6 +27,12 @@ A knob is a dotted config key (``optim.lr``, ``data.re_prob``) or ``<term>.<argu
 regularizers or its criterion. Its range is ``{low, high}`` (floats; ``log: true`` samples on a log scale; ``int:
 true`` integers; ``step`` a grid) or ``{choices: [...]}``. Every knob is checked before any trial runs: an unknown key,
 term or argument, an empty or inverted range, a value the method refuses.
+
+The objective (``search.objective``) is the validation accuracy (``val_acc``, default) or the balanced validation
+accuracy (``val_bal_acc``, the mean per-class recall, for imbalanced classes) of each run's chosen weights, as its
+``metrics.json`` records it, averaged over the search seeds; the pruner sees the same quantity after each epoch. The
+runs choose their checkpoints by ``trainer.select`` (set ``trainer.select: val_bal_acc`` in ``base`` to choose them
+by balanced accuracy too).
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ from regtune._io import load_yaml
 from regtune.bench.grid import Grid, GridError, GridRun, expand, grid_from_dict
 from regtune.train.config import FitConfig, TermSpec, apply_overrides, check_names
 
-__all__ = ["Knob", "Search", "SearchError", "StudySpec", "apply_params", "load_search", "search_from_dict", "studies"]
+__all__ = ["OBJECTIVES", "Knob", "Search", "SearchError", "StudySpec", "apply_params", "load_search",
+           "search_from_dict", "studies"]
 
 _SEARCH_KEYS = {"trials", "seeds", "sampler_seed", "startup_trials", "pruner", "space", "heartbeat_s",
-                "stale_after_s", "warmup_epochs", "orderings"}
+                "stale_after_s", "warmup_epochs", "orderings", "objective"}
 PRUNERS = ("median", "halving", "none")
+OBJECTIVES = {"val_acc": "validation accuracy", "val_bal_acc": "balanced validation accuracy"}  # metrics.json keys
 _CONFIG_SECTIONS = ("data", "model", "optim", "trainer")
 
 
@@ -94,6 +103,7 @@ class Search:
     warmup_epochs: int = 2
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
+    objective: str = "val_acc"  # a key of OBJECTIVES
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -197,6 +207,9 @@ def search_from_dict(data: dict[str, Any], default_name: str = "search", out: st
     pruner = str(section.get("pruner", "median"))
     if pruner not in PRUNERS:
         raise SearchError(f"search.pruner {pruner!r}: one of {', '.join(PRUNERS)}")
+    objective = str(section.get("objective", "val_acc"))
+    if objective not in OBJECTIVES:
+        raise SearchError(f"search.objective {objective!r}: one of {', '.join(OBJECTIVES)}")
     methods = data.get("methods") or {}
     if not isinstance(methods, dict) or not methods:
         raise SearchError("a search needs 'methods': a mapping of label -> config changes (e.g. ft: {})")
@@ -226,7 +239,7 @@ def search_from_dict(data: dict[str, Any], default_name: str = "search", out: st
                     startup_trials=_int(section.get("startup_trials", 4), "search.startup_trials", 0),
                     pruner=pruner, warmup_epochs=_int(section.get("warmup_epochs", 2), "search.warmup_epochs", 0),
                     heartbeat_s=float(section.get("heartbeat_s", 10.0)),
-                    stale_after_s=float(section.get("stale_after_s", 120.0)), source=data)
+                    stale_after_s=float(section.get("stale_after_s", 120.0)), objective=objective, source=data)
     orderings = section.get("orderings") or []
     if not isinstance(orderings, list) or not all(isinstance(o, list) and len(o) == 2 and set(o) <= set(methods)
                                                   for o in orderings):

@@ -2,8 +2,9 @@
 
 A trial draws its knob values from Optuna's TPE sampler, trains the method once per search seed (every trial of
 every method on the same split manifests) without testing, and reports the mean validation accuracy of the chosen
-weights as its objective. The validation accuracy after each epoch feeds Optuna's pruner (steps ``i * epochs + e``
-for seed ``i``, epoch ``e``: the same split and epoch across trials), which stops hopeless trials early.
+weights as its objective (``search.objective``: ``val_acc``, or ``val_bal_acc``, the balanced accuracy). The same
+quantity after each epoch feeds Optuna's pruner (steps ``i * epochs + e`` for seed ``i``, epoch ``e``: the same split
+and epoch across trials), which stops hopeless trials early.
 
 Budget and interruptions. The budget counts the trials that finished (complete or pruned) plus those running or
 queued; a worker claims a trial under a lock, and a trial claimed beyond the budget (workers on several machines
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from regtune.tune.search import Search, SearchError, StudySpec, apply_params, studies
+from regtune.tune.search import OBJECTIVES, Search, SearchError, StudySpec, apply_params, studies
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -80,7 +81,7 @@ def open_storage(search: Search, url: str | None = None) -> Any:
 
 
 def study_for(search: Search, spec: StudySpec, storage: Any) -> Any:
-    """The Optuna study of ``spec`` (created on first use), maximising the mean validation accuracy."""
+    """The Optuna study of ``spec`` (created on first use), maximising the mean of the search's objective."""
     optuna = _optuna()
     study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize", load_if_exists=True,
                                 pruner=_pruner(search))
@@ -185,16 +186,19 @@ class _Heartbeat:
         self._thread.join()
 
 
-def _reporter(trial: Any, offset: int) -> Any:
-    """A Lightning callback that reports each epoch's validation accuracy to the pruner and stops a pruned run."""
+def _reporter(trial: Any, offset: int, objective: str = "val_acc") -> Any:
+    """A Lightning callback that reports each epoch's ``objective`` (validation accuracy or balanced accuracy; the
+    better of the raw and EMA weights' where an EMA is kept) to the pruner and stops a pruned run."""
     import lightning.pytorch as pl
+
+    name = objective.removeprefix("val_")  # val_bal_acc -> select/bal_acc, val/bal_acc
 
     class _Report(pl.Callback):
         pruned = False
 
         def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             metrics = trainer.callback_metrics
-            value = metrics.get("select/acc", metrics.get("val/acc"))
+            value = metrics.get(f"select/{name}", metrics.get(f"val/{name}"))
             if trainer.sanity_checking or value is None:
                 return
             trial.report(float(value), offset + trainer.current_epoch)
@@ -218,7 +222,7 @@ def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
 
 
 def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any]) -> None:
-    """Draw the knobs, train once per search seed, tell Optuna the mean validation accuracy (or that it pruned)."""
+    """Draw the knobs, train once per search seed, tell Optuna the mean of the objective (or that it pruned)."""
     from regtune.bench.grid import _write_split
     from regtune.train.config import apply_overrides
 
@@ -237,7 +241,7 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
             config = apply_overrides(apply_params(run.config, params),
                                      {"data.split_manifest": str(run.split_path.absolute()),
                                       "trainer.progress_bar": False})
-            reporter = _reporter(trial, i * max(1, config.trainer.epochs))
+            reporter = _reporter(trial, i * max(1, config.trainer.epochs), search.objective)
             result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter], test=False)
             if getattr(result, "interrupted", False):
                 raise KeyboardInterrupt
@@ -250,15 +254,16 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
                 _log.info("%s trial %d (%d/%d): pruned during seed %d (%.0f s) %s", spec.name, trial.number,
                           position + 1, search.budget(spec.method), seed, seconds, params)
                 return
-            if result.metrics.get("val_acc") is None:
-                raise SearchError(f"{spec.name}: the run has no validation images to choose on (raise "
-                                  "data.val_fraction or use more images per class)")
-            values.append(float(result.metrics["val_acc"]))
-            trial.set_user_attr("val_acc", values)
+            if result.metrics.get(search.objective) is None:
+                raise SearchError(f"{spec.name}: the run has no {search.objective} (no validation images to choose "
+                                  "on: raise data.val_fraction or use more images per class)")
+            values.append(float(result.metrics[search.objective]))
+            trial.set_user_attr(search.objective, values)
     value = sum(values) / len(values)
     study.tell(trial, value)
-    _log.info("%s trial %d (%d/%d): validation accuracy %.4f over %d seeds (%.0f s) %s", spec.name, trial.number,
-              position + 1, search.budget(spec.method), value, len(values), seconds, params)
+    _log.info("%s trial %d (%d/%d): %s %.4f over %d seeds (%.0f s) %s", spec.name, trial.number,
+              position + 1, search.budget(spec.method), OBJECTIVES[search.objective], value, len(values), seconds,
+              params)
 
 
 def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[..., Any] | None = None,
