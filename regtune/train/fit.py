@@ -290,6 +290,8 @@ def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Seque
                   progress_bar: bool | None) -> _Trainer:
     t = config.trainer
     monitor, mode, _ = _SELECT[t.select]
+    if t.ema_decay is not None and monitor is not None and t.select != "test_acc":
+        monitor = monitor.replace("val/", "select/")  # the epoch whose preferred weights (EMA or raw) score best
     last = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, monitor=None,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1,

@@ -102,6 +102,8 @@ def test_ema_is_selected_when_better_and_tested(imagefolder: Path, tmp_path: Pat
         assert r["select/acc"] == max(r["val/acc"], r["val_ema/acc"])
         assert r["select/ema"] == float(r["val_ema/acc"] > r["val/acc"])
     chosen = rows[result.metrics["selected_epoch"] - 1]
+    # the epoch whose preferred weights (EMA or raw) score best, not the raw weights' best epoch
+    assert chosen["select/acc"] == max(r["select/acc"] for r in rows)
     assert result.metrics["best_val"] == pytest.approx(chosen["select/acc"])
     assert result.metrics["ema"]["selected"] == bool(chosen["select/ema"])
     run = RunDir(result.run_dir)
