@@ -71,6 +71,8 @@ _FLAGS: dict[str, tuple[str, str, Any, str]] = {
     "--epochs": ("optimisation", "trainer.epochs", int, "training epochs (0: the linear probe alone, --recipe lp)"),
     "--ema-decay": ("optimisation", "trainer.ema_decay", float,
                     "keep an EMA of the weights, selected against the raw ones on validation"),
+    "--posthoc-tau": ("regularization", "trainer.posthoc_tau", float,
+                      "imbalanced data: post-hoc logit adjustment, tau x log training prior out of the head's bias"),
     "--criterion": ("regularization", "criterion", str, "classification loss: NAME[:key=value,...]"),
     "--seed": ("run", "trainer.seed", int, "seed of everything"),
     "--select": ("run", "trainer.select", str,
@@ -187,6 +189,9 @@ def _add_fit(sub: Any) -> None:
                      help="progress bar, or per-epoch lines only (default: a bar when the output is a terminal, "
                           "lines when it goes to a file or a pipe; not recorded in the run's config, as it changes "
                           "no result)")
+    groups["regularization"].add_argument(
+        "--crt", action="store_true",
+        help="imbalanced data: re-train the head class-balanced on the frozen fine-tuned backbone [trainer.crt]")
     run.add_argument("--feature-stats", action="store_true",
                      help="log per-epoch feature norm, FMR entropy and margins [trainer.feature_stats]")
 
@@ -411,6 +416,8 @@ def _fit_config(args: argparse.Namespace) -> Any:
         overrides["data.download"] = True
     if args.feature_stats:
         overrides["trainer.feature_stats"] = True
+    if args.crt:
+        overrides["trainer.crt"] = True
     if args.devices is not None:
         overrides["trainer.devices"] = load_yaml(args.devices)
     for item in args.set:

@@ -237,6 +237,18 @@ class TrainerConfig:
             included), updated after every step: ``ema = decay * ema + (1 - decay) * weights``. Each validation
             evaluates both, and selection picks the better of the two per epoch (ties: the raw weights); with
             ``select: last`` the EMA weights are tested. ``None`` for none.
+        crt: Classifier re-training (cRT; Kang et al., "Decoupling Representation and Classifier for Long-Tailed
+            Recognition", ICLR 2020), for class-imbalanced data: after selection, the backbone is frozen and the
+            linear head is re-fitted on its features of the training images with class-balanced weights (each
+            image n / (K n_c): the class-balanced sampling of the paper, in expectation), as a logistic regression
+            over ``model.lp_cs`` with C chosen on the balanced validation accuracy. Our reading: the paper re-trains
+            the head by SGD for a few epochs on class-balanced batches; the convex fit reaches the optimum of the
+            same balanced objective (with an L2 penalty) in seconds.
+        posthoc_tau: Post-hoc logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021):
+            after selection (and ``crt``), ``tau`` times the log of the training subset's class priors is subtracted
+            from the head's bias, so the model predicts argmax ``z - tau log pi`` everywhere (test, predict,
+            export). 1.0 is the paper's; ``None`` for none. Not with the ``logit_adjusted`` / ``balanced_softmax``
+            criteria, which adjust in training.
         wise_alphas: WiSE-FT (Wortsman et al., 2022): after training, the weights ``(1 - a) * start + a * selected``
             for each ``a`` given, ``start`` being the weights training began from (pretrained backbone, probe
             head: needs ``model.head_init: lp``), are evaluated on the validation split and the best is tested
@@ -256,6 +268,8 @@ class TrainerConfig:
     feature_stats: bool = False
     train_fraction: float = 1.0
     ema_decay: float | None = None
+    crt: bool = False
+    posthoc_tau: float | None = None
     wise_alphas: tuple[float, ...] = WISE_ALPHAS
 
 
@@ -372,6 +386,16 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
          ("model.freeze_bn_stats (the default, and the lp_ft and wise_ft recipes) keeps every BatchNorm in "
           "evaluation mode, where StochNorm's layers are plain BatchNorm: the regularizer would do nothing. Set "
           "model.freeze_bn_stats: false (--set model.freeze_bn_stats=false, or --recipe ft for plain fine-tuning)")),
+        (not (probe_only and t.crt),
+         ("trainer.crt re-trains the head of a fine-tuned backbone on class-balanced weights; with trainer.epochs: 0 "
+          "there is no fine-tuned backbone: train for some epochs, or drop --crt")),
+        (t.posthoc_tau is None or t.posthoc_tau >= 0, f"trainer.posthoc_tau must be >= 0, got {t.posthoc_tau}"),
+        (not (t.posthoc_tau is not None and config.criterion.name in ("logit_adjusted", "balanced_softmax")),
+         (f"trainer.posthoc_tau adjusts the logits of a model trained on the plain prior; the criterion "
+          f"{config.criterion.name} has already adjusted them in training: use one of the two")),
+        (not ((t.crt or t.posthoc_tau is not None) and config.criterion.name == "lm_softmax"),
+         ("trainer.crt and trainer.posthoc_tau change a linear head's weights and bias; lm_softmax's cosine head has "
+          "no bias: use them with criterion ce")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]

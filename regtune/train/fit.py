@@ -421,7 +421,8 @@ def _probe_only(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, t
     module = parts.module
     module.to(made.trainer.strategy.root_device)
     probe = _probe(config, parts, run, module.model)
-    result = _evaluate(parts, made, test)
+    rebalanced = _rebalance(config, parts, run, module.model)
+    result = {**_evaluate(parts, made, test), **rebalanced}
     if made.trainer.is_global_zero:
         _save_weights(module.model, run.model_path, parts.train_set.classes)
     best_val = probe["val_acc"].get(str(probe["C"]))  # the probe's C is chosen on validation whatever `select` says
@@ -497,13 +498,49 @@ def _test(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, test: b
     if config.trainer.wise_alphas:
         wise, weights = _wise(config, parts, run, made, weights)
     module.model.load_state_dict(weights)
+    rebalanced = _rebalance(config, parts, run, module.model)
     result = _evaluate(parts, made, test)
-    own = not ema and wise is None  # the checkpoint's own weights were tested
+    own = not ema and wise is None and not rebalanced  # the checkpoint's own weights were tested
     if not own and made.trainer.is_global_zero:
         _save_weights(module.model, run.model_path, parts.train_set.classes)
     return {**result, "selected": selected, "epoch": int(checkpoint["epoch"]), "ema_selected": ema, "wise": wise,
-            "model_file": None if own else run.model_path.name,
+            **rebalanced, "model_file": None if own else run.model_path.name,
             "best_val": float(made.best.best_model_score) if made.best.best_model_score is not None else None}
+
+
+def _rebalance(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Module) -> dict[str, Any]:
+    """The class-imbalance corrections of the chosen weights, in order: classifier re-training on the frozen
+    backbone with class-balanced weights (``trainer.crt``), then post-hoc logit adjustment (``trainer.posthoc_tau``).
+    Both change the head itself, so every use of the model (test, predict, export) sees them. Returns what was done
+    (``{"crt": ..., "posthoc_logit_adjustment": ...}``, empty when neither is asked for)."""
+    t = config.trainer
+    done: dict[str, Any] = {}
+    if t.crt:
+        from regtune.train.probe import linear_probe, set_head
+
+        m = config.model
+        device = next(model.parameters()).device
+        loader = functools.partial(_eval_loader, parts)
+        result = linear_probe(model, loader(parts.split.train), loader(parts.split.val) if parts.split.val else None,
+                              parts.train_set.num_classes, Cs=m.lp_cs, max_iter=m.lp_max_iter, select="best",
+                              device=device, balanced=True)
+        set_head(model, result)
+        done["crt"] = {"C": result.C, "val_bal_acc": {str(c): a for c, a in result.val_acc.items()}}
+        _log.info("cRT: the head re-trained class-balanced on the frozen backbone, C = %g (validation balanced "
+                  "accuracy %s)", result.C, f"{result.val_acc[result.C]:.4f}" if result.val_acc else "n/a")
+    if t.posthoc_tau is not None:
+        from regtune.regularizers.imbalance import posthoc_logit_adjustment
+
+        head = model.get_classifier()
+        counts = torch.bincount(torch.as_tensor(parts.train_set.targets)[torch.as_tensor(parts.split.train)],
+                                minlength=parts.train_set.num_classes).double()
+        log_prior = (counts / counts.sum()).log()
+        with torch.no_grad():  # b - tau log pi: the logits W f + b - tau log pi, folded into the bias
+            head.bias.copy_(posthoc_logit_adjustment(head.bias.double(), log_prior, t.posthoc_tau).to(head.bias))
+        done["posthoc_logit_adjustment"] = {"tau": t.posthoc_tau, "train_class_counts": counts.long().tolist()}
+        _log.info("post-hoc logit adjustment: tau %g times the log training prior subtracted from the head's bias",
+                  t.posthoc_tau)
+    return done
 
 
 def _save_weights(model: torch.nn.Module, path: Path, class_names: Sequence[str]) -> None:
@@ -545,6 +582,8 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "probe": json.loads((run.path / "probe.json").read_text()) if config.model.head_init == "lp" else None,
         "ema": {"decay": t.ema_decay, "selected": result["ema_selected"]} if t.ema_decay is not None else None,
         "wise": result["wise"],
+        "crt": result.get("crt"),
+        "posthoc_logit_adjustment": result.get("posthoc_logit_adjustment"),
         "epochs": t.epochs,
         "num_train": len(parts.split.train),
         "num_val": len(parts.split.val),

@@ -157,11 +157,11 @@ def _check_probe_inputs(train_x: Tensor, train_y: Tensor, val_x: Tensor | None, 
 
 
 def _fit_one(features: np.ndarray, labels: np.ndarray, num_classes: int, C: float, max_iter: int,
-             tol: float) -> tuple[Tensor, Tensor]:
+             tol: float, balanced: bool = False) -> tuple[Tensor, Tensor]:
     """One L-BFGS fit at ``C`` on centred features; the (num_classes, D), (num_classes,) float64 head on the raw
     features, absent classes filled in."""
     mean = features.mean(0)
-    coef, intercept = _fit_centred(features - mean, labels, C, max_iter, tol)
+    coef, intercept = _fit_centred(features - mean, labels, C, max_iter, tol, balanced)
     intercept = intercept - coef @ torch.from_numpy(mean)  # b = c - W mu: the same logits on the raw features
     present = torch.from_numpy(np.unique(labels).astype(np.int64))
     weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
@@ -171,8 +171,9 @@ def _fit_one(features: np.ndarray, labels: np.ndarray, num_classes: int, C: floa
 
 
 def _fit_centred(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int,
-                      tol: float) -> tuple[Tensor, Tensor]:
-    """scikit-learn's fit at ``C``: the head ``(V, c)`` of the classes present, in float64."""
+                      tol: float, balanced: bool = False) -> tuple[Tensor, Tensor]:
+    """scikit-learn's fit at ``C``: the head ``(V, c)`` of the classes present, in float64 (``balanced``: each
+    image weighted n / (K n_c), every class the same total weight)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -180,7 +181,8 @@ def _fit_centred(features: np.ndarray, labels: np.ndarray, C: float, max_iter: i
     # Two classes: scikit-learn fits one logistic w (objective 1/2 |w|^2 + C' sum CE). The softmax head
     # (-w/2, w/2) has |W|^2 = |w|^2 / 2, so the softmax objective at C is the logistic one at C' = 2C, halved.
     binary = len(present) == 2
-    regression = LogisticRegression(C=2 * C if binary else C, max_iter=max_iter, tol=tol)
+    regression = LogisticRegression(C=2 * C if binary else C, max_iter=max_iter, tol=tol,
+                                    class_weight="balanced" if balanced else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         regression.fit(features, labels)
@@ -197,11 +199,17 @@ def _fit_centred(features: np.ndarray, labels: np.ndarray, C: float, max_iter: i
     return coef, intercept
 
 
-def _scores(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of the head on the features, in float64."""
+def _scores(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor,
+            balanced: bool = False) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of the head on the features, in float64; ``balanced``: the mean per-class
+    recall instead of the accuracy."""
     logits = features.double() @ weight.T + bias
     loss = nn.functional.cross_entropy(logits, labels)
-    return float((logits.argmax(1) == labels).double().mean()), float(loss)
+    right = (logits.argmax(1) == labels).double()
+    if balanced:
+        classes = torch.unique(labels)
+        return float(torch.stack([right[labels == c].mean() for c in classes]).mean()), float(loss)
+    return float(right.mean()), float(loss)
 
 
 def _choose(val_acc: dict[float, float], val_loss: dict[float, float], select: str, count: int) -> float:
@@ -224,6 +232,7 @@ def fit_linear_probe(
         max_iter: int = 1000,
         tol: float = 1e-6,
         select: str = "best",
+        balanced: bool = False,
 ) -> ProbeResult:
     """Fit the linear probe once per C on the training features and keep the fit that validates best.
 
@@ -251,6 +260,9 @@ def fit_linear_probe(
             1e-4 can stop well short of the optimum with many classes, 1e-6 is close to it (the test of the fit
             checks the gradient at 1e-4 of the data term).
         select: ``"best"`` or ``"one_se"`` (see above); without validation features the one C is taken.
+        balanced: Class-balanced: each training image weighted n / (K n_c) (scikit-learn's ``class_weight=
+            "balanced"``, every class the same total weight), and C chosen on the balanced validation accuracy (mean
+            per-class recall; ``ProbeResult.val_acc`` then holds it).
 
     Returns:
         The `ProbeResult`.
@@ -272,9 +284,9 @@ def fit_linear_probe(
     features, labels = train_x.double().numpy(), train_y.numpy()
     fits, val_acc, val_loss = {}, {}, {}
     for C in map(float, Cs):
-        fits[C] = _fit_one(features, labels, num_classes, C, max_iter, tol)
+        fits[C] = _fit_one(features, labels, num_classes, C, max_iter, tol, balanced)
         if has_val:
-            val_acc[C], val_loss[C] = _scores(*fits[C], val_x, val_y)
+            val_acc[C], val_loss[C] = _scores(*fits[C], val_x, val_y, balanced)
             _log.info("linear probe C=%g: validation accuracy %.4f, loss %.4f", C, val_acc[C], val_loss[C])
     chosen = _choose(val_acc, val_loss, select, val_x.shape[0]) if has_val else next(iter(fits))
     weight, bias = fits[chosen]
@@ -320,6 +332,7 @@ def linear_probe(
         device: str | torch.device = "cpu",
         tol: float = 1e-6,
         select: str = "best",
+        balanced: bool = False,
 ) -> ProbeResult:
     """Extract the frozen model's features once and fit the linear probe on them (`fit_linear_probe`).
 
@@ -335,6 +348,7 @@ def linear_probe(
         device: Where the features are extracted.
         tol: L-BFGS gradient tolerance (see `fit_linear_probe`).
         select: How C is chosen on validation (see `fit_linear_probe`).
+        balanced: Class-balanced weights and selection (see `fit_linear_probe`).
 
     Returns:
         The `ProbeResult`.
@@ -351,7 +365,7 @@ def linear_probe(
         if cache is not None:
             _write_cache(Path(cache), arrays)
     return fit_linear_probe(arrays["train_x"], arrays["train_y"], arrays["val_x"], arrays["val_y"], num_classes,
-                            Cs=Cs, max_iter=max_iter, tol=tol, select=select)
+                            Cs=Cs, max_iter=max_iter, tol=tol, select=select, balanced=balanced)
 
 
 @torch.no_grad()
