@@ -21,6 +21,7 @@ from regtune.tune.study import run_search
 __all__ = ["choice_table", "refit", "run_tune"]
 
 _log = logging.getLogger(__name__)
+_TEST_METRIC = {"val_acc": "test_acc", "val_bal_acc": "test_bal_acc"}  # search.objective -> the finals' metric
 
 
 def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, finals: bool = True,
@@ -52,10 +53,11 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
         if not report_only:
             result["finals"] = _run_finals(grid, workers, fit_fn)
         records = collect_grid(grid)
-        result["report"] = write_report(records, search.out / "report", baseline=grid.baseline,
+        metric = _TEST_METRIC[search.objective]  # the finals are compared by what the search chose on
+        result["report"] = write_report(records, search.out / "report", baseline=grid.baseline, metric=metric,
                                         title=f"{search.name}: each method tuned ({search.trials} trials), "
                                               "tested on fresh seeds")
-        result["orderings"] = write_orderings(search, records, search.out / "report")
+        result["orderings"] = write_orderings(search, records, search.out / "report", metric=metric)
     if refit_best:
         result["refit"] = refit(search, summaries, fit_fn)
     return result

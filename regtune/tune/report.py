@@ -292,9 +292,9 @@ def chosen(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return max(candidates, key=lambda s: (s["best_value"], -summaries.index(s)))
 
 
-def write_orderings(search: Search, records: list[Any], out: Path) -> Path | None:
+def write_orderings(search: Search, records: list[Any], out: Path, metric: str = "test_acc") -> Path | None:
     """``orderings.md``: for each ordering the search file names (``search.orderings: [[a, b], ...]``, read "a
-    beats b"), the paired difference a - b on the finals' seeds with its 95 % interval."""
+    beats b"), the paired difference a - b of ``metric`` on the finals' seeds with its 95 % interval."""
     from regtune.bench.stats import paired_difference
 
     pairs = search.source.get("search", {}).get("orderings") or []
@@ -302,8 +302,9 @@ def write_orderings(search: Search, records: list[Any], out: Path) -> Path | Non
         return None
     by_method: dict[str, dict[int, float]] = {}
     for record in records:
-        by_method.setdefault(record.method, {})[record.seed] = 100.0 * float(record.metrics["test_acc"])
-    lines = ["# Claimed orderings, every method tuned with the same budget", "",
+        if record.metrics.get(metric) is not None:
+            by_method.setdefault(record.method, {})[record.seed] = 100.0 * float(record.metrics[metric])
+    lines = ["# Claimed orderings, every method tuned with the same budget", "", f"Metric: {metric} of the finals.", "",
              "| claim | paired difference (points) [95 % CI] | p | holds? |", "|---|---:|---:|---|"]
     for a, b in pairs:
         seeds = sorted(set(by_method.get(a, {})) & set(by_method.get(b, {})))

@@ -291,6 +291,12 @@ def test_shipped_grids_parse_and_cover_the_methods() -> None:
             assert names == {"ce"} and all(m == "ft" or m.startswith("ft-") for m in grid.methods)
             assert len({(r.config.optim.lr, r.config.optim.warmup_epochs) for r in runs}) == len(grid.methods)
             continue
+        if path.stem.startswith("imbalanced"):  # long-tailed cells: the imbalance methods against FT
+            assert {r.config.data.imbalance_ratio for r in runs} == {10, 100}
+            assert {"logit_adjusted", "balanced_softmax", "lm_softmax", "zero_centroid"} <= names
+            assert {"crt", "posthoc_la"} <= set(grid.methods)
+            assert all(r.config.trainer.select == "val_bal_acc" for r in runs)
+            continue
         if path.stem.endswith("_confirm"):  # one pre-chosen comparison on fresh seeds
             assert set(grid.methods) == {"ft", "head_l1-w0.01"} and min(grid.axes["trainer.seed"]) >= 5
             continue
