@@ -53,7 +53,7 @@ def test_default_run_dir_is_relative_to_the_working_directory(imagefolder: Path,
 
 @pytest.mark.parametrize("extra, message", [
     (["--reg", "nosuch"], "unknown regularizer 'nosuch'"),
-    (["--criterion", "nosuch"], "unknown criterion 'nosuch'; known: ce"),
+    (["--criterion", "nosuch"], "unknown criterion 'nosuch'; known: balanced_softmax, ce"),
     (["--dataset", "nosuch"], "unknown dataset 'nosuch'; known: aircraft, cars, cub200"),
     (["--backbone", "resnet5O"], "unknown backbone 'resnet5O'. Close matches: resnet50"),
     (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),

@@ -98,7 +98,7 @@ def test_selection_rule(monkeypatch: pytest.MonkeyPatch, scores: dict[float, tup
     # Each fit's head carries its C; the validation scores are read from the table.
     monkeypatch.setattr(probe, "_fit_one", lambda x, y, k, C, *_: (torch.full((k, 2), C, dtype=torch.float64),
                                                                    torch.zeros(k, dtype=torch.float64)))
-    monkeypatch.setattr(probe, "_scores", lambda w, b, x, y: scores.get(float(w[0, 0]), (1.0, 0.0)))
+    monkeypatch.setattr(probe, "_scores", lambda w, b, x, y, *_: scores.get(float(w[0, 0]), (1.0, 0.0)))
     x, y = torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])
     result = fit_linear_probe(x, y, x, y, num_classes=2, Cs=tuple(scores))
     assert result.C == chosen and float(result.weight[0, 0]) == pytest.approx(chosen)
@@ -232,7 +232,7 @@ def test_one_standard_error_rule(monkeypatch: pytest.MonkeyPatch, accuracies: di
                                  chosen: float) -> None:
     monkeypatch.setattr(probe, "_fit_one", lambda x, y, k, C, *_: (torch.full((k, 2), C, dtype=torch.float64),
                                                                    torch.zeros(k, dtype=torch.float64)))
-    monkeypatch.setattr(probe, "_scores", lambda w, b, x, y: (accuracies.get(float(w[0, 0]), 1.0), 0.5))
+    monkeypatch.setattr(probe, "_scores", lambda w, b, x, y, *_: (accuracies.get(float(w[0, 0]), 1.0), 0.5))
     x, y = torch.zeros(60, 2), torch.arange(60) % 2
     assert fit_linear_probe(x, y, x, y, num_classes=2, Cs=tuple(accuracies), select="one_se").C == chosen
     best = fit_linear_probe(x, y, x, y, num_classes=2, Cs=tuple(accuracies), select="best").C
