@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -253,6 +254,23 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def _imbalance_note(records: Sequence[RunRecord]) -> str:
+    """A line under the tables when some runs trained on long-tailed subsets: their ratios, and that the test set is
+    the dataset's own (as the dataset gives it, not long-tailed)."""
+    ratios = set()
+    for record in records:
+        split = Path(record.run_dir) / "split.json"
+        settings = json.loads(split.read_text()).get("settings", {}) if split.is_file() else {}
+        if settings.get("imbalance_ratio") is not None:
+            ratios.add((settings.get("imbalance_profile", "exp"), settings["imbalance_ratio"]))
+    if not ratios:
+        return ""
+    shown = ", ".join(f"{profile} rho = {ratio:g}" for profile, ratio in sorted(ratios))
+    return (f"\nTraining subsets are long-tailed ({shown}; validation follows the training distribution). The test "
+            "set is the dataset's own, as the dataset gives it (not long-tailed): per-class and balanced metrics "
+            "weigh its classes as it does.\n")
+
+
 def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: str = "ft", metric: str = "test_acc",
                  ci: str = "t", title: str = "") -> dict[str, Path]:
     """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md`` and the plots into ``out_dir``."""
@@ -280,7 +298,7 @@ def write_report(records: Sequence[RunRecord], out_dir: str | Path, baseline: st
                          d.method if d else "", f"{d.p:.4g}" if d else "", f"{s.p_holm:.4g}" if d else "",
                          " ".join(map(str, sorted(s.values)))])
     atomic_write_text(paths["summary_csv"], handle.getvalue())
-    text = (f"# {title}\n\n" if title else "") + markdown_report(summaries, baseline, metric)
+    text = (f"# {title}\n\n" if title else "") + markdown_report(summaries, baseline, metric) + _imbalance_note(records)
     atomic_write_text(paths["summary_md"], text)
     accuracy = plot_accuracy_vs_fraction(summaries, out / "accuracy.png", baseline=baseline, metric=metric)
     if accuracy is not None:

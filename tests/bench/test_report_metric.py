@@ -101,3 +101,17 @@ def test_a_mistyped_metric_is_refused_before_anything_runs(tmp_path: Path, capsy
 def test_write_report_default_metric_is_test_accuracy(tmp_path: Path) -> None:
     paths = write_report(_records(), tmp_path, baseline="ft")
     assert paths["summary_md"].read_text().startswith("Metric: `test_acc`, test accuracy")
+
+
+def test_a_report_of_long_tailed_runs_says_the_test_set_is_the_datasets_own(tmp_path: Path) -> None:
+    records = []
+    for i, record in enumerate(_records()):
+        run_dir = tmp_path / "runs" / str(i)
+        run_dir.mkdir(parents=True)
+        settings = {"imbalance_ratio": 100.0, "imbalance_profile": "exp"} if i % 2 else {"fraction": 0.05}
+        (run_dir / "split.json").write_text(json.dumps({"settings": settings}))
+        records.append(RunRecord(record.method, record.cell, record.seed, record.metrics, run_dir))
+    text = write_report(records, tmp_path / "report", baseline="ft")["summary_md"].read_text()
+    assert "long-tailed (exp rho = 100" in text and "The test set is the dataset's own" in text
+    balanced = write_report(_records(), tmp_path / "balanced", baseline="ft")["summary_md"].read_text()
+    assert "long-tailed" not in balanced  # runs without a split.json, or balanced ones: no note
