@@ -225,6 +225,7 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
     """Draw the knobs, train once per search seed, tell Optuna the mean of the objective (or that it pruned)."""
     from regtune.bench.grid import _write_split
     from regtune.train.config import apply_overrides
+    from regtune.train.module import NonFiniteLossError
 
     optuna = _optuna()
     study = trial.study
@@ -242,7 +243,15 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
                                      {"data.split_manifest": str(run.split_path.absolute()),
                                       "trainer.progress_bar": False})
             reporter = _reporter(trial, i * max(1, config.trainer.epochs), search.objective)
-            result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter], test=False)
+            try:
+                result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter],
+                                test=False)
+            except NonFiniteLossError as err:  # a diverging configuration is a (hopeless) result, not a crash
+                trial.set_user_attr("diverged", f"seed {seed}: {err}")
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                _log.info("%s trial %d (%d/%d): diverged during seed %d, stopped as pruned %s", spec.name,
+                          trial.number, position + 1, search.budget(spec.method), seed, params)
+                return
             if getattr(result, "interrupted", False):
                 raise KeyboardInterrupt
             _strip(folder / f"s{seed}")

@@ -139,6 +139,22 @@ def test_hopeless_trials_are_pruned_and_the_report_says_what_it_saved(photos: Pa
     assert "pruning saved" in paths["md"].read_text() and paths["history"].is_file() and paths["knobs"].is_file()
 
 
+def test_a_diverging_configuration_is_stopped_as_pruned_and_the_search_goes_on(photos: Path, tmp_path: Path) -> None:
+    from regtune.train.module import NonFiniteLossError
+
+    def curve(config: Any, epoch: int) -> float:
+        if config.optim.lr > 0.01:
+            raise NonFiniteLossError("loss is nan at step 3")
+        return config.optim.lr
+
+    search = search_from_dict(_search_dict(photos, tmp_path / "out", methods={"ft": {"recipes": ["ft"]}}, trials=4))
+    run_search(search, fit_fn=fake_fit(curve))
+    trials = _trials(search)["imagefolder-f1.0/ft"]
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    diverged = [t for t in trials if "diverged" in t.user_attrs]
+    assert diverged and all(t.state.name == "PRUNED" and t.params["optim.lr"] > 0.01 for t in diverged)
+
+
 def test_the_objective_is_the_mean_over_the_search_seeds(photos: Path, tmp_path: Path) -> None:
     data = _search_dict(photos, tmp_path / "out", methods={"ft": {"recipes": ["ft"]}}, trials=1,
                         seeds=[100, 101, 102], pruner="none")
