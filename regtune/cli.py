@@ -322,6 +322,8 @@ def _add_tune(sub: Any) -> None:
     tune.add_argument("--storage", help="an Optuna storage URL (sqlite:///tune.db, postgresql://...) shared by "
                                         "workers on several machines (default: the journal file <out>/study.journal)")
     tune.add_argument("--workers", type=int, default=1, help="local worker processes sharing the study")
+    tune.add_argument("--trials", type=int, help="the budget per method instead of the file's search.trials (a larger "
+                                                 "one continues a finished search to it)")
     tune.add_argument("--dataset", help="the data of every run (sets data.dataset of the search's base)")
     tune.add_argument("--data-root", help="where the data is (sets data.root of the search's base)")
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -508,7 +510,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         base[key.strip()] = load_yaml(value)
-    search = load_search(args.search, out=args.out, base=base)
+    search = load_search(args.search, out=args.out, base=base, trials=args.trials)
     result = run_tune(search, storage_url=args.storage, workers=args.workers, finals=not args.no_finals,
                       refit_best=args.refit, report_only=args.report_only)
     print((search.out / "search" / "search.md").read_text())

@@ -162,7 +162,8 @@ def _int(value: Any, what: str, minimum: int) -> int:
     return value
 
 
-def load_search(path: str | Path, out: str | Path | None = None, base: dict[str, Any] | None = None) -> Search:
+def load_search(path: str | Path, out: str | Path | None = None, base: dict[str, Any] | None = None,
+                trials: int | None = None) -> Search:
     """Read and check a search file (or the name of one shipped with regtune, ``regtune list searches``).
 
     Args:
@@ -170,6 +171,8 @@ def load_search(path: str | Path, out: str | Path | None = None, base: dict[str,
         out: Output folder instead of the file's ``out`` (default ``runs/tune/<name>``).
         base: Dotted keys set in the file's ``base`` config (``{"data.root": "photos"}``): the command line's
             ``--dataset``, ``--data-root`` and ``--set``.
+        trials: The budget instead of the file's ``search.trials`` (``--trials``): a larger one continues a finished
+            search to it, the same for every method.
 
     Raises:
         SearchError: anything malformed or unsearchable, before any trial runs.
@@ -188,6 +191,8 @@ def load_search(path: str | Path, out: str | Path | None = None, base: dict[str,
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+    if trials is not None and isinstance(data.get("search"), dict):
+        data["search"]["trials"] = trials
     return search_from_dict(data, default_name=Path(path).stem, out=out)
 
 

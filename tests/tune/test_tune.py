@@ -113,6 +113,16 @@ def test_every_method_gets_the_budget_and_a_rerun_adds_no_trial(photos: Path, tm
     assert kept == {"config.yaml"}
 
 
+def test_a_larger_budget_continues_a_finished_search(photos: Path, tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(_search_dict(photos, tmp_path / "out")))
+    fit = fake_fit(lambda config, epoch: config.optim.lr)
+    run_search(load_search(tmp_path / "s.yaml"), fit_fn=fit)
+    run_search(load_search(tmp_path / "s.yaml", trials=5), fit_fn=fit)
+    assert {name: len(t) for name, t in _trials(load_search(tmp_path / "s.yaml")).items()} == {
+        "imagefolder-f1.0/ft": 5, "imagefolder-f1.0/head_l1": 5}
+    assert len(fit.calls) == 10  # the first three trials of each method ran once
+
+
 def test_a_method_without_knobs_runs_once(photos: Path, tmp_path: Path) -> None:
     methods = {"ft": {"recipes": ["ft"]}, "lp": {"recipes": ["lp"], "space": {}}}
     data = _search_dict(photos, tmp_path / "out", methods=methods, space={})
