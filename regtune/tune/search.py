@@ -13,6 +13,7 @@ A search file is a grid file whose methods may carry a ``space``, with a ``searc
       objective: val_acc              # val_acc | val_bal_acc (balanced: mean per-class recall) of the chosen weights
       sampler_seed: 0                 # TPE's seed
       startup_trials: 4               # TPE's random trials before it models the results
+      pruner_startup_trials: 2        # complete trials before the median rule prunes (default startup_trials // 2)
       pruner: median                  # median | halving | none (per-epoch validation accuracy)
       space:                          # knobs every method searches
         optim.lr: {low: 0.002, high: 0.05, log: true}
@@ -50,8 +51,8 @@ from regtune.train.config import FitConfig, TermSpec, apply_overrides, check_nam
 __all__ = ["OBJECTIVES", "Knob", "Search", "SearchError", "StudySpec", "apply_params", "load_search",
            "search_from_dict", "studies"]
 
-_SEARCH_KEYS = {"trials", "seeds", "sampler_seed", "startup_trials", "pruner", "space", "heartbeat_s",
-                "stale_after_s", "warmup_epochs", "orderings", "objective"}
+_SEARCH_KEYS = {"trials", "seeds", "sampler_seed", "startup_trials", "pruner_startup_trials", "pruner", "space",
+                "heartbeat_s", "stale_after_s", "warmup_epochs", "orderings", "objective"}
 PRUNERS = ("median", "halving", "none")
 OBJECTIVES = {"val_acc": "validation accuracy", "val_bal_acc": "balanced validation accuracy"}  # metrics.json keys
 _CONFIG_SECTIONS = ("data", "model", "optim", "trainer")
@@ -99,6 +100,7 @@ class Search:
     spaces: dict[str, dict[str, Knob]]  # method -> knob key -> knob
     sampler_seed: int = 0
     startup_trials: int = 4
+    pruner_startup_trials: int = 2
     pruner: str = "median"
     warmup_epochs: int = 2
     heartbeat_s: float = 10.0
@@ -242,6 +244,9 @@ def search_from_dict(data: dict[str, Any], default_name: str = "search", out: st
     search = Search(grid=grid, trials=trials, seeds=list(seeds), spaces=spaces,
                     sampler_seed=_int(section.get("sampler_seed", 0), "search.sampler_seed", 0),
                     startup_trials=_int(section.get("startup_trials", 4), "search.startup_trials", 0),
+                    pruner_startup_trials=_int(section.get("pruner_startup_trials",
+                                                           max(1, int(section.get("startup_trials", 4)) // 2)),
+                                               "search.pruner_startup_trials", 1),
                     pruner=pruner, warmup_epochs=_int(section.get("warmup_epochs", 2), "search.warmup_epochs", 0),
                     heartbeat_s=float(section.get("heartbeat_s", 10.0)),
                     stale_after_s=float(section.get("stale_after_s", 120.0)), objective=objective, source=data)

@@ -96,7 +96,7 @@ def _pruner(search: Search) -> Any:
         return optuna.pruners.NopPruner()
     if search.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, search.warmup_epochs))
-    return optuna.pruners.MedianPruner(n_startup_trials=max(1, search.startup_trials // 2),
+    return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials,
                                        n_warmup_steps=search.warmup_epochs)
 
 
