@@ -65,7 +65,7 @@ from regtune.bench.shipped import resolve_grid
 from regtune.train.config import DataConfig, FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
 
-__all__ = ["Grid", "GridError", "GridRun", "expand", "load_grid", "parse_shard", "run_grid"]
+__all__ = ["Grid", "GridError", "GridRun", "expand", "load_grid", "parse_shard", "run_grid", "write_split"]
 
 _log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _imbalance(d: DataConfig) -> str:
     return f"-{d.imbalance_profile}{ratio}{minority}{order}"
 
 
-def _write_split(run: GridRun) -> None:
+def write_split(run: GridRun) -> None:
     """The split manifest of the run's (dataset, amount, seed), made once and shared by every method."""
     if run.split_path.is_file():
         return
@@ -375,7 +375,7 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         _log.info("%s: %s", where, "resuming" if status == "interrupted" else "starting")
         started = time.perf_counter()
         try:
-            _write_split(run)
+            write_split(run)
             config = apply_overrides(run.config, {"data.split_manifest": str(run.split_path.absolute())})
             if status == "interrupted":
                 result = fit_fn(run_dir=run.run_dir, resume=True)

@@ -532,8 +532,7 @@ def _rebalance(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Mo
         from regtune.regularizers.imbalance import posthoc_logit_adjustment
 
         head = model.get_classifier()
-        counts = torch.bincount(torch.as_tensor(parts.train_set.targets)[torch.as_tensor(parts.split.train)],
-                                minlength=parts.train_set.num_classes).double()
+        counts = torch.tensor(_train_class_counts(parts.train_set, parts.split), dtype=torch.float64)
         log_prior = (counts / counts.sum()).log()
         with torch.no_grad():  # b - tau log pi: the logits W f + b - tau log pi, folded into the bias
             head.bias.copy_(posthoc_logit_adjustment(head.bias.double(), log_prior, t.posthoc_tau).to(head.bias))

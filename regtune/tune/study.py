@@ -223,7 +223,7 @@ def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
 
 def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any]) -> None:
     """Draw the knobs, train once per search seed, tell Optuna the mean of the objective (or that it pruned)."""
-    from regtune.bench.grid import _write_split
+    from regtune.bench.grid import write_split
     from regtune.train.config import apply_overrides
     from regtune.train.module import NonFiniteLossError
 
@@ -238,7 +238,7 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
     values, seconds = [], 0.0
     with _Heartbeat(trial, search.heartbeat_s):
         for i, (seed, run) in enumerate(sorted(spec.runs.items())):
-            _write_split(run)
+            write_split(run)
             config = apply_overrides(apply_params(run.config, params),
                                      {"data.split_manifest": str(run.split_path.absolute()),
                                       "trainer.progress_bar": False})

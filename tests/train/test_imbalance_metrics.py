@@ -32,6 +32,7 @@ from regtune.train.fit import fit
 from regtune.train.module import FineTuner
 from tests.conftest import TINY_BACKBONE, write_imagefolder
 from tests.train.test_fit import tiny_config
+from tests.train.test_numbers import LogitsAsInput
 
 # Lightning's own use of a torch pytree API that torch deprecates (fit() filters it the same way)
 LIGHTNING_PYTREE = r"ignore:.*isinstance\(treespec, LeafSpec\)` is deprecated"
@@ -146,33 +147,6 @@ def test_imbalance_metrics_and_reading_them_back() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The module's per-class sums
-
-
-class LogitsAsInput(nn.Module):
-    """timm's contract (forward_features, forward_head(pre_logits), get_classifier); logits = classifier(input),
-    the input (B, C, 1, 1) and an identity classifier."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.scale = nn.Parameter(torch.ones(()))
-        self.classifier = nn.Linear(num_classes, num_classes, bias=False)
-        with torch.no_grad():
-            self.classifier.weight.copy_(torch.eye(num_classes))
-        self.pretrained_cfg = {"classifier": "classifier"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.flatten(1)  # (B, C, 1, 1) -> (B, C)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _loader(labels: list[int], predicted: list[int], num_classes: int) -> DataLoader:
