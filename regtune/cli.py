@@ -209,6 +209,27 @@ def _add_bench(sub: Any) -> None:
                             "with CUDA_VISIBLE_DEVICES=I-1 regtune bench GRID --shard I/N; rerun to resume")
     bench.add_argument("--ci", choices=["t", "bootstrap"], default="t", help="interval of the paired differences")
     _add_metric(bench)
+    _add_executor(bench, "runs")
+
+
+def _add_executor(parser: argparse.ArgumentParser, what: str) -> None:
+    """--executor, --status and the Slurm resources (`regtune.cluster`) of bench and tune."""
+    parser.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: run here (default); slurm: submit a Slurm job array (submitit) and return; "
+                             "preempted or timed-out tasks are requeued and continue")
+    parser.add_argument("--status", action="store_true",
+                        help=f"show which {what} have finished, run, wait or failed (run directories and squeue)")
+    group = parser.add_argument_group("Slurm (with --executor slurm; each overrides the file's slurm section)")
+    group.add_argument("--partition")
+    group.add_argument("--time-min", type=int, help="time limit of one task in minutes (default 60)")
+    group.add_argument("--cpus-per-task", type=int, help="default 1")
+    group.add_argument("--gpus-per-task", type=int, help="default 0")
+    group.add_argument("--mem", help="memory per task, e.g. 16G")
+    group.add_argument("--array-parallelism", type=int, help="tasks running at once (default 256)")
+    group.add_argument("--runs-per-task", type=int, help="runs one task takes one after another (default 1)")
+    group.add_argument("--max-requeues", type=int, help="timeouts in a row before a task is left failed (default 3)")
+    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION=VALUE",
+                       help="any other sbatch option, e.g. --sbatch qos=normal (repeatable)")
 
 
 def _add_report(sub: Any) -> None:
@@ -333,6 +354,7 @@ def _add_tune(sub: Any) -> None:
     tune.add_argument("--refit", action="store_true",
                       help="train the chosen method and knobs as a normal run (<out>/refit) for predict / export")
     tune.add_argument("--report-only", action="store_true", help="report the finished trials and runs, run nothing")
+    _add_executor(tune, "trials and finals runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +499,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid, out=args.out)
     shard = parse_shard(args.shard)
+    if args.status:
+        return _print_grid_status(grid)
+    if args.executor == "slurm" and not args.report_only:
+        return _submit_bench(args, grid)
     if not args.report_only:
         counts = run_grid(grid, stop_on_error=args.stop_on_error, dry_run=args.dry_run, shard=shard)
         others = f", {counts['other_shards']} left to the other shards" if shard[1] > 1 else ""
@@ -496,6 +522,55 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if not args.report_only and counts["failed"] else 0
 
 
+def _slurm_options(args: argparse.Namespace, section: dict[str, Any]) -> Any:
+    from regtune.cluster import SlurmOptions
+
+    sbatch = dict(section.get("sbatch") or {})
+    for item in args.sbatch:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--sbatch expects OPTION=VALUE, e.g. qos=normal; got {item!r}")
+        sbatch[key.strip().lstrip("-")] = value
+    given = {"partition": args.partition, "time_min": args.time_min, "cpus_per_task": args.cpus_per_task,
+             "gpus_per_task": args.gpus_per_task, "mem": args.mem, "array_parallelism": args.array_parallelism,
+             "runs_per_task": args.runs_per_task, "max_requeues": args.max_requeues, "sbatch": sbatch or None}
+    return SlurmOptions.from_sources(section, given)
+
+
+def _submit_bench(args: argparse.Namespace, grid: Any) -> int:
+    from regtune.cluster import submit_grid
+
+    submitted = submit_grid(grid, _slurm_options(args, grid.slurm), stop_on_error=args.stop_on_error)
+    if submitted["job_id"] is None:
+        print(f"every run of {grid.name} has finished; nothing submitted (report: regtune bench {args.grid} "
+              "--report-only)")
+        return 0
+    what = "job array" if submitted["tasks"] > 1 else "job"
+    print(f"submitted {what} {submitted['job_id']}: {submitted['tasks']} task(s) for {submitted['runs']} "
+          f"unfinished run(s); logs in {submitted['logs']}")
+    print(f"follow it with: regtune bench {args.grid} --status; report: regtune bench {args.grid} --report-only")
+    return 0
+
+
+def _print_grid_status(grid: Any, title: str | None = None) -> int:
+    from regtune.cluster import grid_status
+
+    status = grid_status(grid)
+    order = ["finished", "running", "pending", "interrupted", "failed", "not started"]
+    counts = status["counts"]
+    print(f"{title or grid.name}: {len(status['runs'])} runs: "
+          + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
+    for state in order[1:]:
+        keys = [k for k, v in status["runs"].items() if v == state]
+        if keys:
+            print(f"  {state}: " + ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else ""))
+    if not status["scheduler"]:
+        print("  (Slurm could not be asked: running and pending come from the scheduler, so they are not shown)")
+    if counts.get("failed"):
+        print(f"  the failures' errors: {grid.out / 'failures.json'}")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from regtune.tune.pipeline import choice_table, run_tune
     from regtune.tune.search import load_search
@@ -511,6 +586,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         base[key.strip()] = load_yaml(value)
     search = load_search(args.search, out=args.out, base=base, trials=args.trials)
+    if args.status:
+        return _print_tune_status(search, args.storage)
+    if args.executor == "slurm" and not args.report_only:
+        return _submit_tune(args, search)
     result = run_tune(search, storage_url=args.storage, workers=args.workers, finals=not args.no_finals,
                       refit_best=args.refit, report_only=args.report_only)
     print((search.out / "search" / "search.md").read_text())
@@ -529,6 +608,40 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"{failed} finals run(s) failed: see {search.out / 'finals' / 'failures.json'}; the same command "
               "retries them", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _submit_tune(args: argparse.Namespace, search: Any) -> int:
+    from regtune.cluster import submit_tune
+
+    submitted = submit_tune(search, _slurm_options(args, search.grid.slurm), workers=args.workers,
+                            storage_url=args.storage, finals=not args.no_finals, refit=args.refit)
+    for entry in submitted:
+        after = " (starts when the one before has ended)" if entry is not submitted[0] else ""
+        what = "job array" if entry["tasks"] > 1 else "job"
+        print(f"submitted {entry['phase']}: {what} {entry['job_id']}, {entry['tasks']} task(s){after}; logs in "
+              f"{entry['logs']}")
+    print(f"follow it with: regtune tune {args.search} --status; the report is written by the finals, or by "
+          f"regtune tune {args.search} --report-only")
+    return 0
+
+
+def _print_tune_status(search: Any, storage_url: str | None) -> int:
+    from regtune.cluster import tune_status
+
+    status = tune_status(search, storage_url)
+    print(f"{search.name}: trials per study (complete / pruned / running or queued, of the budget)")
+    for s in status["studies"]:
+        print(f"  {s['study']}: {s['complete']} / {s['pruned']} / {s['running']} of {s['budget']}")
+    if "finals" in status:
+        finals = status["finals"]
+        print("finals: " + ", ".join(f"{n} {k}" for k, n in sorted(finals["counts"].items())))
+    else:
+        print("finals: not yet (the search has not finished)")
+    for job, tasks in status["jobs"].items():
+        print(f"Slurm {job}: " + ", ".join(f"{t} {state.lower()}" for t, state in tasks.items()))
+    if not status["scheduler"]:
+        print("(Slurm could not be asked: the jobs' states are not shown)")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

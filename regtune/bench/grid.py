@@ -52,7 +52,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +65,14 @@ from regtune.bench.shipped import resolve_grid
 from regtune.train.config import DataConfig, FitConfig, apply_overrides, check_names, config_from_dict
 from regtune.train.rundir import RunDir
 
-__all__ = ["Grid", "GridError", "GridRun", "expand", "load_grid", "parse_shard", "run_grid", "write_split"]
+__all__ = ["Grid", "GridError", "GridRun", "check_out_dir", "expand", "load_grid", "parse_shard", "run_grid",
+           "write_split"]
 
 _log = logging.getLogger(__name__)
 
 _SUGAR = {"datasets": "data.dataset", "fractions": "data.fraction", "per_class": "data.per_class",
           "seeds": "trainer.seed"}
-_GRID_KEYS = {"name", "out", "base", "axes", "methods", "baseline", "where", *_SUGAR}
+_GRID_KEYS = {"name", "out", "base", "axes", "methods", "baseline", "where", "slurm", *_SUGAR}
 
 
 class GridError(ValueError):
@@ -110,6 +111,7 @@ class Grid:
     baseline: str
     source: dict[str, Any] = field(default_factory=dict)
     where: list[dict[str, Any]] = field(default_factory=list)
+    slurm: dict[str, Any] = field(default_factory=dict)  # resources of --executor slurm (`regtune.cluster`)
 
 
 def _label(value: Any) -> str:
@@ -172,11 +174,15 @@ def grid_from_dict(data: dict[str, Any], default_name: str = "grid", out: str | 
         if missing:
             raise GridError(f"where[{i}] matches on {', '.join(missing)}, which is not an axis of the grid "
                             f"(axes: {', '.join(axes)})")
+    slurm = data.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise GridError("'slurm' must be a mapping of option -> value (partition, time_min, cpus_per_task, ...)")
     name = str(data.get("name") or default_name)
     grid = Grid(name=name, out=Path(out or data.get("out") or Path("runs") / "bench" / name),
                 base=data.get("base") or {},
                 axes=axes, methods={str(k): dict(v or {}) for k, v in methods.items()}, baseline=str(baseline),
-                source=data, where=where)
+                # where a grid runs is not what it is: a grid file with other resources fills the same folder
+                source={k: v for k, v in data.items() if k != "slurm"}, where=where, slurm=slurm)
     _check_every_config(grid)
     return grid
 
@@ -282,7 +288,8 @@ def write_split(run: GridRun) -> None:
     write_manifest(run.split_path, split, train_set.ids, d.dataset)
 
 
-def _check_out_dir(grid: Grid) -> None:
+def check_out_dir(grid: Grid) -> None:
+    """Record the grid in its output folder, or refuse a folder that holds another grid's results."""
     record = grid.out / "grid.yaml"
     as_run = yaml.safe_dump(grid.source, sort_keys=True)
     if record.is_file():
@@ -333,7 +340,8 @@ def _record_failure(grid: Grid, key: str, failure: dict[str, str] | None) -> Non
 
 
 def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error: bool = False,
-             dry_run: bool = False, shard: tuple[int, int] = (1, 1)) -> dict[str, int]:
+             dry_run: bool = False, shard: tuple[int, int] = (1, 1), positions: Collection[int] | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, int]:
     """Run every unfinished run of ``grid`` in order (finished ones are skipped, interrupted ones resumed).
 
     Args:
@@ -343,25 +351,34 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         dry_run: Only report what would run.
         shard: ``(i, n)``: run only the runs ``i - 1, i - 1 + n, ...`` of the expansion order (1-based ``i``), so
             that ``n`` processes started with ``i = 1 .. n`` share the grid without overlap.
+        positions: Run only these runs, by 0-based position in the expansion order (a Slurm array task's share);
+            the others count as ``other_shards``.
+        stop: Asked before each run and at the start of each training batch (`StopWhen`); when it answers true
+            the run in progress stops at the end of its batch with a resumable checkpoint, and the grid stops as if
+            interrupted (a scheduler's signal arrived).
 
     Returns:
         Counts: ``{"total", "other_shards", "done_before", "ran", "resumed", "failed"}`` (``total`` is the whole
         grid; ``other_shards`` the runs left to the other shards).
 
     Raises:
-        KeyboardInterrupt: passed on after the interrupted run's checkpoint is in place (rerun to continue).
+        KeyboardInterrupt: passed on after the interrupted run's checkpoint is in place (rerun to continue), or
+            when ``stop`` asked for it.
     """
     if fit_fn is None:
         from regtune.train.fit import fit as fit_fn
+    from regtune.train.callbacks import StopWhen
+
     index, count = shard
     if not 1 <= index <= count:
         raise GridError(f"shard {index}/{count}: the index must be between 1 and the number of shards")
     runs = list(expand(grid))
     counts = {"total": len(runs), "other_shards": 0, "done_before": 0, "ran": 0, "resumed": 0, "failed": 0}
     if not dry_run:
-        _check_out_dir(grid)
+        check_out_dir(grid)
+    chosen = set(positions) if positions is not None else None
     for i, run in enumerate(runs, 1):
-        if (i - 1) % count != index - 1:
+        if (i - 1) % count != index - 1 or (chosen is not None and i - 1 not in chosen):
             counts["other_shards"] += 1
             continue
         status = RunDir(run.run_dir).status
@@ -372,15 +389,19 @@ def run_grid(grid: Grid, fit_fn: Callable[..., Any] | None = None, stop_on_error
         if dry_run:
             _log.info("%s: would %s", where, "resume" if status == "interrupted" else "run")
             continue
+        if stop is not None and stop():
+            _log.warning("grid stopped before %s (asked to stop); run it again to continue", where)
+            raise KeyboardInterrupt
         _log.info("%s: %s", where, "resuming" if status == "interrupted" else "starting")
         started = time.perf_counter()
         try:
             write_split(run)
             config = apply_overrides(run.config, {"data.split_manifest": str(run.split_path.absolute())})
+            extra = {"callbacks": [StopWhen(stop)]} if stop is not None else {}
             if status == "interrupted":
-                result = fit_fn(run_dir=run.run_dir, resume=True)
+                result = fit_fn(run_dir=run.run_dir, resume=True, **extra)
             else:
-                result = fit_fn(config, run_dir=run.run_dir, overwrite=True)
+                result = fit_fn(config, run_dir=run.run_dir, overwrite=True, **extra)
         except KeyboardInterrupt:
             _log.warning("grid interrupted during %s; run the same command again to continue", where)
             raise

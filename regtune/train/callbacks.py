@@ -9,6 +9,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "Preemption",
     "SetupArtifacts",
     "StepLog",
+    "StopWhen",
     "read_epoch_log",
     "rng_state",
     "set_rng_state",
@@ -175,6 +177,26 @@ class Preemption(pl.Callback):
         self.saved_at = (trainer.current_epoch, done)
         _log.warning("stopped in epoch %d after batch %d of %d; checkpoint saved to %s", trainer.current_epoch + 1,
                      done, trainer.num_training_batches, self.path)
+
+
+class StopWhen(pl.Callback):
+    """Ask for the SIGTERM stop (`Preemption`: end of this batch, resumable checkpoint) once ``stop()`` answers true.
+
+    A scheduler's signal that arrives before the training loop listens (while the data, the linear probe or the
+    first batch are set up) would otherwise be lost with Lightning's flag, which it resets when training starts;
+    the caller remembers it, and this asks again at the start of every training batch until the stop is honoured.
+
+    Args:
+        stop: Whether a stop was asked for (`regtune.cluster`'s signal handler records it).
+    """
+
+    def __init__(self, stop: Callable[[], bool]) -> None:
+        self.stop = stop
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.stop() and not trainer.received_sigterm:
+            signal.raise_signal(signal.SIGTERM)  # Lightning's handler sets its flag; the batch ends, then it stops
 
 
 class EpochLog(pl.Callback):

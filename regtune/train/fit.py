@@ -123,6 +123,10 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
         # Lightning's all_gather still goes through the deprecated torch.distributed.nn.functional.all_gather.
         warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_gather is deprecated")
+        if "SLURM_JOB_ID" not in os.environ:
+            # On a login node or a workstation with Slurm's client installed, a one-process run is right as it is;
+            # inside a job the hint to start with srun stays (DDP needs it).
+            warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not")
         yield
 
 
@@ -297,7 +301,14 @@ def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Seque
     best = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
     preemption = Preemption(run.last_checkpoint)
-    trainer = pl.Trainer(
+    with _quiet_lightning():
+        trainer = _trainer(t, run, split, preemption, [*callbacks, best, last], progress_bar)
+    return _Trainer(trainer, best, last, preemption)
+
+
+def _trainer(t: Any, run: RunDir, split: Split, preemption: Preemption, callbacks: list[pl.Callback],
+             progress_bar: bool | None) -> pl.Trainer:
+    return pl.Trainer(
         max_epochs=t.epochs,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -306,7 +317,7 @@ def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Seque
         logger=False,
         callbacks=[EpochSeed(t.seed), MidEpochResume(), EpochLog(run.epochs_csv),
                    StepLog(run.steps_csv, t.log_every_n_steps), SetupArtifacts(run.setup_dir), preemption,
-                   *callbacks, best, last],
+                   *callbacks],
         # best before last: last.ckpt then carries the best-checkpoint state *after* its epoch, so a resumed run
         # compares later epochs with the same best (and keeps the earlier one on ties) as an uninterrupted run.
         # EpochShuffle shards the training epoch across processes itself (and keeps its per-epoch order and
@@ -318,8 +329,17 @@ def _make_trainer(config: FitConfig, run: RunDir, split: Split, callbacks: Seque
         limit_val_batches=0 if not split.val and t.select != "test_acc" else None,  # no validation images: no loop
         limit_train_batches=t.train_fraction if t.train_fraction < 1.0 else None,
         default_root_dir=str(run.path),
+        plugins=_cluster_plugins(),
     )
-    return _Trainer(trainer, best, last, preemption)
+
+
+def _cluster_plugins() -> list[Any]:
+    """Under Slurm, Lightning's own environment without its auto-requeue: that one saves an extra checkpoint in the
+    middle of a step and requeues a script that would start the run afresh. regtune stops at the end of a batch on
+    SIGTERM, and ``--executor slurm`` (`regtune.cluster`) requeues tasks that continue their runs."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def _train(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer, resume: bool) -> bool:

@@ -221,9 +221,11 @@ def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
     return search.out / "trials" / spec.cell / spec.method / f"t{number:03d}"
 
 
-def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any]) -> None:
+def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any],
+               stop: Callable[[], bool] | None = None) -> None:
     """Draw the knobs, train once per search seed, tell Optuna the mean of the objective (or that it pruned)."""
     from regtune.bench.grid import write_split
+    from regtune.train.callbacks import StopWhen
     from regtune.train.config import apply_overrides
     from regtune.train.module import NonFiniteLossError
 
@@ -244,7 +246,8 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
                                       "trainer.progress_bar": False})
             reporter = _reporter(trial, i * max(1, config.trainer.epochs), search.objective)
             try:
-                result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter],
+                stops = [StopWhen(stop)] if stop is not None else []  # a scheduler's signal (regtune.cluster)
+                result = fit_fn(config, run_dir=folder / f"s{seed}", overwrite=True, callbacks=[reporter, *stops],
                                 test=False)
             except NonFiniteLossError as err:  # a diverging configuration is a (hopeless) result, not a crash
                 trial.set_user_attr("diverged", f"seed {seed}: {err}")
@@ -276,12 +279,19 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
 
 
 def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[..., Any] | None = None,
-               wait: bool = True) -> int:
+               wait: bool = True, stop: Callable[[], bool] | None = None) -> int:
     """Run trials until every study's budget is taken; then, with ``wait``, until no trial of any worker is running
     or queued (a queued one, the retry of an interrupted trial, is run here).
 
+    Args:
+        stop: Asked before each trial and while waiting; when it answers true the worker stops as if interrupted
+            (a scheduler's signal arrived between trials; a trial in progress stops on SIGTERM).
+
     Returns:
         The number of trials this worker ran.
+
+    Raises:
+        KeyboardInterrupt: the worker was interrupted (its trial's knob values are queued again) or ``stop`` asked.
     """
     if fit_fn is None:
         from regtune.train.fit import fit as fit_fn
@@ -290,7 +300,7 @@ def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[
     ran = 0
     while True:
         for spec in specs:
-            ran += _run_study(search, spec, study_for(search, spec, storage), fit_fn)
+            ran += _run_study(search, spec, study_for(search, spec, storage), fit_fn, stop)
         if not wait:
             return ran
         running, queued = _pending(search, specs, storage)
@@ -300,15 +310,27 @@ def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[
             return ran
         _log.info("waiting for %d trial(s) of other workers", running)
         time.sleep(min(search.heartbeat_s, 30.0))
+        _check_stop(stop)
 
 
-def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[..., Any]) -> int:
+def _check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        _log.warning("worker stopped between trials (asked to stop); run it again to continue")
+        raise KeyboardInterrupt
+
+
+def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[..., Any],
+               stop: Callable[[], bool] | None = None) -> int:
     """Claim and run trials of one study until its budget is taken; the number run."""
     ran = 0
-    while (claimed := _claim(study, search, spec)) is not None:
+    while True:
+        _check_stop(stop)
+        claimed = _claim(study, search, spec)
+        if claimed is None:
+            return ran
         trial, position = claimed
         try:
-            _run_trial(search, spec, trial, position, fit_fn)
+            _run_trial(search, spec, trial, position, fit_fn, stop)
         except KeyboardInterrupt:
             _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
                          "continue)", spec.name, trial.number)
