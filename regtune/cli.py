@@ -501,7 +501,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if args.status:
         return _print_grid_status(grid)
-    if args.executor == "slurm" and not args.report_only:
+    if args.executor == "slurm" and not (args.report_only or args.dry_run):
+        if shard != (1, 1):
+            raise ValueError("--shard with --executor slurm: the job array splits the grid itself (use "
+                             "--runs-per-task to give each task several runs)")
         return _submit_bench(args, grid)
     if not args.report_only:
         counts = run_grid(grid, stop_on_error=args.stop_on_error, dry_run=args.dry_run, shard=shard)
