@@ -31,11 +31,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from regtune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from regtune.analysis.imbalance import imbalance_metrics
 from regtune.data.subset import read_manifest
 from regtune.data.transforms import TransformedSubset, build_transforms
 from regtune.models import forward_parts
 from regtune.train.averaging import average_states, check_same_layout
 from regtune.train.config import FitConfig, save_config
+from regtune.train.fit import train_class_counts
 from regtune.train.rundir import RunDir, RunDirError, find_runs, library_versions, run_preprocessing
 
 __all__ = ["SOUP_FILE", "Score", "SoupResult", "SoupStep", "greedy_soup", "make_soup", "rank_ingredients"]
@@ -312,25 +314,26 @@ def _evaluate(model: torch.nn.Module, batches: Iterable[Sequence[torch.Tensor]],
     """Accuracy, mean cross-entropy, per-class and mean per-class accuracy, as ``fit`` tests (sums in float64)."""
     model.to(device).eval()
     loss = torch.zeros((), dtype=torch.float64)
-    hits = torch.zeros(num_classes, dtype=torch.long)
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
     try:
         for images, labels, *_ in batches:
             with _autocast(precision, device):
                 logits = forward_parts(model, images.to(device))[2]
             logits = logits.float().cpu()
             loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-            counts += torch.bincount(labels, minlength=num_classes)
-            hits += torch.bincount(labels[logits.argmax(-1) == labels], minlength=num_classes)
+            confusion += torch.bincount(labels * num_classes + logits.argmax(-1), minlength=num_classes ** 2)
     finally:
         model.to("cpu")
+    confusion = confusion.view(num_classes, num_classes)  # [true class, predicted class]
+    counts, hits = confusion.sum(1), confusion.diagonal()
     total = int(counts.sum())
     if total == 0:
         raise ValueError("no image to evaluate on")
     present = counts > 0
     return {"acc": float(hits.sum()) / total, "loss": float(loss) / total,
             "mean_class_acc": float((hits[present].double() / counts[present].double()).mean()),
-            "class_acc": [float(h) / float(c) if c > 0 else None for h, c in zip(hits.tolist(), counts.tolist())]}
+            "class_acc": [float(h) / float(c) if c > 0 else None for h, c in zip(hits.tolist(), counts.tolist())],
+            "confusion": confusion.tolist()}
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ class _Data:
     num_train: int
     precision: str
     class_names: list[str]
+    train_counts: list[int]  # training images per class (the imbalance metrics' groups)
 
 
 def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_size: int | None,
@@ -356,7 +360,8 @@ def _load_data(ingredient: _Ingredient, preprocessing: dict[str, Any], batch_siz
     val = DataLoader(TransformedSubset(train_set, split.val, eval_tf), batch_size=size, num_workers=num_workers)
     test = DataLoader(TransformedSubset(test_set, range(len(test_set)), eval_tf), batch_size=size,
                       num_workers=num_workers)
-    return _Data(list(val), test, len(split.train), config.trainer.precision, [str(c) for c in train_set.classes])
+    return _Data(list(val), test, len(split.train), config.trainer.precision, [str(c) for c in train_set.classes],
+                 train_class_counts(train_set, split))
 
 
 def _check_device(device: str) -> str:
@@ -378,6 +383,9 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
         "test_loss": test["loss"],
         "test_mean_class_acc": test["mean_class_acc"],
         "test_class_acc": test["class_acc"],
+        # test_bal_acc, test_macro_f1, test_class_acc_by_name, test_groups: as fit writes them
+        **imbalance_metrics(test["confusion"], data.train_counts, data.class_names),
+        "tested": True,
         "selection": "greedy_soup",
         "selection_note": SELECTION_NOTE,
         "selected_epoch": None,
@@ -388,6 +396,7 @@ def _metrics(best: _Ingredient, record: dict[str, Any], test: dict[str, Any], da
         "soup_size": len(record["members"]),
         "ingredients": len(record["inputs"]),
         "num_train": data.num_train,
+        "train_class_counts": data.train_counts,
         "num_val": len(best.split["val"]),
         "num_test": len(data.test_loader.dataset),
         "num_classes": best.metrics["num_classes"],

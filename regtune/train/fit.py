@@ -57,7 +57,7 @@ from regtune.train.rundir import (
     run_preprocessing,
 )
 
-__all__ = ["FitResult", "RunDirError", "default_run_dir", "fit"]
+__all__ = ["FitResult", "RunDirError", "default_run_dir", "fit", "train_class_counts"]
 
 _log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
     preprocessing = run_preprocessing(backbone.model, config)
     train_tf, eval_tf = build_transforms(preprocessing, scale=d.scale, hflip=d.hflip, color_jitter=d.color_jitter,
                                          auto_augment=d.auto_augment, re_prob=d.re_prob)
-    criterion.set_class_counts(torch.tensor(_train_class_counts(train_set, split)))
+    criterion.set_class_counts(torch.tensor(train_class_counts(train_set, split)))
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed,
@@ -227,7 +227,7 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
     return _Parts(train_set, test_set, split, backbone, preprocessing, datamodule, module)
 
 
-def _train_class_counts(train_set: ImageDataset, split: Split) -> list[int]:
+def train_class_counts(train_set: ImageDataset, split: Split) -> list[int]:
     """Training images per class in the run's training split (its validation carve-out left out)."""
     targets = torch.as_tensor(train_set.targets)[torch.as_tensor(split.train, dtype=torch.long)]
     return torch.bincount(targets, minlength=train_set.num_classes).tolist()
@@ -552,7 +552,7 @@ def _rebalance(config: FitConfig, parts: _Parts, run: RunDir, model: torch.nn.Mo
         from regtune.regularizers.imbalance import posthoc_logit_adjustment
 
         head = model.get_classifier()
-        counts = torch.tensor(_train_class_counts(parts.train_set, parts.split), dtype=torch.float64)
+        counts = torch.tensor(train_class_counts(parts.train_set, parts.split), dtype=torch.float64)
         log_prior = (counts / counts.sum()).log()
         with torch.no_grad():  # b - tau log pi: the logits W f + b - tau log pi, folded into the bias
             head.bias.copy_(posthoc_logit_adjustment(head.bias.double(), log_prior, t.posthoc_tau).to(head.bias))
@@ -578,7 +578,7 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
     d, t = config.data, config.trainer
     epoch = result["epoch"]
     tested = "test/acc" in result
-    train_counts = _train_class_counts(parts.train_set, parts.split)
+    train_counts = train_class_counts(parts.train_set, parts.split)
     class_names = [str(c) for c in parts.train_set.classes]
     return {
         **({"test_acc": result["test/acc"],

@@ -116,8 +116,10 @@ def test_a_soup_of_one_run_is_that_run(runs: dict[str, Path], tmp_path: Path) ->
     assert metrics["test_class_acc"] == pytest.approx(run_metrics["test_class_acc"])
     assert metrics["best_val"] == pytest.approx(run_metrics["best_val"], abs=1e-6)  # selected on val accuracy
     for key in ("num_train", "num_val", "num_test", "num_classes", "class_names", "dataset", "backbone", "input_size",
-                "seed"):
+                "seed", "train_class_counts", "test_class_acc_by_name", "test_groups", "tested"):
         assert metrics[key] == run_metrics[key], key
+    for key in ("test_bal_acc", "test_macro_f1"):  # the imbalance metrics, as fit computes them
+        assert metrics[key] == pytest.approx(run_metrics[key], abs=1e-9), key
     assert read_class_names(tmp_path / "soup" / "model.safetensors") == ["class_0", "class_1", "class_2"]
     assert metrics["selection"] == "greedy_soup" and metrics["model_file"] == "model.safetensors"
     assert metrics["soup"] == [str(runs["a"].resolve())] and result.members == [runs["a"].resolve()]
