@@ -485,8 +485,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(f"interrupted; resume with: regtune fit --resume {result.run_dir}")
         return 130
     m = result.metrics
-    print(f"test accuracy: {m['test_acc']:.4f}  (mean per class {m['test_mean_class_acc']:.4f}; "
+    print(f"test accuracy: {m['test_acc']:.4f}  (balanced {m['test_bal_acc']:.4f}, macro-F1 {m['test_macro_f1']:.4f}; "
           f"{_what_was_tested(m)}; {m['wall_time_s']:.0f} s)")
+    counts = [c for c in m.get("train_class_counts", []) if c > 0]
+    if counts and max(counts) >= 2 * min(counts):  # imbalanced training classes: how the rare ones fare
+        groups = m["test_groups"]
+        hi, lo = groups["thresholds"]
+        shown = [f"{name} {groups[name]:.4f} ({len(groups['classes'][name])} classes)" for name in ("many", "medium",
+                                                                                                    "few")
+                 if groups.get(name) is not None]
+        print(f"by training images per class (many > {hi}, few < {lo}): " + ", ".join(shown))
     if m["selection"] == "test_acc":
         print("note: the checkpoint was chosen on the TEST set (the papers' protocol): this accuracy is optimistic")
     print(f"run directory: {result.run_dir}")

@@ -273,3 +273,16 @@ def test_wise_ft_chooses_its_mix_by_balanced_accuracy_when_selection_does(imbala
     assert wise["alpha"] == alphas[best]
     assert m["val_bal_acc"] == pytest.approx(wise["val_bal_acc"][best], abs=1e-9)
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in wise["val_bal_acc"])
+
+
+def test_the_fit_command_prints_balanced_accuracy_and_the_groups_of_an_imbalanced_run(
+        imbalanced: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from regtune.cli import main
+    from tests.test_cli import TINY
+
+    assert main(["fit", *TINY, "--data-root", str(imbalanced), "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"(balanced {m['test_bal_acc']:.4f}, macro-F1 {m['test_macro_f1']:.4f};" in out
+    hi, lo = m["test_groups"]["thresholds"]
+    assert f"by training images per class (many > {hi}, few < {lo}): " in out  # counts 16, 7, 3: imbalanced
