@@ -465,9 +465,9 @@ def _val_score(parts: _Parts, made: _Trainer) -> Evaluation:
 
 def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
           end: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """WiSE-FT: each ``(1 - a) * start + a * end`` on the validation split; the best (by the run's selection:
-    balanced accuracy for ``select: val_bal_acc``, else accuracy; then loss, then the earlier ``a``) is returned with
-    the record of all."""
+    """WiSE-FT: each ``(1 - a) * start + a * end`` on the validation split; the best by the run's selection (balanced
+    accuracy for ``select: val_bal_acc`` then loss; loss for ``val_loss`` then accuracy; else accuracy then loss;
+    ties to the earlier ``a``) is returned with the record of all."""
     from safetensors.torch import load_file
 
     from regtune.train.averaging import interpolate_states
@@ -480,13 +480,14 @@ def _wise(config: FitConfig, parts: _Parts, run: RunDir, made: _Trainer,
         scores.append(_val_score(parts, made))
         _log.info("WiSE-FT alpha %.2f: validation accuracy %.4f, balanced %.4f, loss %.4f", alpha, scores[-1].acc,
                   scores[-1].bal_acc, scores[-1].loss)
-    balanced = config.trainer.select == "val_bal_acc"
-    best = min(range(len(scores)),
-               key=lambda i: (-(scores[i].bal_acc if balanced else scores[i].acc), scores[i].loss, i))
+    chosen_by = config.trainer.select if config.trainer.select in ("val_bal_acc", "val_loss") else "val_acc"
+    order = {"val_bal_acc": lambda s: (-s.bal_acc, s.loss), "val_loss": lambda s: (s.loss, -s.acc),
+             "val_acc": lambda s: (-s.acc, s.loss)}[chosen_by]
+    best = min(range(len(scores)), key=lambda i: (*order(scores[i]), i))
     alpha = config.trainer.wise_alphas[best]
     record = {"alphas": list(config.trainer.wise_alphas), "val_acc": [s.acc for s in scores],
               "val_bal_acc": [s.bal_acc for s in scores], "val_loss": [s.loss for s in scores],
-              "chosen_by": "val_bal_acc" if balanced else "val_acc", "alpha": alpha}
+              "chosen_by": chosen_by, "alpha": alpha}
     return record, interpolate_states(start, end, alpha)
 
 

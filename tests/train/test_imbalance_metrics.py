@@ -259,19 +259,23 @@ def test_metrics_json_holds_the_imbalance_keys_and_selects_by_balanced_accuracy(
     assert m["val_acc"] == pytest.approx(chosen["val/acc"], abs=1e-6)
 
 
-def test_wise_ft_chooses_its_mix_by_balanced_accuracy_when_selection_does(imbalanced: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("select", ["val_bal_acc", "val_loss"])
+def test_wise_ft_chooses_its_mix_by_what_selection_chooses_by(imbalanced: Path, tmp_path: Path, select: str) -> None:
     alphas = (0.0, 0.5, 1.0)
     config = dataclasses.replace(
         tiny_config(imbalanced, epochs=1),
         model=ModelConfig(backbone=TINY_BACKBONE, pretrained="none", head_init="lp", lp_select="best"),
-        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select="val_bal_acc",
-                              wise_alphas=alphas))
+        trainer=TrainerConfig(epochs=1, progress_bar=False, accelerator="cpu", select=select, wise_alphas=alphas))
     m = fit(config, run_dir=tmp_path / "run").metrics
     wise = m["wise"]
-    assert wise["chosen_by"] == "val_bal_acc" and len(wise["val_bal_acc"]) == len(alphas)
-    best = min(range(len(alphas)), key=lambda i: (-wise["val_bal_acc"][i], wise["val_loss"][i], i))
+    assert wise["chosen_by"] == select and len(wise["val_bal_acc"]) == len(alphas)
+    if select == "val_bal_acc":
+        best = min(range(len(alphas)), key=lambda i: (-wise["val_bal_acc"][i], wise["val_loss"][i], i))
+        assert m["val_bal_acc"] == pytest.approx(wise["val_bal_acc"][best], abs=1e-9)
+    else:
+        best = min(range(len(alphas)), key=lambda i: (wise["val_loss"][i], -wise["val_acc"][i], i))
+        assert m["val_loss"] == pytest.approx(wise["val_loss"][best], abs=1e-9)
     assert wise["alpha"] == alphas[best]
-    assert m["val_bal_acc"] == pytest.approx(wise["val_bal_acc"][best], abs=1e-9)
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in wise["val_bal_acc"])
 
 
