@@ -552,13 +552,15 @@ def _submit_bench(args: argparse.Namespace, grid: Any) -> int:
     from regtune.cluster import submit_grid
 
     submitted = submit_grid(grid, _slurm_options(args, grid.slurm), stop_on_error=args.stop_on_error)
+    queued = (f"; {submitted['queued']} run(s) still held by earlier tasks (not submitted again)"
+              if submitted["queued"] else "")
     if submitted["job_id"] is None:
-        print(f"every run of {grid.name} has finished; nothing submitted (report: regtune bench {args.grid} "
-              "--report-only)")
+        print(f"nothing submitted: every run of {grid.name} has finished or is held by a queued task{queued} "
+              f"(report: regtune bench {args.grid} --report-only)")
         return 0
     what = "job array" if submitted["tasks"] > 1 else "job"
     print(f"submitted {what} {submitted['job_id']}: {submitted['tasks']} task(s) for {submitted['runs']} "
-          f"unfinished run(s); logs in {submitted['logs']}")
+          f"unfinished run(s){queued}; logs in {submitted['logs']}")
     print(f"follow it with: regtune bench {args.grid} --status; report: regtune bench {args.grid} --report-only")
     return 0
 
@@ -567,7 +569,7 @@ def _print_grid_status(grid: Any, title: str | None = None) -> int:
     from regtune.cluster import grid_status
 
     status = grid_status(grid)
-    order = ["finished", "running", "pending", "interrupted", "failed", "not started"]
+    order = ["finished", "running", "pending", "started", "interrupted", "failed", "not started"]
     counts = status["counts"]
     print(f"{title or grid.name}: {len(status['runs'])} runs: "
           + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))

@@ -288,9 +288,12 @@ def submit_grid(grid: Any, options: SlurmOptions, stop_on_error: bool = False) -
 
     check_out_dir(grid)
     runs = list(expand(grid))
-    todo = [i for i, run in enumerate(runs) if RunDir(run.run_dir).status != "finished"]
+    queued = grid_status(grid)["runs"]  # a run that a task still holds is not submitted twice
+    todo = [i for i, run in enumerate(runs) if RunDir(run.run_dir).status != "finished"
+            and queued[str(run.run_dir.relative_to(grid.out))] not in ("running", "pending")]
     if not todo:
-        return {"job_id": None, "tasks": 0, "runs": 0, "logs": None}
+        return {"job_id": None, "tasks": 0, "runs": 0, "logs": None,
+                "queued": sum(state in ("running", "pending") for state in queued.values())}
     k = options.runs_per_task
     chunks = [todo[i:i + k] for i in range(0, len(todo), k)]
     folder = grid.out / "slurm"
@@ -300,7 +303,8 @@ def submit_grid(grid: Any, options: SlurmOptions, stop_on_error: bool = False) -
     _record(grid.out, {"job_id": job_id, "kind": "bench", "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "tasks": {str(job.job_id): [str(runs[i].run_dir.relative_to(grid.out)) for i in chunk]
                                  for job, chunk in zip(jobs, chunks, strict=True)}})
-    return {"job_id": job_id, "tasks": len(chunks), "runs": len(todo), "logs": _logs(folder, jobs)}
+    return {"job_id": job_id, "tasks": len(chunks), "runs": len(todo), "logs": _logs(folder, jobs),
+            "queued": sum(state in ("running", "pending") for state in queued.values())}
 
 
 def submit_tune(search: Any, options: SlurmOptions, workers: int, storage_url: str | None = None,
@@ -315,6 +319,11 @@ def submit_tune(search: Any, options: SlurmOptions, workers: int, storage_url: s
 
     if workers < 1:
         raise SlurmError(f"--workers must be at least 1, got {workers}")
+    live = [job for job, tasks in tune_status_jobs(search.out).items() if any(s != "not queued" for s in
+                                                                               tasks.values())]
+    if live:  # a second finals array would train the same runs at the same time
+        raise SlurmError(f"{', '.join(live)} of this search still queued or running: wait for them (regtune tune "
+                         "--status) or scancel them, then submit again")
     check_out_dir(search.grid)
     open_storage(search, storage_url)  # a bad URL fails here, before anything is submitted
     folder = search.out / "slurm"
@@ -369,7 +378,8 @@ def _submissions(out: Path) -> list[dict[str, Any]]:
 
 def grid_status(grid: Any) -> dict[str, Any]:
     """Each run's state: ``finished``, ``failed``, ``running``, ``pending`` (its task waits in the queue, or runs
-    an earlier run of its share), ``interrupted`` (a checkpoint, no task to continue it) or ``not started``.
+    an earlier run of its share), ``interrupted`` (a checkpoint, no task to continue it), ``started`` (running here,
+    or stopped before its first checkpoint) or ``not started``.
 
     Returns:
         ``{"runs": {run key: state}, "counts": {state: n}, "jobs": {task: Slurm state}, "scheduler": bool}``.
@@ -385,7 +395,8 @@ def grid_status(grid: Any) -> dict[str, Any]:
         keys.append(key)
         status = RunDir(run.run_dir).status
         states[key] = ("finished" if status == "finished" else "failed" if key in failures
-                       else "interrupted" if status == "interrupted" else "not started")
+                       else "interrupted" if status == "interrupted"
+                       else "started" if status == "started" else "not started")  # started: no checkpoint yet
     submissions = _submissions(grid.out)
     jobs = scheduler_states([s["job_id"] for s in submissions])
     for submission in submissions:  # in submission order: a later submission of a run decides
@@ -411,9 +422,16 @@ def tune_status(search: Any, storage_url: str | None = None) -> dict[str, Any]:
     unfinished = [s for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
     if not unfinished:
         result["finals"] = grid_status(finals_grid(search, summaries))
-    submissions = _submissions(search.out)
-    jobs = scheduler_states([s["job_id"] for s in submissions])
-    result["jobs"] = {s["kind"] + " " + s["job_id"]: {t: (jobs or {}).get(t, "not queued") for t in s["tasks"]}
-                      for s in submissions}
+    jobs = scheduler_states([s["job_id"] for s in _submissions(search.out)])
+    result["jobs"] = tune_status_jobs(search.out, jobs)
     result["scheduler"] = jobs is not None
     return result
+
+
+def tune_status_jobs(out: Path, jobs: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """``"tune-<phase> <job id>" -> {task id: Slurm state or "not queued"}`` of the search's submissions."""
+    submissions = _submissions(out)
+    if jobs is None:
+        jobs = scheduler_states([s["job_id"] for s in submissions])
+    return {s["kind"] + " " + s["job_id"]: {t: (jobs or {}).get(t, "not queued") for t in s["tasks"]}
+            for s in submissions}

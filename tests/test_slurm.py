@@ -126,6 +126,9 @@ def test_a_grid_as_a_job_array_equals_the_grid_run_here(slurm: None, photos: Pat
     grid = load_grid(grid_file)
     early = grid_status(grid)
     assert early["scheduler"] and sum(early["counts"].get(k, 0) for k in ("pending", "running", "finished")) == 4
+    if early["counts"].get("finished", 0) == 0:  # submitted again while queued: the runs are not submitted twice
+        assert main(["bench", str(grid_file), "--executor", "slurm"]) == 0
+        assert "nothing submitted" in capsys.readouterr().out
     _wait_gone(job_id)
     assert _metrics(grid) == reference, _logs(tmp_path / "slurm", job_id)
     assert grid_status(grid)["counts"] == {"finished": 4}
@@ -196,6 +199,8 @@ def test_two_tune_workers_as_array_tasks_share_one_study_and_stop_at_the_budget(
     assert "submitted search: job array" in printed and "submitted finals: job array" in printed
     submissions = json.loads((tmp_path / "out" / "slurm" / "submissions.json").read_text())
     job_id, finals_id = (s["job_id"] for s in submissions)
+    assert main(["tune", str(search_file), "--executor", "slurm", "--workers", "2"]) == 2  # not a second finals
+    assert f"tune-search {job_id}" in capsys.readouterr().err
     _wait_gone(job_id)
     search = load_search(search_file)
     for name, trials in _trials(search).items():
