@@ -119,10 +119,11 @@ def test_a_grid_as_a_job_array_equals_the_grid_run_here(slurm: None, photos: Pat
     grid_file.write_text(yaml.safe_dump(spec))
     reference = _local(grid_file, tmp_path / "local")
     assert len(reference) == 4
-    assert main(["bench", str(grid_file), "--executor", "slurm", "--time-min", "10"]) == 0
+    # two runs per task (a shard of the array; one run per task is the default, as in the tests below)
+    assert main(["bench", str(grid_file), "--executor", "slurm", "--time-min", "10", "--runs-per-task", "2"]) == 0
     printed = capsys.readouterr().out
     job_id = _submitted_job(tmp_path / "slurm")
-    assert f"submitted job array {job_id}: 4 task(s) for 4 unfinished run(s)" in printed
+    assert f"submitted job array {job_id}: 2 task(s) for 4 unfinished run(s)" in printed
     grid = load_grid(grid_file)
     early = grid_status(grid)
     assert early["scheduler"] and sum(early["counts"].get(k, 0) for k in ("pending", "running", "finished")) == 4
