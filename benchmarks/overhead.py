@@ -4,6 +4,8 @@
     python benchmarks/overhead.py --methods transfer --memory --out benchmarks/results/overhead_transfer_cpu.md
     python benchmarks/overhead.py --framework --out benchmarks/results/framework_cpu.md
     python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 --out benchmarks/results/overhead_cuda.md
+    python benchmarks/overhead.py --framework --device cuda --precision bf16-mixed --num-workers 8 --img-size 224 \
+        --batch-size 64 --out benchmarks/results/framework_cuda_lite0.md
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def main() -> None:
                         help="on CPU, also the peak resident memory of each method in its own process")
     parser.add_argument("--framework", action="store_true",
                         help="regtune fit's own overhead: its steps and epochs against a bare PyTorch loop")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="with --framework: both loops in this precision (bf16-mixed: bfloat16 autocast)")
+    parser.add_argument("--num-workers", type=int, default=0, help="with --framework: data-loading processes")
+    parser.add_argument("--steps-per-epoch", type=int, default=12, help="with --framework: steps of each epoch")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[overhead] %(message)s")
@@ -64,10 +70,10 @@ def main() -> None:
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     if args.framework:
-        if args.device != "cpu":
-            parser.error("--framework measures the CPU loop; run regtune fit on a GPU for GPU throughput")
-        result = measure_framework_overhead(settings)
-        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}; {device}; torch {torch.__version__}; "
+        result = measure_framework_overhead(settings, steps_per_epoch=args.steps_per_epoch,
+                                            precision=args.precision, num_workers=args.num_workers)
+        table = (f"{args.backbone}, {args.img_size} px, batch {args.batch_size}, {args.precision}, "
+                 f"{args.num_workers} loader processes; {device}; torch {torch.__version__}; "
                  f"{platform.node()}\n\n" + framework_table(result))
         print(table)
         if args.out:

@@ -9,6 +9,7 @@ CUDA the peak memory of each method's steps is measured too (on CPU PyTorch expo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -85,8 +86,8 @@ class OverheadSettings:
         num_classes: Classes of the synthetic task (the framework benchmark's image folder has as many).
         img_size: Input resolution (square images, pixels).
         batch_size: Images per training step.
-        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``). The peak-memory and framework measurements are
-            CPU-only and refuse any other device.
+        device: ``"cpu"`` or a CUDA device (``"cuda"``, ``"cuda:1"``). The peak-memory measurement is CPU-only and
+            refuses any other device.
         seed: Seed of the synthetic batches and of the initialisations.
         steps: Timed steps per method per round of `measure_overhead`.
         rounds: Interleaved rounds (the median over rounds is reported).
@@ -402,7 +403,8 @@ class FrameworkResult:
 class _StepClock:
     """Iteration-to-iteration times (data loading + step + every hook) and epoch times, from inside a loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: bool = False) -> None:
+        self.sync = sync
         self.steps: list[float] = []
         self.epochs: list[float] = []
         self._last: float | None = None
@@ -412,6 +414,8 @@ class _StepClock:
         self._epoch_start = self._last = time.perf_counter()
 
     def step_end(self, first_of_epoch: bool) -> None:
+        if self.sync:
+            torch.cuda.synchronize()  # the step's kernels have run, not just been queued
         now = time.perf_counter()
         if not first_of_epoch:  # the first step of an epoch also pays for the loader's start: counted per epoch
             self.steps.append(now - self._last)
@@ -438,8 +442,10 @@ def _write_synthetic_imagefolder(root: Any, classes: int, total: int, size: int,
             root / "test" / f"class_{c:02d}" / "0.png")
 
 
-def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _StepClock) -> None:
-    """The loop a user writes by hand: timm model and transform, torchvision ImageFolder, SGD, cosine schedule."""
+def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _StepClock, precision: str = "32-true",
+                 num_workers: int = 0) -> None:
+    """The loop a user writes by hand: timm model and transform, torchvision ImageFolder, SGD, cosine schedule (on
+    a GPU: pinned memory, non-blocking copies and, for ``bf16-mixed``, bfloat16 autocast)."""
     import math
 
     import timm.data
@@ -447,15 +453,20 @@ def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _Ste
 
     torch.use_deterministic_algorithms(False)
     torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
     built = create_backbone(settings.backbone, settings.num_classes, pretrained=settings.pretrained)
-    model = built.model.to(memory_format=torch.channels_last).train()
+    model = built.model.to(device, memory_format=torch.channels_last).train()
     config = timm.data.resolve_model_data_config(model)
     transform = timm.data.create_transform(input_size=(3, settings.img_size, settings.img_size), is_training=True,
                                            scale=(0.5, 1.0),
                                            hflip=0.5, color_jitter=None, interpolation=config["interpolation"],
                                            mean=config["mean"], std=config["std"])
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else contextlib.nullcontext())
     head = list(model.get_classifier().parameters())
     head_ids = {id(p) for p in head}
     optim = OptimConfig()
@@ -467,8 +478,11 @@ def _bare_epochs(root: Any, settings: OverheadSettings, epochs: int, clock: _Ste
     for _ in range(epochs):
         clock.epoch_start()
         for i, (images, labels) in enumerate(loader):
-            logits = model(images.contiguous(memory_format=torch.channels_last))
-            loss = torch.nn.functional.cross_entropy(logits, labels)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -495,7 +509,7 @@ class _Clocked(pl.Callback):
 
 
 def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), steps_per_epoch: int = 12,
-                               epochs: int = 2) -> FrameworkResult:
+                               epochs: int = 2, precision: str = "32-true", num_workers: int = 0) -> FrameworkResult:
     """``regtune fit`` (Lightning, regtune's callbacks, per-step CSV log, checkpoints each epoch) against a bare loop.
 
     Both train the same backbone (channels-last in both) on the same synthetic image folder (``settings.num_classes``
@@ -505,20 +519,27 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
     time (the first step, the epoch's hooks and regtune's checkpoints included). Ratios are medians over rounds of
     regtune / bare.
 
+    On a GPU (``settings.device`` ``"cuda"``), both loops load with ``num_workers`` processes and pinned memory, and
+    each step's time is taken after `torch.cuda.synchronize`, so it is the time the step's kernels took.
+
     Args:
-        settings: Model, batch and ``rounds``; the device must be the CPU.
+        settings: Model, batch, device and ``rounds``.
         steps_per_epoch: Training steps per epoch (the image folder holds that many batches).
         epochs: Epochs of each loop per round.
+        precision: ``"32-true"`` or ``"bf16-mixed"`` (bfloat16 autocast in the bare loop, Lightning's in fit).
+        num_workers: Data-loading processes of both loops.
 
     Returns:
         Both loops' median times and their ratios.
 
     Raises:
-        ValueError: ``settings.device`` is not the CPU, or fewer than one step per epoch or epoch.
+        ValueError: Fewer than one step per epoch or epoch, or another precision.
     """
-    settings._require_cpu("measure_framework_overhead")
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch and epochs must be >= 1; got {steps_per_epoch} and {epochs}")
+    if precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"precision must be 32-true or bf16-mixed, got {precision!r}")
+    cuda = torch.device(settings.device).type == "cuda"
     import tempfile
     from pathlib import Path
 
@@ -532,20 +553,21 @@ def measure_framework_overhead(settings: OverheadSettings = OverheadSettings(), 
                                      settings.img_size, settings.seed)
         config = FitConfig(
             data=DataConfig(dataset="imagefolder", root=str(root), fraction=None, per_class=None, val_fraction=0.0,
-                            img_size=settings.img_size, batch_size=settings.batch_size, num_workers=0),
+                            img_size=settings.img_size, batch_size=settings.batch_size, num_workers=num_workers),
             # the bare loop's training: a fresh head, BatchNorm in training mode (no probe, which is set-up time)
             model=ModelConfig(backbone=settings.backbone, pretrained=settings.pretrained, head_init="normal",
                               freeze_bn_stats=False),
             trainer=TrainerConfig(epochs=epochs, seed=settings.seed, select="last", progress_bar=False,
-                                  accelerator="cpu", wise_alphas=()),
+                                  accelerator="gpu" if cuda else "cpu", precision=precision, wise_alphas=(),
+                                  devices=[torch.device(settings.device).index or 0] if cuda else "auto"),
         )
         bare_steps, bare_epochs, ours_steps, ours_epochs, fit_seconds = [], [], [], [], []
         for r in range(settings.rounds):
-            bare_clock = _StepClock()
-            _bare_epochs(root, settings, epochs, bare_clock)
+            bare_clock = _StepClock(sync=cuda)
+            _bare_epochs(root, settings, epochs, bare_clock, precision, num_workers)
             bare_steps.append(statistics.median(bare_clock.steps))
             bare_epochs.append(statistics.median(bare_clock.epochs))
-            clock = _StepClock()
+            clock = _StepClock(sync=cuda)
             started = time.perf_counter()
             fit(config, run_dir=Path(tmp) / f"run{r}", callbacks=[_Clocked(clock)])
             fit_seconds.append(time.perf_counter() - started)

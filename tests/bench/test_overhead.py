@@ -84,8 +84,8 @@ def test_cpu_only_measurements_refuse_cuda_settings() -> None:
     cuda = OverheadSettings(device="cuda")  # refused before anything is built or spawned
     with pytest.raises(ValueError, match="measure_peak_rss measures the CPU; got device='cuda'"):
         measure_peak_rss((Method("ft"),), cuda)
-    with pytest.raises(ValueError, match="measure_framework_overhead measures the CPU"):
-        measure_framework_overhead(cuda)
+    with pytest.raises(ValueError, match="precision must be 32-true or bf16-mixed"):
+        measure_framework_overhead(cuda, precision="16-mixed")
 
 
 def test_framework_overhead_times_both_loops() -> None:
@@ -97,6 +97,14 @@ def test_framework_overhead_times_both_loops() -> None:
     assert result.bare_s_per_epoch >= 2 * result.bare_ms_per_step / 1000
     assert result.regtune_fit_s > result.regtune_s_per_epoch * 2
     assert "| regtune fit |" in framework_table(result)
+
+
+def test_framework_overhead_in_bfloat16_with_loader_workers() -> None:
+    """The GPU settings (bf16 autocast in both loops, loader processes), here on the CPU: both loops run them."""
+    result = measure_framework_overhead(OverheadSettings(backbone=TINY_BACKBONE, pretrained="none", img_size=32,
+                                                         batch_size=4, rounds=1), steps_per_epoch=2, epochs=1,
+                                        precision="bf16-mixed", num_workers=1)
+    assert result.steps_per_epoch == 2 and result.bare_ms_per_step > 0 and result.regtune_ms_per_step > 0
 
 
 def test_script_help_and_flag_errors() -> None:
