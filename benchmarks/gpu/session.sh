@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A GPU session's prepared work, on the device machine, from the repository root with .carry/ carried
+# (benchmarks/gpu/prepare.sh): 1. regtune fit against a bare timm loop (EfficientNet-Lite0 and ResNet-50, bf16,
+# 224 px), 2. the per-method overhead table, 3. the pending imbalanced grid (regtune/grids/imbalanced_fmnist.yaml) in
+# 8 shards until the time is spent. Everything that comes back is under $OUT: the tables, the logs, and the grid's
+# finished runs without their checkpoints (results.tar.gz: unpack it in the repository root here, then
+# `regtune bench imbalanced_fmnist --report-only`; an unfinished run is trained again here or next time).
+# Usage: bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the device tool's 10-minute limit, less a margin)
+set -uo pipefail
+budget="${1:-540}"
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+out="${OUT:?run this through the device tool: it sets OUT}"
+export PYTHONUNBUFFERED=1 REGTUNE_FASHION_MNIST_GZ="$PWD/.carry/fmnist"
+python -m pip install -q --no-deps .carry/wheels/*.whl && python -m pip install -q --no-deps -e . || exit 1
+versions="import torch, timm, lightning; print(torch.__version__, timm.__version__, lightning.__version__)"
+{ python -c "$versions"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } \
+  > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+echo "== 1. regtune fit against a bare timm loop, bf16 ($(left) s left)"
+for backbone in tf_efficientnet_lite0 resnet50; do
+  timeout 120 python benchmarks/overhead.py --framework --device cuda --precision bf16-mixed --num-workers 8 \
+    --img-size 224 --batch-size 64 --backbone "$backbone" --pretrained none --steps-per-epoch 40 --rounds 3 \
+    --out "$out/framework_$backbone.md" 2>&1 | tail -8
+done
+
+echo "== 2. per-method overhead, fp32 ($(left) s left)"
+timeout 150 python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 \
+  --out "$out/overhead_cuda.md" 2>&1 | tail -20
+
+echo "== 3. the imbalanced grid, 8 shards ($(left) s left)"
+grid=runs/bench/imbalanced_fmnist
+remaining=$(( $(left) - 45 ))  # keep time to pack the results
+if [ "$remaining" -gt 60 ]; then
+  for i in 1 2 3 4 5 6 7 8; do
+    OMP_NUM_THREADS=2 timeout -s INT "$remaining" regtune bench imbalanced_fmnist --shard "$i/8" \
+      > "$out/grid_shard$i.log" 2>&1 &
+  done
+  wait
+fi
+ls "$grid"/runs/*/*/*/metrics.json 2>/dev/null | wc -l | xargs echo "finished runs:"
+# finished runs only, without checkpoints and weights (they stay here; the report needs metrics and logs)
+find "$grid/runs" -name metrics.json -printf '%h\n' 2>/dev/null > /tmp/finished.txt
+tar -czf "$out/results.tar.gz" --exclude=checkpoints --exclude='*.safetensors' -T /tmp/finished.txt \
+  "$grid/grid.yaml" "$grid/splits" 2>/dev/null
+du -h "$out"/*
