@@ -238,7 +238,9 @@ class TuneTask:
             raise SlurmError(f"the search has not finished ({', '.join(unfinished)}): its workers failed or were "
                              "cancelled; see regtune tune --status, then submit again")
         if self.phase == "refit":
-            return str(refit(self.search, summaries))
+            from regtune.train.callbacks import StopWhen
+
+            return str(refit(self.search, summaries, callbacks=[StopWhen(stop)]))
         from regtune.bench.grid import run_grid
         from regtune.tune.report import finals_grid
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,15 @@ def choice_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def refit(search: Search, summaries: list[dict[str, Any]], fit_fn: Callable[..., Any] | None = None) -> Path:
+def refit(search: Search, summaries: list[dict[str, Any]], fit_fn: Callable[..., Any] | None = None,
+          callbacks: Sequence[Any] = ()) -> Path:
     """Train the chosen method with its chosen knobs as a normal run (tested once): ``<out>/refit``.
 
-    The run draws its own split at the finals' first seed (fresh to the search) from the same data and amount.
+    The run draws its own split at the finals' first seed (fresh to the search) from the same data and amount. An
+    interrupted refit is resumed where it stopped.
+
+    Raises:
+        KeyboardInterrupt: the refit was interrupted (its checkpoint is kept; the same call continues it).
     """
     if fit_fn is None:
         from regtune.train.fit import fit as fit_fn
@@ -125,9 +130,15 @@ def refit(search: Search, summaries: list[dict[str, Any]], fit_fn: Callable[...,
     config = apply_overrides(apply_params(run.config, best["best_params"]),
                              {"data.split_manifest": None, "trainer.seed": seed})
     run_dir = search.out / "refit"
-    if RunDir(run_dir).status == "finished":
+    status = RunDir(run_dir).status
+    if status == "finished":
         _log.info("refit: %s is finished already", run_dir)
         return run_dir
     _log.info("refit: %s with %s, seed %d -> %s", best["study"], best["best_params"], seed, run_dir)
-    fit_fn(config, run_dir=run_dir, overwrite=True)
+    if status == "interrupted":
+        result = fit_fn(run_dir=run_dir, resume=True, callbacks=list(callbacks))
+    else:
+        result = fit_fn(config, run_dir=run_dir, overwrite=True, callbacks=list(callbacks))
+    if getattr(result, "interrupted", False):
+        raise KeyboardInterrupt
     return run_dir

@@ -298,3 +298,30 @@ def test_refit_trains_the_choice_as_a_run_that_predict_uses(photos: Path, tmp_pa
     assert metrics["tested"] and "test_acc" in metrics
     assert main(["predict", str(refit), str(photos / "test"), "--out", str(tmp_path / "p.csv")]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 12
+
+
+def test_an_interrupted_refit_is_resumed_not_restarted(photos: Path, tmp_path: Path) -> None:
+    from regtune.tune.pipeline import refit
+    from regtune.tune.report import study_summaries
+
+    search = search_from_dict(_search_dict(photos, tmp_path / "out", trials=1))
+    run_search(search, fit_fn=fake_fit(lambda config, epoch: 0.5))
+    summaries = study_summaries(search)
+    calls: list[dict[str, Any]] = []
+
+    class _Stopped:
+        interrupted = True
+
+    def stopped_fit(config: Any = None, run_dir: Path | None = None, **kwargs: Any) -> Any:
+        calls.append({"config": config, **kwargs})
+        assert run_dir is not None
+        (Path(run_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "checkpoints" / "last.ckpt").write_bytes(b"")  # what an interrupted fit leaves
+        return _Stopped()
+
+    with pytest.raises(KeyboardInterrupt):
+        refit(search, summaries, fit_fn=stopped_fit)
+    with pytest.raises(KeyboardInterrupt):
+        refit(search, summaries, fit_fn=stopped_fit)
+    assert calls[0]["overwrite"] and calls[0]["config"] is not None
+    assert calls[1]["resume"] and calls[1]["config"] is None  # continued from its checkpoint
