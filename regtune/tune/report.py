@@ -118,6 +118,7 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n = len(summaries)
     cols = min(4, n)
@@ -144,7 +145,8 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
             ys.append(100 * best)
         ax.step(xs, ys, where="post", color="crimson", label="best so far")
         ax.set_title(s["study"], fontsize=9)
-        ax.set_xlabel("trial")
+        ax.set_xlabel("trial (Optuna's number)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(_axis(search))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
