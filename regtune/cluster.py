@@ -316,7 +316,6 @@ def submit_tune(search: Any, options: SlurmOptions, workers: int, storage_url: s
     Returns:
         One ``{"phase", "job_id", "tasks", "logs"}`` per submitted array.
     """
-    from regtune.bench.grid import check_out_dir
     from regtune.tune.study import open_storage
 
     if workers < 1:
@@ -326,7 +325,6 @@ def submit_tune(search: Any, options: SlurmOptions, workers: int, storage_url: s
     if live:  # a second finals array would train the same runs at the same time
         raise SlurmError(f"{', '.join(live)} of this search still queued or running: wait for them (regtune tune "
                          "--status) or scancel them, then submit again")
-    check_out_dir(search.grid)
     open_storage(search, storage_url)  # a bad URL fails here, before anything is submitted
     folder = search.out / "slurm"
     phases = ["search", *(["finals"] if finals else []), *(["refit"] if refit else [])]
