@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ _FEATURE_NORM_WEIGHTINGS = ("none", "sgm")
 
 def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = None,
                          labels: torch.Tensor | None = None, weighting: str = "none",
-                         targets: torch.Tensor | None = None) -> torch.Tensor:
+                         targets: torch.Tensor | None = None, detach_alpha: bool = True) -> torch.Tensor:
     r"""Feature-norm penalty, plain or SGM-weighted (see docs/methods/fnp.md).
 
     Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and Hallucinating Features", ICCV 2017,
@@ -52,9 +54,9 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
     On a mixed batch (mixup / CutMix) with soft targets t, [c = y_b] becomes t_{b,c}: alpha_b = ||p_b - t_b||^2 is then
     the same squared gradient norm for the cross-entropy to the soft targets (whose gradient w.r.t. the logits is
     p_b - t_b).
-    The authors' code (facebookresearch/low-shot-shrink-hallucinate) lets the gradient flow through alpha_b as well;
-    here alpha_b is detached (treated as a per-sample weight), so only ``features`` receives gradient (see
-    docs/methods/fnp.md, 'Readings we chose').
+    By default alpha_b is detached (treated as a per-sample weight), so only ``features`` receives gradient; with
+    ``detach_alpha=False`` the gradient also flows through alpha_b into ``logits``, as in the authors' code
+    (facebookresearch/low-shot-shrink-hallucinate; see docs/methods/fnp.md, 'Readings we chose').
 
     Args:
         features: Penultimate features f.
@@ -63,6 +65,8 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
         weighting: ``'none'`` (feature penalty) or ``'sgm'``.
         targets: Soft targets t of a mixed batch (rows summing to 1); when given, ``'sgm'`` reads them instead of
             ``labels``.
+        detach_alpha: ``'sgm'`` only: alpha_b as a constant weight (True, regtune's reading) or differentiated
+            through the softmax (False, the authors' code). The value is the same either way.
 
     Shape:
         features: (B, D). logits: (B, C). labels: (B,). targets: (B, C). Output: scalar.
@@ -103,7 +107,7 @@ def feature_norm_penalty(features: torch.Tensor, logits: torch.Tensor | None = N
     else:
         check_soft_targets(targets, logits.shape[0], logits.shape[1], "logits")
         truth = targets
-    with torch.no_grad():
+    with torch.no_grad() if detach_alpha else contextlib.nullcontext():
         residual = logits.softmax(dim=1) - truth.to(logits.dtype)
         alpha = residual.pow(2).sum(dim=1).to(features.dtype)  # (B,)
     return (alpha * squared_norms).mean()
@@ -274,13 +278,16 @@ class FeatureNormPenalty(_Logged):
     """Feature-norm penalty (Hariharan & Girshick, ICCV 2017, arXiv 1606.02819; see docs/methods/fnp.md).
 
     L = lambda * [`feature_norm_penalty`][] of the penultimate features, plain or SGM-weighted (squared gradient
-    magnitude, its per-sample weight detached).
+    magnitude; its per-sample weight detached unless ``detach_alpha=False``).
 
     Args:
         weight: lambda. No published value is for fine-tuning (the authors' code trains networks from scratch, with
             0.02 or 0.005 for SGM); 1e-3 keeps the term of the order of the cross-entropy for EfficientNet-Lite0
             features (||f||^2 ~ 100-1000).
         weighting: ``"none"`` or ``"sgm"``.
+        detach_alpha: With ``"sgm"``: True (default) treats alpha_b as a constant weight, so the term only shrinks
+            features; False lets its gradient flow through the softmax into the logits, classifier and backbone, as
+            the authors' code does.
 
     Shape:
         step.features (B, D), step.logits (B, C) -> scalar.
@@ -290,18 +297,24 @@ class FeatureNormPenalty(_Logged):
     """
 
     accepts_soft_targets = True  # 'sgm' reads step.targets on a mixed batch
-    contract_kwargs = ({}, {"weighting": "sgm"})
+    contract_kwargs = ({}, {"weighting": "sgm"}, {"weighting": "sgm", "detach_alpha": False})
 
-    def __init__(self, weight: float = 1e-3, weighting: str = "none") -> None:
+    def __init__(self, weight: float = 1e-3, weighting: str = "none", detach_alpha: bool = True) -> None:
         super().__init__()
         check_positive("weight", weight)
         check_choice("weighting", weighting, _FEATURE_NORM_WEIGHTINGS)
+        if not isinstance(detach_alpha, bool):
+            raise TypeError(f"detach_alpha must be true or false, got {detach_alpha!r}")
+        if not detach_alpha and weighting != "sgm":
+            raise ValueError("detach_alpha=False changes only weighting='sgm' (the plain penalty has no alpha); "
+                             "add weighting=sgm or drop detach_alpha")
         self.weight = weight
         self.weighting = weighting
+        self.detach_alpha = detach_alpha
 
     def forward(self, step: TrainStep) -> torch.Tensor:
         value = feature_norm_penalty(step.features, step.logits, step.labels, weighting=self.weighting,
-                                     targets=step.targets)
+                                     targets=step.targets, detach_alpha=self.detach_alpha)
         return self.weight * self._keep(value)
 
 

@@ -325,6 +325,26 @@ def test_feature_norm_penalty_sgm_gradcheck_and_detached_alpha() -> None:
     assert logits.grad is None  # alpha_b is a weight (detached), §3.2
 
 
+def test_feature_norm_penalty_authors_gradient_through_alpha_matches_numpy() -> None:
+    """detach_alpha=False (the authors' code): the same value, and d/dz of mean_b alpha_b s_b with s_b = ||f_b||^2 and
+    alpha_b = ||p_b - y_b||^2 is (2 / B) s_b (diag(p_b) - p_b p_b^T)(p_b - y_b), the softmax's Jacobian applied."""
+    f, logits, labels = randn(4, 3, requires_grad=True), randn(4, 5, requires_grad=True), torch.tensor([0, 4, 2, 2])
+    value = Fn.feature_norm_penalty(f, logits, labels, weighting="sgm", detach_alpha=False)
+    assert value.item() == pytest.approx(Fn.feature_norm_penalty(f, logits, labels, weighting="sgm").item(), rel=1e-12)
+    value.backward()
+    z, fs = logits.detach().numpy(), f.detach().numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.eye(5)[labels.numpy()]
+    s = (fs ** 2).sum(1)
+    expected = np.stack([2 / 4 * s[b] * (np.diag(p[b]) - np.outer(p[b], p[b])) @ (p[b] - y[b]) for b in range(4)])
+    np.testing.assert_allclose(logits.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+    alpha = ((p - y) ** 2).sum(1)
+    np.testing.assert_allclose(f.grad.numpy(), 2 / 4 * alpha[:, None] * fs, rtol=1e-10)  # the features' part as before
+    assert torch.autograd.gradcheck(
+        lambda x, z: Fn.feature_norm_penalty(x, z, labels, weighting="sgm", detach_alpha=False), (f, logits))
+
+
 def test_feature_norm_penalty_rejects_bad_input() -> None:
     f = torch.ones(2, 3)
     with pytest.raises(ValueError, match="'none', 'sgm'"):

@@ -94,6 +94,18 @@ def test_fnp_sgm_matches_numpy_and_alpha_is_detached(dtype: torch.dtype) -> None
     assert step.logits.grad is None
 
 
+def test_fnp_authors_gradient_reaches_the_logits_and_is_refused_without_sgm() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4))
+    step = make_step(F3, [1, 3, 0], HeadNet(rng.normal(size=(4, 3)), torch.float64), torch.float64, logits=logits)
+    FeatureNormPenalty(weight=0.3, weighting="sgm", detach_alpha=False)(step).backward()
+    assert step.logits.grad is not None and step.logits.grad.abs().sum() > 0  # through alpha (values: test_functional)
+    with pytest.raises(ValueError, match="detach_alpha=False changes only weighting='sgm'"):
+        FeatureNormPenalty(detach_alpha=False)
+    with pytest.raises(TypeError, match="detach_alpha must be true or false"):
+        FeatureNormPenalty(weighting="sgm", detach_alpha="no")
+
+
 @DTYPES
 def test_fnp_sgm_on_soft_targets_matches_numpy(dtype: torch.dtype) -> None:
     rng = np.random.default_rng(1)
