@@ -166,6 +166,7 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
 def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Path:
     """The objective against the knob of a one-knob study; Optuna's fANOVA importances for several knobs."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n = len(summaries)
     cols = min(4, n)
@@ -180,10 +181,14 @@ def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Pa
             xs = [h["params"][knob.key] for h in complete]
             ax.plot(xs, [100 * h["value"] for h in complete], "o")
             if knob.log:
-                from matplotlib.ticker import NullFormatter
+                from matplotlib.ticker import FixedLocator, NullLocator
 
                 ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a narrow range
+                # ticks where the trials are (a range within one decade has no labelled power of ten)
+                ticks = [float(f"{v:.2g}") for v in np.geomspace(min(xs), max(xs), 4)] if max(xs) > min(xs) else xs
+                ax.xaxis.set_major_locator(FixedLocator(ticks))
+                ax.xaxis.set_major_formatter(lambda v, _: f"{v:.2g}")
+                ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel(knob.key)
             ax.set_ylabel(_axis(search))
         elif len(knobs) > 1 and len(complete) >= 3 and len({h["value"] for h in complete}) > 1:
