@@ -133,3 +133,42 @@ def test_a_stop_asked_before_training_listens_is_honoured_at_a_batch_end_and_res
     assert {k: ours[k] for k in ("test_acc", "test_loss", "val_loss")} == {k: theirs[k] for k in ("test_acc",
                                                                                                   "test_loss",
                                                                                                   "val_loss")}
+
+
+def _fake_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + script)
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_scheduler_states_read_squeue_and_say_when_it_cannot_be_asked(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from regtune.cluster import scheduler_states
+
+    _fake_squeue(tmp_path, monkeypatch, 'echo "12_0 RUNNING"; echo "12_1 PENDING"; echo "13 PENDING"\n')
+    assert scheduler_states(["12", "13"]) == {"12_0": "RUNNING", "12_1": "PENDING", "13": "PENDING"}
+    assert scheduler_states([]) == {}
+
+
+def test_scheduler_states_gone_jobs_and_a_broken_squeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from regtune.cluster import scheduler_states
+
+    _fake_squeue(tmp_path, monkeypatch, 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1\n')
+    assert scheduler_states(["12"]) == {}  # every job has left the queue
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\necho 'Unable to contact slurm controller' >&2; exit 1\n")
+    assert scheduler_states(["12"]) is None  # the status then comes from the run directories alone
+
+
+def test_status_marks_the_runs_of_queued_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = grid_from_dict(tiny_grid(write_imagefolder(tmp_path / "data"), tmp_path / "out"))
+    keys = [str(r.run_dir.relative_to(grid.out)) for r in expand(grid)]
+    (grid.out / "slurm").mkdir(parents=True)
+    (grid.out / "slurm" / "submissions.json").write_text(json.dumps(
+        [{"job_id": "7", "kind": "bench", "tasks": {"7_0": keys[0:2], "7_1": keys[2:4], "7_2": keys[4:5]}}]))
+    _fake_squeue(tmp_path, monkeypatch, 'echo "7_0 RUNNING"; echo "7_1 PENDING"\n')
+    status = grid_status(grid)
+    assert status["scheduler"] and status["jobs"] == {"7_0": "RUNNING", "7_1": "PENDING"}
+    # a running task runs its first unfinished run, its others wait; a pending task's runs wait; 7_2 has ended
+    assert [status["runs"][k] for k in keys[:5]] == ["running", "pending", "pending", "pending", "not started"]
