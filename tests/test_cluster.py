@@ -172,3 +172,16 @@ def test_status_marks_the_runs_of_queued_tasks(tmp_path: Path, monkeypatch: pyte
     assert status["scheduler"] and status["jobs"] == {"7_0": "RUNNING", "7_1": "PENDING"}
     # a running task runs its first unfinished run, its others wait; a pending task's runs wait; 7_2 has ended
     assert [status["runs"][k] for k in keys[:5]] == ["running", "pending", "pending", "pending", "not started"]
+
+
+def test_submitting_without_slurm_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: Any) -> None:
+    spec = tiny_grid(write_imagefolder(tmp_path / "data"), tmp_path / "out")
+    path = tmp_path / "grid.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no squeue
+    assert main(["bench", str(path), "--executor", "slurm"]) == 2
+    assert "sbatch is not on PATH: run on a Slurm login node, or use --executor local" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "slurm" / "submissions.json").exists()
