@@ -185,3 +185,16 @@ def test_submitting_without_slurm_is_a_one_line_error(tmp_path: Path, monkeypatc
     assert main(["bench", str(path), "--executor", "slurm"]) == 2
     assert "sbatch is not on PATH: run on a Slurm login node, or use --executor local" in capsys.readouterr().err
     assert not (tmp_path / "out" / "slurm" / "submissions.json").exists()
+
+
+def test_stop_when_never_sends_sigterm_that_nobody_handles(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from regtune.train.callbacks import StopWhen
+
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)  # no trainer listens here
+    stop = StopWhen(lambda: True)
+    stop.on_train_batch_start(SimpleNamespace(received_sigterm=False), None, None, 0)  # would kill the process
+    stop.on_train_batch_start(SimpleNamespace(received_sigterm=False), None, None, 1)
+    assert [r.message for r in caplog.records].count(
+        "a stop was asked for, but no SIGTERM handler listens (not the main thread): the run goes on to its end") == 1

@@ -192,11 +192,20 @@ class StopWhen(pl.Callback):
 
     def __init__(self, stop: Callable[[], bool]) -> None:
         self.stop = stop
+        self._warned = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.stop() and not trainer.received_sigterm:
-            signal.raise_signal(signal.SIGTERM)  # Lightning's handler sets its flag; the batch ends, then it stops
+        if not self.stop() or trainer.received_sigterm:
+            return
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            # Lightning listens only in the main thread; SIGTERM's default action would kill the process
+            if not self._warned:
+                _log.warning("a stop was asked for, but no SIGTERM handler listens (not the main thread): the run "
+                             "goes on to its end")
+                self._warned = True
+            return
+        signal.raise_signal(signal.SIGTERM)  # Lightning's handler sets its flag; the batch ends, then it stops
 
 
 class EpochLog(pl.Callback):
