@@ -282,8 +282,9 @@ def submit_grid(grid: Any, options: SlurmOptions, stop_on_error: bool = False) -
     """Submit the grid's unfinished runs as one job array (nothing when every run has finished).
 
     Returns:
-        ``{"job_id", "tasks", "runs", "logs"}``: the array's id (``None`` when nothing was submitted), its number of
-        tasks and runs, and the folder of its logs.
+        ``{"job_id", "tasks", "runs", "logs", "queued"}``: the array's id (``None`` when nothing was submitted), its
+        number of tasks and runs, the folder of its logs, and the runs that earlier tasks still hold (not submitted
+        again).
     """
     from regtune.bench.grid import check_out_dir, expand
     from regtune.train.rundir import RunDir
