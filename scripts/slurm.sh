@@ -179,7 +179,18 @@ node_idle() {
   [ "$(timeout 10 sinfo -h -N -n "$HOST" -o %T 2>/dev/null)" = "idle" ]
 }
 
+# Another Slurm's client configuration (this machine is, say, a cluster's login node) is not replaced unless asked:
+# while this cluster runs, sbatch and squeue would talk to it instead of the real one.
+check_foreign_config() {
+  if [ -f "$CLIENT_CONF" ] && ! head -n 1 "$CLIENT_CONF" | grep -q '^# Written by regtune scripts/slurm.sh' \
+      && [ ! -f "$BACKUP" ] && [ "${REGTUNE_SLURM_REPLACE_CONF:-}" != "1" ]; then
+    fail "$CLIENT_CONF belongs to another Slurm (a cluster's login node?); starting this one would replace it. Use \
+that cluster, or set REGTUNE_SLURM_REPLACE_CONF=1 (stop puts the file back)" 2
+  fi
+}
+
 start() {
+  check_foreign_config
   if is_up; then
     install_client_config
     say "already up; state and logs in $DIR"

@@ -36,10 +36,21 @@ def _up() -> bool:
                                                                    timeout=30, check=False).returncode == 0
 
 
+def _ours() -> bool:
+    """The Slurm that answers is the test cluster of scripts/slurm.sh (ClusterName regtune), not a real one."""
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False)
+    return any(line.split("=", 1)[0].strip() == "ClusterName" and line.split("=", 1)[1].strip() == "regtune"
+               for line in shown.stdout.splitlines() if "=" in line)
+
+
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[None]:
-    """A running Slurm: the one already up, or the one scripts/slurm.sh starts (and stops afterwards)."""
+    """A running Slurm: the one scripts/slurm.sh started, or the one it starts now (and stops afterwards). Test jobs
+    never go to another cluster."""
     if _up():
+        if not _ours():
+            pytest.skip("a Slurm other than scripts/slurm.sh's test cluster answers here: the tests submit no jobs "
+                        "to it")
         yield
         return
     started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600,
