@@ -565,13 +565,13 @@ def _submit_bench(args: argparse.Namespace, grid: Any) -> int:
     return 0
 
 
-def _print_grid_status(grid: Any, title: str | None = None) -> int:
+def _print_grid_status(grid: Any) -> int:
     from regtune.cluster import grid_status
 
     status = grid_status(grid)
     order = ["finished", "running", "pending", "started", "interrupted", "failed", "not started"]
     counts = status["counts"]
-    print(f"{title or grid.name}: {len(status['runs'])} runs: "
+    print(f"{grid.name}: {len(status['runs'])} runs: "
           + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
     for state in order[1:]:
         keys = [k for k, v in status["runs"].items() if v == state]
