@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from regtune._io import atomic_write_json
+from regtune.train.callbacks import sigterm_handled
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time
@@ -159,7 +160,7 @@ class _StopOnSignal:
     def _on_signal(self, signum: int, frame: Any) -> None:
         _log.warning("Slurm signal %s: stopping at the end of this batch to requeue", signal.Signals(signum).name)
         self.caught = True
-        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if sigterm_handled():
             signal.raise_signal(signal.SIGTERM)  # a training in progress stops after its batch (submitit bypasses it)
 
     def requested(self) -> bool:
@@ -227,15 +228,15 @@ class TuneTask:
 
     def _work(self, index: int, stop: Callable[[], bool]) -> Any:
         from regtune.tune.pipeline import refit, run_tune
-        from regtune.tune.report import study_summaries
+        from regtune.tune.report import study_summaries, unfinished
         from regtune.tune.study import run_worker
 
         if self.phase == "search":
             return run_worker(self.search, self.storage_url, stop=stop)
         summaries = study_summaries(self.search, self.storage_url)
-        unfinished = [s["study"] for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
-        if unfinished:
-            raise SlurmError(f"the search has not finished ({', '.join(unfinished)}): its workers failed or were "
+        waiting = unfinished(summaries)
+        if waiting:
+            raise SlurmError(f"the search has not finished ({', '.join(waiting)}): its workers failed or were "
                              "cancelled; see regtune tune --status, then submit again")
         if self.phase == "refit":
             from regtune.train.callbacks import StopWhen
@@ -390,10 +391,9 @@ def grid_status(grid: Any) -> dict[str, Any]:
 
     failures_path = grid.out / "failures.json"
     failures = json.loads(failures_path.read_text()) if failures_path.is_file() else {}
-    keys, states = [], {}
+    states: dict[str, str] = {}  # in the expansion order
     for run in expand(grid):
         key = str(run.run_dir.relative_to(grid.out))
-        keys.append(key)
         status = RunDir(run.run_dir).status
         states[key] = ("finished" if status == "finished" else "failed" if key in failures
                        else "interrupted" if status == "interrupted"
@@ -411,17 +411,16 @@ def grid_status(grid: Any) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1
-    return {"runs": {k: states[k] for k in keys}, "counts": counts, "jobs": jobs or {}, "scheduler": jobs is not None}
+    return {"runs": states, "counts": counts, "jobs": jobs or {}, "scheduler": jobs is not None}
 
 
 def tune_status(search: Any, storage_url: str | None = None) -> dict[str, Any]:
     """The studies' trial counts, the finals' run states (once the search has chosen) and the Slurm jobs."""
-    from regtune.tune.report import finals_grid, study_summaries
+    from regtune.tune.report import finals_grid, study_summaries, unfinished
 
     summaries = study_summaries(search, storage_url)
     result: dict[str, Any] = {"studies": summaries}
-    unfinished = [s for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
-    if not unfinished:
+    if not unfinished(summaries):
         result["finals"] = grid_status(finals_grid(search, summaries))
     jobs = scheduler_states([s["job_id"] for s in _submissions(search.out)])
     result["jobs"] = tune_status_jobs(search.out, jobs)

@@ -259,7 +259,7 @@ def _imbalance_note(records: Sequence[RunRecord]) -> str:
     the dataset's own (as the dataset gives it, not long-tailed)."""
     ratios = set()
     for record in records:
-        split = Path(record.run_dir) / "split.json"
+        split = RunDir(record.run_dir).split_path
         settings = json.loads(split.read_text()).get("settings", {}) if split.is_file() else {}
         if settings.get("imbalance_ratio") is not None:
             ratios.add((settings.get("imbalance_profile", "exp"), settings["imbalance_ratio"]))

@@ -31,6 +31,7 @@ __all__ = [
     "read_epoch_log",
     "rng_state",
     "set_rng_state",
+    "sigterm_handled",
 ]
 
 _log = logging.getLogger(__name__)
@@ -138,6 +139,12 @@ def _batches_done_mid_epoch(trainer: pl.Trainer) -> int:
     return done if 0 < done < trainer.num_training_batches else 0
 
 
+def sigterm_handled() -> bool:
+    """Whether a handler listens for SIGTERM (a training's, Lightning's): raising it then asks for the end-of-batch
+    stop, where its default action would kill the process."""
+    return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
 class Preemption(pl.Callback):
     """On SIGTERM (or a first Ctrl-C) stop at the end of the current training batch and save a resumable checkpoint.
 
@@ -157,7 +164,7 @@ class Preemption(pl.Callback):
         self._pressed = False
 
     def sigint_handler(self, signum: int, frame: Any) -> None:
-        if self._pressed or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if self._pressed or not sigterm_handled():
             raise KeyboardInterrupt  # a second press, or no trainer is listening: stop now
         self._pressed = True
         _log.warning("stopping at the end of this batch (press Ctrl-C again to stop at once)")
@@ -198,7 +205,7 @@ class StopWhen(pl.Callback):
                              batch_idx: int) -> None:
         if not self.stop() or trainer.received_sigterm:
             return
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if not sigterm_handled():
             # Lightning listens only in the main thread; SIGTERM's default action would kill the process
             if not self._warned:
                 _log.warning("a stop was asked for, but no SIGTERM handler listens (not the main thread): the run "

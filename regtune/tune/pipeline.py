@@ -12,6 +12,7 @@ from regtune.tune.report import (
     chosen,
     finals_grid,
     study_summaries,
+    unfinished,
     write_orderings,
     write_search_report,
 )
@@ -42,9 +43,9 @@ def run_tune(search: Search, storage_url: str | None = None, workers: int = 1, f
     summaries = study_summaries(search, storage_url)
     result: dict[str, Any] = {"summaries": summaries,
                               "search": write_search_report(search, summaries, search.out / "search")}
-    unfinished = [s["study"] for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
-    if finals and report_only and unfinished:
-        _log.info("finals not reported: the search is not finished (%s)", ", ".join(unfinished))
+    waiting = unfinished(summaries)
+    if finals and report_only and waiting:
+        _log.info("finals not reported: the search is not finished (%s)", ", ".join(waiting))
         finals = False
     if finals:
         from regtune.bench.aggregate import collect_grid, write_report

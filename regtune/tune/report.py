@@ -23,7 +23,7 @@ from regtune.bench.grid import Grid, grid_from_dict
 from regtune.tune.search import OBJECTIVES, Search, SearchError, StudySpec, studies
 from regtune.tune.study import open_storage, study_for
 
-__all__ = ["chosen", "finals_grid", "study_summaries", "write_orderings", "write_search_report"]
+__all__ = ["chosen", "finals_grid", "study_summaries", "unfinished", "write_orderings", "write_search_report"]
 
 _log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def finals_grid(search: Search, summaries: list[dict[str, Any]]) -> Grid:
         raise SearchError("the finals of a search over several cells are not supported yet: one cell per search")
     methods = {}
     for s in summaries:
-        if s["complete"] + s["pruned"] < s["budget"] or s["running"]:
+        if unfinished([s]):
             raise SearchError(f"{s['study']}: {s['complete'] + s['pruned']} of {s['budget']} trials finished; run "
                               "the search to its budget first (the same command continues it)")
         if s["best_params"] is None:
@@ -288,6 +288,11 @@ def finals_grid(search: Search, summaries: list[dict[str, Any]]) -> Grid:
     data = {k: v for k, v in search.grid.source.items() if k not in ("search", "methods", "out", "name")}
     data["methods"] = methods
     return grid_from_dict(data, default_name=f"{search.name}-finals", out=search.out / "finals")
+
+
+def unfinished(summaries: list[dict[str, Any]]) -> list[str]:
+    """The studies that have not reached their budget, or still have a trial running or queued."""
+    return [s["study"] for s in summaries if s["complete"] + s["pruned"] < s["budget"] or s["running"]]
 
 
 def chosen(summaries: list[dict[str, Any]]) -> dict[str, Any]:
