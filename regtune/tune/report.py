@@ -3,8 +3,9 @@
 ``<out>/search/``: ``search.md`` / ``search.json`` (per study: the budget, trials complete / pruned / interrupted,
 the best trial's knobs and its objective, validation accuracy or balanced accuracy, per search seed, run time, what
 pruning saved),
-``history.png`` (each trial's objective, the best so far, pruned trials marked) and ``knobs.png`` (the objective
-against a lone knob, or Optuna's parameter importances). ``<out>/finals/``: each method's best configuration on
+``history.png`` (each trial's objective, the best so far, pruned trials marked) and ``knobs.png`` (the trials in
+each method's knob space: the objective against a lone knob, or the two most important knobs by Optuna's fANOVA
+importances, coloured by the objective; pruned trials marked). ``<out>/finals/``: each method's best configuration on
 the finals' seeds (a benchmark grid, resumable), tested once; ``<out>/report/``: the benchmark report of the finals
 against the tuned baseline (paired differences, Holm) and the orderings the search file asks about.
 """
@@ -164,51 +165,85 @@ def _plots(summaries: list[dict[str, Any]], search: Search, out: Path) -> dict[s
 
 
 def _knob_plot(summaries: list[dict[str, Any]], search: Search, out: Path) -> Path:
-    """The objective against the knob of a one-knob study; Optuna's fANOVA importances for several knobs."""
+    """Where each study's trials fell in its knob space, and what they scored.
+
+    A one-knob study: the objective against the knob. Several knobs: the two that mattered most (Optuna's fANOVA
+    importances of the complete trials, in the axis labels; the first two while fewer than 3 trials are complete),
+    each complete trial coloured by its objective, the best one starred. Pruned trials are grey crosses in both, so
+    that a region the pruner stopped shows as such.
+    """
     import matplotlib.pyplot as plt
-    import numpy as np
 
     n = len(summaries)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, s in zip(axes.flat, summaries):
         complete = [h for h in s["history"] if h["state"] == "COMPLETE"]
+        pruned = [h for h in s["history"] if h["state"] == "PRUNED"]
         knobs = search.spaces[s["method"]]
-        ax.set_title(s["study"], fontsize=9)
-        if len(knobs) == 1 and complete:
+        ax.set_title(f"{s['study']}\n{len(complete)} complete, {len(pruned)} pruned", fontsize=9)
+        if not knobs or not complete:
+            ax.text(0.5, 0.5, "no knob" if not knobs else "no complete trial yet", ha="center", va="center")
+            ax.axis("off")
+        elif len(knobs) == 1:
             knob = next(iter(knobs.values()))
-            xs = [h["params"][knob.key] for h in complete]
-            ax.plot(xs, [100 * h["value"] for h in complete], "o")
-            if knob.log:
-                from matplotlib.ticker import FixedLocator, NullLocator
-
-                ax.set_xscale("log")
-                # ticks where the trials are (a range within one decade has no labelled power of ten)
-                ticks = [float(f"{v:.2g}") for v in np.geomspace(min(xs), max(xs), 4)] if max(xs) > min(xs) else xs
-                ax.xaxis.set_major_locator(FixedLocator(ticks))
-                ax.xaxis.set_major_formatter(lambda v, _: f"{v:.2g}")
-                ax.xaxis.set_minor_locator(NullLocator())
+            ax.plot([h["params"][knob.key] for h in pruned], [100 * h["value"] for h in pruned], "x", color="grey",
+                    label="pruned (last epoch reported)")
+            ax.plot([h["params"][knob.key] for h in complete], [100 * h["value"] for h in complete], "o",
+                    color="tab:blue", label="complete")
+            _knob_axis(ax, "x", knob, [h["params"][knob.key] for h in complete + pruned])
             ax.set_xlabel(knob.key)
             ax.set_ylabel(_axis(search))
-        elif len(knobs) > 1 and len(complete) >= 3 and len({h["value"] for h in complete}) > 1:
-            importances = _importances(s, search)
-            ax.barh(list(importances), list(importances.values()))
-            ax.set_xlabel("importance (fANOVA)")
-        elif len(knobs) > 1 and len(complete) >= 3:
-            ax.text(0.5, 0.5, "every complete trial scored the same:\nno knob mattered", ha="center", va="center")
-            ax.axis("off")
         else:
-            ax.text(0.5, 0.5, "no knob" if not knobs else "too few complete trials yet", ha="center", va="center")
-            ax.axis("off")
+            _knob_scatter(fig, ax, s, search, complete, pruned)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{search.name}: what the knobs did (complete trials)")
+    fig.suptitle(f"{search.name}: the trials in each method's knob space (crosses: pruned)")
     fig.tight_layout()
     path = out / "knobs.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _knob_scatter(fig: Any, ax: Any, summary: dict[str, Any], search: Search, complete: list[dict[str, Any]],
+                  pruned: list[dict[str, Any]]) -> None:
+    """Two knobs of a study against each other, complete trials coloured by objective, pruned ones grey."""
+    knobs = search.spaces[summary["method"]]
+    importances: dict[str, float] = {}
+    if len(complete) >= 3 and len({h["value"] for h in complete}) > 1:
+        importances = _importances(summary, search)
+    keys = sorted(knobs, key=lambda k: -importances.get(k, 0.0))[:2] if importances else list(knobs)[:2]
+    x, y = (knobs[k] for k in keys)
+    ax.plot([h["params"][x.key] for h in pruned], [h["params"][y.key] for h in pruned], "x", color="grey")
+    points = ax.scatter([h["params"][x.key] for h in complete], [h["params"][y.key] for h in complete],
+                        c=[100 * h["value"] for h in complete], cmap="viridis", edgecolors="k", linewidths=0.4)
+    best = max(complete, key=lambda h: h["value"])
+    ax.plot([best["params"][x.key]], [best["params"][y.key]], "*", color="crimson", markersize=13, fillstyle="none")
+    for which, knob in (("x", x), ("y", y)):
+        _knob_axis(ax, which, knob, [h["params"][knob.key] for h in complete + pruned])
+    label = (lambda k: f"{k} (importance {importances[k]:.2f})") if importances else (lambda k: k)
+    ax.set_xlabel(label(x.key), fontsize=8)
+    ax.set_ylabel(label(y.key), fontsize=8)
+    fig.colorbar(points, ax=ax, fraction=0.08, pad=0.02).set_label(_axis(search), fontsize=8)
+
+
+def _knob_axis(ax: Any, which: str, knob: Any, values: list[Any]) -> None:
+    """The ``which`` ("x" or "y") axis of ``ax`` on a log scale for a log knob, with a few labelled ticks where the
+    trials are (a range within one decade has no labelled power of ten)."""
+    if not knob.log or not values:
+        return
+    import numpy as np
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    low, high = min(values), max(values)
+    ticks = [float(f"{v:.2g}") for v in np.geomspace(low, high, 4)] if high > low else [low]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(lambda v, _: f"{v:.2g}")
+    axis.set_minor_locator(NullLocator())
 
 
 def _importances(summary: dict[str, Any], search: Search) -> dict[str, float]:

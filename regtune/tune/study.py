@@ -11,8 +11,8 @@ queued; a worker claims a trial under a lock, and a trial claimed beyond the bud
 racing) is marked failed with ``surplus`` and never runs. A running trial writes a heartbeat (a user attribute) every
 ``heartbeat_s``; one whose heartbeat is older than ``stale_after_s`` belongs to a worker that died: it is marked failed
 with ``interrupted`` (kept, visible) and its knob values are queued again, so the search continues to the same set of
-finished trials. TPE is seeded per trial from the trial's position in the budget, so an interrupted sequential search
-draws what an uninterrupted one draws.
+finished trials. TPE is seeded per trial from the search's sampler seed and the trial's position in the budget
+(`trial_seed`), so an interrupted sequential search draws what an uninterrupted one draws.
 
 Disk: a finished trial keeps each run's config, metrics and logs (about 20 KB per seed), not its checkpoints, weights or
 cached features.
@@ -221,6 +221,17 @@ def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
     return search.out / "trials" / spec.cell / spec.method / f"t{number:03d}"
 
 
+def trial_seed(sampler_seed: int, position: int) -> int:
+    """The TPE seed of the trial at ``position`` of a study's budget: NumPy's SeedSequence of the pair.
+
+    Not ``sampler_seed + position``: the Mersenne Twister's first draws from small consecutive seeds are correlated
+    (seeds 0 and 3 both start near (0.55, 0.71)), so the random start-up trials of a study would nearly coincide.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([sampler_seed, position]).generate_state(1)[0])
+
+
 def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_fn: Callable[..., Any],
                stop: Callable[[], bool] | None = None) -> None:
     """Draw the knobs, train once per search seed, tell Optuna the mean of the objective (or that it pruned)."""
@@ -231,7 +242,7 @@ def _run_trial(search: Search, spec: StudySpec, trial: Any, position: int, fit_f
 
     optuna = _optuna()
     study = trial.study
-    study.sampler = optuna.samplers.TPESampler(seed=search.sampler_seed * 100_003 + position,
+    study.sampler = optuna.samplers.TPESampler(seed=trial_seed(search.sampler_seed, position),
                                                n_startup_trials=search.startup_trials)
     params = {knob.key: knob.suggest(trial) for knob in search.spaces[spec.method].values()}
     trial.set_user_attr("position", position)

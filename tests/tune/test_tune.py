@@ -132,6 +132,26 @@ def test_a_method_without_knobs_runs_once(photos: Path, tmp_path: Path) -> None:
                                                                       "imagefolder-f1.0/lp": 1}
 
 
+def test_the_random_start_up_trials_spread_over_the_space(photos: Path, tmp_path: Path) -> None:
+    import math
+
+    from regtune.tune.report import study_summaries, write_search_report
+
+    # seeded as sampler_seed + position, positions 0 and 3 drew (0.549, 0.715) and (0.551, 0.708): one trial wasted
+    data = _search_dict(photos, tmp_path / "out", methods={"head_l1": {"recipes": ["ft"], "regularizers": ["head_l1"],
+                        "space": {"head_l1.weight": {"low": 1e-4, "high": 1e-2, "log": True}}}},
+                        trials=4, startup_trials=4)
+    search = search_from_dict(data)
+    run_search(search, fit_fn=fake_fit(lambda config, epoch: config.optim.lr))
+    trials = _trials(search)["imagefolder-f1.0/head_l1"]
+    unit = [(math.log(t.params["optim.lr"] / 1e-3) / math.log(100), math.log(t.params["head_l1.weight"] / 1e-4)
+             / math.log(100)) for t in trials]  # each knob's position in its log range, 0-1
+    assert len(unit) == 4
+    assert min(math.dist(a, b) for i, a in enumerate(unit) for b in unit[i + 1:]) > 0.1
+    paths = write_search_report(search, study_summaries(search), tmp_path / "report")  # the two-knob scatter
+    assert paths["knobs"].stat().st_size > 10_000
+
+
 def test_hopeless_trials_are_pruned_and_the_report_says_what_it_saved(photos: Path, tmp_path: Path) -> None:
     from regtune.tune.report import study_summaries, write_search_report
 
