@@ -78,7 +78,7 @@ def write(rows: list[dict], out: Path, metric: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (%), mean over seeds {','.join(map(str, rows[0]['seeds']))}")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out / "vs_untuned.png", dpi=120)
     plt.close(fig)

@@ -130,10 +130,10 @@ def _reap_stale(study: Any, search: Search) -> None:
             continue
         _log.warning("%s: trial %d stopped without finishing (no heartbeat for %.0f s)", study.study_name,
                      trial.number, now - beat)
-        _interrupted(study, trial.number, trial.params)
+        _interrupted(study, search, trial.number, trial.params)
 
 
-def _interrupted(study: Any, number: int, params: dict[str, Any]) -> None:
+def _interrupted(study: Any, search: Search, number: int, params: dict[str, Any]) -> None:
     """Mark a running trial failed and queue its knob values again (the queued trial's ``retry_of`` names it: the
     report counts it as interrupted, not as a failure of the method)."""
     optuna = _optuna()
@@ -218,7 +218,12 @@ def _strip(run_dir: Path) -> None:
 
 
 def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
-    return search.out / "trials" / spec.cell / spec.method / f"t{number:03d}"
+    return _trial_folder(search, spec.name, number)
+
+
+def _trial_folder(search: Search, study_name: str, number: int) -> Path:
+    """``<out>/trials/<cell>/<method>/tNNN`` (a study is named ``<cell>/<method>``)."""
+    return search.out / "trials" / study_name / f"t{number:03d}"
 
 
 def trial_seed(sampler_seed: int, position: int) -> int:
@@ -318,6 +323,7 @@ def run_worker(search: Search, storage_url: str | None = None, fit_fn: Callable[
         if queued:
             continue
         if not running:
+            _strip_interrupted(search, specs, storage)
             return ran
         _log.info("waiting for %d trial(s) of other workers", running)
         time.sleep(min(search.heartbeat_s, 30.0))
@@ -345,7 +351,7 @@ def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[...
         except KeyboardInterrupt:
             _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
                          "continue)", spec.name, trial.number)
-            _interrupted(study, trial.number, trial.params)
+            _interrupted(study, search, trial.number, trial.params)
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
@@ -353,6 +359,18 @@ def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[...
             raise
         ran += 1
     return ran
+
+
+def _strip_interrupted(search: Search, specs: list[StudySpec], storage: Any) -> None:
+    """Once no trial runs anywhere: the runs of interrupted trials keep their records, not the checkpoints a killed
+    run left (about 50 MB each; the retry started afresh)."""
+    for spec in specs:
+        for trial in study_for(search, spec, storage).get_trials(deepcopy=False):
+            retry_of = trial.user_attrs.get("retry_of")
+            folder = trial_dir(search, spec, retry_of) if retry_of is not None else None
+            for run_dir in folder.iterdir() if folder is not None and folder.is_dir() else ():
+                if run_dir.is_dir():
+                    _strip(run_dir)
 
 
 def _pending(search: Search, specs: list[StudySpec], storage: Any) -> tuple[int, int]:

@@ -298,7 +298,10 @@ def test_a_search_killed_mid_trial_resumes_to_the_same_finished_trials(photos: P
     assert inside.is_file(), (tmp_path / "killed.log").read_text()
     os.killpg(process.pid, signal.SIGKILL)  # mid-trial, no chance to clean up
     process.wait()
+    (inside.parent / "checkpoints").mkdir(exist_ok=True)  # what a killed run leaves (~50 MB): its last checkpoint
+    (inside.parent / "checkpoints" / "last.ckpt").write_bytes(b"0" * 1000)
     assert _tune_process(files["killed"], tmp_path / "killed2.log").wait(timeout=600) == 0
+    assert not (inside.parent / "checkpoints").exists() and inside.is_file()  # the record stays, not the weights
     reference = load_search(files["reference"])
     killed = load_search(files["killed"])
     assert _finished(killed) == _finished(reference) and len(_finished(reference)) == 4
