@@ -14,8 +14,8 @@ with ``interrupted`` (kept, visible) and its knob values are queued again, so th
 finished trials. TPE is seeded per trial from the search's sampler seed and the trial's position in the budget
 (`trial_seed`), so an interrupted sequential search draws what an uninterrupted one draws.
 
-Disk: a finished trial keeps each run's config, metrics and logs (about 20 KB per seed), not its checkpoints, weights or
-cached features.
+Disk: a finished trial keeps each run's config, metrics and logs (25-40 KB per seed), not its checkpoints, weights or
+cached features; an interrupted trial's runs are reduced to the same once no trial runs.
 """
 
 from __future__ import annotations
@@ -130,10 +130,10 @@ def _reap_stale(study: Any, search: Search) -> None:
             continue
         _log.warning("%s: trial %d stopped without finishing (no heartbeat for %.0f s)", study.study_name,
                      trial.number, now - beat)
-        _interrupted(study, search, trial.number, trial.params)
+        _interrupted(study, trial.number, trial.params)
 
 
-def _interrupted(study: Any, search: Search, number: int, params: dict[str, Any]) -> None:
+def _interrupted(study: Any, number: int, params: dict[str, Any]) -> None:
     """Mark a running trial failed and queue its knob values again (the queued trial's ``retry_of`` names it: the
     report counts it as interrupted, not as a failure of the method)."""
     optuna = _optuna()
@@ -218,12 +218,7 @@ def _strip(run_dir: Path) -> None:
 
 
 def trial_dir(search: Search, spec: StudySpec, number: int) -> Path:
-    return _trial_folder(search, spec.name, number)
-
-
-def _trial_folder(search: Search, study_name: str, number: int) -> Path:
-    """``<out>/trials/<cell>/<method>/tNNN`` (a study is named ``<cell>/<method>``)."""
-    return search.out / "trials" / study_name / f"t{number:03d}"
+    return search.out / "trials" / spec.cell / spec.method / f"t{number:03d}"
 
 
 def trial_seed(sampler_seed: int, position: int) -> int:
@@ -351,7 +346,7 @@ def _run_study(search: Search, spec: StudySpec, study: Any, fit_fn: Callable[...
         except KeyboardInterrupt:
             _log.warning("%s: trial %d interrupted; its values are queued again (run the same command to "
                          "continue)", spec.name, trial.number)
-            _interrupted(study, search, trial.number, trial.params)
+            _interrupted(study, trial.number, trial.params)
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
