@@ -10,7 +10,8 @@ it would have stopped the trial there, against the trials that had completed by 
 did not stop. A step's time is taken as the trial's start plus the step's share of its run time (the journal has
 no per-step times). It writes ``replay.md`` (per study: each trial's knobs, objective, where it would stop, the
 run time saved, and whether the best trial survives) and ``replay.png`` (the learning curves, cut where the rule
-would stop them).
+would stop them). The curves are the per-epoch values the pruner is given (for WiSE-FT the fine-tuned weights'
+accuracy before the mix); a trial's objective is its runs' final metric, which can differ from its curve's end.
 
 This answers "does pruning change the chosen configuration" on the same trials. A pruned search also differs in
 what the sampler saw afterwards (pruned trials' last values), which this replay cannot show.
@@ -140,7 +141,7 @@ def plot(studies: dict[str, list[Verdict]], epochs: int | None, path: Path) -> N
                 ax.axvline(b - 0.5, color="0.8", lw=0.8)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step (epochs of split 1, then split 2, ...)" if epochs else "step")
-        ax.set_ylabel("validation objective (%)")
+        ax.set_ylabel("per-epoch validation score (%): what the pruner sees", fontsize=9)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color="tab:blue", label="completes"),
                plt.Line2D([], [], color="0.55", ls=":", label="stopped (its unpruned rest dotted)"),
