@@ -85,7 +85,8 @@ def replay(trials: list[FrozenTrial], warmup: int, startup: int) -> list[Verdict
         stop = _stop_step(trial, survivors, pruner)
         if stop is None:
             survivors.append(trial)
-        seconds = float(trial.user_attrs.get("seconds", (trial.datetime_complete - trial.datetime_start).seconds))
+        wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        seconds = float(trial.user_attrs.get("seconds", wall))  # the runs' own time where the trial recorded it
         verdicts.append(Verdict(trial.number, trial.params, float(trial.value), seconds,
                                 max(trial.intermediate_values) + 1, stop, dict(trial.intermediate_values)))
     return verdicts
