@@ -34,6 +34,9 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = OverheadSettings()
     parser.add_argument("--backbone", default=defaults.backbone, help="timm model name")
+    parser.add_argument("--pretrained", default=defaults.pretrained,
+                        help="weight source (auto: the offline weights where regtune has them); none: random weights, "
+                             "for a backbone without offline weights (timing does not depend on the values)")
     parser.add_argument("--img-size", type=int, default=defaults.img_size, help="input resolution (pixels)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per method per round")
@@ -65,7 +68,8 @@ def main() -> None:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU, {torch.get_num_threads()} threads")
     try:
-        settings = OverheadSettings(backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
+        settings = OverheadSettings(backbone=args.backbone, pretrained=args.pretrained, img_size=args.img_size,
+                                    batch_size=args.batch_size,
                                     steps=args.steps, rounds=args.rounds, device=args.device)
     except (TypeError, ValueError) as err:
         parser.error(str(err))

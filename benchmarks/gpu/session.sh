@@ -12,21 +12,23 @@ start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 out="${OUT:?run this through the device tool: it sets OUT}"
 export PYTHONUNBUFFERED=1 REGTUNE_FASHION_MNIST_GZ="$PWD/.carry/fmnist"
-python -m pip install -q --no-deps .carry/wheels/*.whl && python -m pip install -q --no-deps -e . || exit 1
+# the machine has no network: no build isolation (its setuptools builds the editable install); python3 holds torch
+python3 -m pip install -q --no-deps .carry/wheels/*.whl \
+  && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 versions="import torch, timm, lightning; print(torch.__version__, timm.__version__, lightning.__version__)"
-{ python -c "$versions"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } \
+{ python3 -c "$versions"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } \
   > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
 echo "== 1. regtune fit against a bare timm loop, bf16 ($(left) s left)"
 for backbone in tf_efficientnet_lite0 resnet50; do
-  timeout 120 python benchmarks/overhead.py --framework --device cuda --precision bf16-mixed --num-workers 8 \
+  timeout 120 python3 benchmarks/overhead.py --framework --device cuda --precision bf16-mixed --num-workers 8 \
     --img-size 224 --batch-size 64 --backbone "$backbone" --pretrained none --steps-per-epoch 40 --rounds 3 \
     --out "$out/framework_$backbone.md" 2>&1 | tail -8
 done
 
 echo "== 2. per-method overhead, fp32 ($(left) s left)"
-timeout 150 python benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 \
+timeout 150 python3 benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 \
   --out "$out/overhead_cuda.md" 2>&1 | tail -20
 
 echo "== 3. the imbalanced grid, 8 shards ($(left) s left)"
