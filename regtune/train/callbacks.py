@@ -323,14 +323,16 @@ class StepLog(pl.Callback):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
             return
         row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
-        for key, value in trainer.callback_metrics.items():
-            if key.endswith("_step"):
-                row[key.removesuffix("_step")] = float(value)
+        values = getattr(pl_module, "step_values", None)
+        if values is None:  # another module: what it logged per step (read on the host now)
+            values = {k.removesuffix("_step"): v for k, v in trainer.callback_metrics.items() if k.endswith("_step")}
+        # GPU values stay where they are until the epoch's end: reading one now would make the host wait
+        row.update({k: v.detach() if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()})
         self._rows.append(row)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rows:
-            _write_csv(self.path, read_epoch_log(self.path) + self._rows)
+            _write_csv(self.path, read_epoch_log(self.path) + _on_host(self._rows))
             self._rows = []
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -389,6 +391,18 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
                 continue
             parsed[key] = int(value) if key in ("epoch", "step") else float(value)
         out.append(parsed)
+    return out
+
+
+def _on_host(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with their tensor values as Python floats, read from each device in one transfer."""
+    slots = [(i, k, v) for i, row in enumerate(rows) for k, v in row.items() if isinstance(v, torch.Tensor)]
+    out = [dict(row) for row in rows]
+    for device in {v.device for _, _, v in slots}:
+        mine = [(i, k, v) for i, k, v in slots if v.device == device]
+        values = torch.stack([v.reshape(()).to(torch.float64) for _, _, v in mine]).tolist()
+        for (i, k, _), value in zip(mine, values):
+            out[i][k] = value
     return out
 
 

@@ -105,6 +105,7 @@ class FineTuneData(pl.LightningDataModule):
         seed: Seed of the training order (see `EpochShuffle`).
         with_index: Training batches also carry each sample's position in the training subset (the order of
             `setup_dataloader`), for regularizers with per-sample state.
+        pin_memory: Batches in page-locked memory, for asynchronous copies to a GPU (when training on one).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class FineTuneData(pl.LightningDataModule):
             validate_on_test: bool = False,
             seed: int = 0,
             with_index: bool = False,
+            pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.train_set = train_set
@@ -133,6 +135,7 @@ class FineTuneData(pl.LightningDataModule):
         self.validate_on_test = validate_on_test
         self.seed = seed
         self.with_index = with_index
+        self.pin_memory = pin_memory
 
     def _loader(self, dataset: TransformedSubset, train: bool) -> DataLoader:
         # drop_last keeps every training batch full (BatchNorm and batch-statistics terms such as BSS need B > 1),
@@ -146,7 +149,7 @@ class FineTuneData(pl.LightningDataModule):
             generator=sampler.generator if train else None,
             drop_last=train and len(sampler) > self.batch_size,
             num_workers=self.num_workers,
-            pin_memory=False,
+            pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> DataLoader:

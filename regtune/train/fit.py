@@ -210,7 +210,8 @@ def _build_parts(config: FitConfig, resume_from: RunDir | None, test: bool = Tru
     datamodule = FineTuneData(train_set, test_set, split, train_tf, eval_tf, batch_size=d.batch_size,
                               eval_batch_size=d.eval_batch_size, num_workers=_workers(d.num_workers),
                               validate_on_test=t.select == "test_acc", seed=t.seed,
-                              with_index=any(term.needs_indices for term in regularizers))
+                              with_index=any(term.needs_indices for term in regularizers),
+                              pin_memory=t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available())
     # Terms adapt the model here (snapshots, copies, layer swaps): a missing source head fails before any run
     # directory exists.
     module = FineTuner(backbone.model, criterion, regularizers, config.optim, train_set.num_classes,

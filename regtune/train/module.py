@@ -20,11 +20,61 @@ from regtune.regularizers._utils import all_reduce_sum
 from regtune.regularizers.functional import channel_entropy, class_margin, cosine_logits, sample_margins
 from regtune.train.config import OptimConfig
 
-__all__ = ["Evaluation", "FineTuner", "NonFiniteLossError", "lr_factor"]
+__all__ = ["Evaluation", "FineTuner", "FiniteGuard", "NonFiniteLossError", "lr_factor"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the term."""
+
+
+class FiniteGuard:
+    """Raises `NonFiniteLossError` for a non-finite training loss without making a GPU wait at every step.
+
+    Reading a GPU value on the host waits for every kernel queued so far: checking each step's loss that way in the
+    middle of the step (before its backward is queued) stalls the host and leaves the GPU idle between steps. On a
+    GPU the check is therefore deferred: the loss's finiteness is copied to pinned host memory behind a CUDA event,
+    and `resolve` reads it at the next step or before anything is written or evaluated (checkpoint, validation,
+    epoch means, end of training), when the event has long passed. The one bad update is never saved. On the CPU
+    the check is immediate and free.
+
+    Args:
+        defer: Defer the check; ``None`` defers on CUDA only (tests force it on the CPU).
+    """
+
+    def __init__(self, defer: bool | None = None) -> None:
+        self.defer = defer
+        self._pending: tuple[torch.Tensor, Any, dict[str, torch.Tensor], str] | None = None
+
+    def watch(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], where: str) -> None:
+        """Check ``loss`` (now or later); ``terms`` and ``where`` (the step, epoch and batch) go into the error."""
+        self.resolve()
+        finite = torch.isfinite(loss.detach())
+        if not (self.defer if self.defer is not None else loss.device.type == "cuda"):
+            self._raise_unless(bool(finite), terms, where)
+            return
+        cuda = loss.device.type == "cuda"
+        host = torch.empty((), dtype=torch.bool, pin_memory=cuda)
+        host.copy_(finite, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._pending = (host, event, {k: v.detach() for k, v in terms.items()}, where)
+
+    def resolve(self) -> None:
+        """Raise now if the last watched loss was not finite."""
+        if self._pending is None:
+            return
+        host, event, terms, where = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        self._raise_unless(bool(host), terms, where)
+
+    @staticmethod
+    def _raise_unless(finite: bool, terms: dict[str, torch.Tensor], where: str) -> None:
+        if not finite:
+            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(f"non-finite training loss at {where}: {bad}")
 
 
 class Evaluation(NamedTuple):
@@ -127,6 +177,8 @@ class FineTuner(pl.LightningModule):
             model.to(memory_format=torch.channels_last)
         self.mixup = mixup
         self.seed = seed
+        self.finite_guard = FiniteGuard()
+        self.step_values: dict[str, torch.Tensor | float] = {}  # the last training step's logged values
         self.freeze_bn_stats = freeze_bn_stats  # Lightning keeps the modes it finds; train() below sets them
         self.prepare = prepare
         # Before the optimizer sees the model: LM-Softmax installs its cosine head, L2-SP snapshots the starting
@@ -193,6 +245,7 @@ class FineTuner(pl.LightningModule):
         self.regularizers_ready = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_guard.resolve()  # a deferred check: the weights of a non-finite step are never saved
         checkpoint["regtune_regularizers_ready"] = self.regularizers_ready
         checkpoint["regtune_epoch_sums"] = {k: v.detach().cpu() for k, v in self._epoch_sums.items()}
         checkpoint["regtune_ema_selected"] = self.ema_selected
@@ -221,7 +274,11 @@ class FineTuner(pl.LightningModule):
             self._epoch_sums = {}  # a restart at an epoch's end may carry the finished epoch's sums
 
     def on_train_epoch_end(self) -> None:
+        self.finite_guard.resolve()
         self._epoch_sums = {}  # callbacks (EpochLog) have read epoch_means() by now
+
+    def on_train_end(self) -> None:
+        self.finite_guard.resolve()
 
     def train(self, mode: bool = True) -> FineTuner:
         """Training mode; with ``freeze_bn_stats`` the model's BatchNorm layers stay in evaluation mode (they normalise
@@ -250,6 +307,7 @@ class FineTuner(pl.LightningModule):
 
         Every process must call it (it all-reduces when ``torch.distributed`` runs).
         """
+        self.finite_guard.resolve()
         if not self._epoch_sums:
             return {}
         names = sorted(self._epoch_sums)
@@ -363,12 +421,8 @@ class FineTuner(pl.LightningModule):
         if self.feature_stats:
             self._log_feature_stats(record.features, labels, "train")
         loss = self.total_loss(terms)
-        if not torch.isfinite(loss):
-            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch + 1}, batch "
-                f"{batch_idx}): {bad}"
-            )
+        self.finite_guard.watch(loss, terms, f"step {self.global_step} (epoch {self.current_epoch + 1}, batch "
+                                             f"{batch_idx})")
         batch_size = labels.shape[0]
         # Step values go to Lightning (progress bar, steps.csv); epoch means are the module's own sums.
         stepwise: dict[str, torch.Tensor | float] = {"train/loss": loss.detach()}
@@ -381,10 +435,14 @@ class FineTuner(pl.LightningModule):
         # The bar shows the criterion's loss: the total can be negative (FMR adds a negative entropy) and reads as a
         # bug.
         headline = f"train/{self.criterion_name}" if f"train/{self.criterion_name}" in stepwise else "train/loss"
+        # A bar metric is read on the host at every step (a GPU wait): only while a bar shows it. The step log
+        # (StepLog) reads step_values and converts a whole epoch's at once.
+        bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
         for name, value in stepwise.items():
             self.log(f"{name}_step", value, on_step=True, on_epoch=False, batch_size=batch_size,
-                     prog_bar=name == headline)
+                     prog_bar=bar and name == headline)
             self._epoch_stat(name, value, batch_size)
+        self.step_values = stepwise
         self._epoch_stat("train/acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
         return loss
 
@@ -490,6 +548,7 @@ class FineTuner(pl.LightningModule):
         self.log("select/bal_acc", chosen.bal_acc, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
+        self.finite_guard.resolve()
         self._eval_sums = None
         self._ema_sums = None
 

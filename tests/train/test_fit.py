@@ -28,7 +28,7 @@ from regtune.train.config import (
     apply_overrides,
 )
 from regtune.train.fit import RunDirError, fit
-from regtune.train.module import NonFiniteLossError
+from regtune.train.module import FiniteGuard, NonFiniteLossError
 from regtune.train.rundir import RunDir
 from tests.conftest import TINY_BACKBONE, write_imagefolder
 
@@ -182,6 +182,38 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(imagefolder: Path, tmp_path: P
     last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     assert last["epoch"] == 0 and last["global_step"] == 3
     assert not (tmp_path / "run/metrics.json").exists()
+
+
+@pytest.mark.parametrize("at_step", [4, 5])  # mid-epoch; the epoch's last step (validation and checkpoint follow)
+def test_a_deferred_finite_check_names_the_step_and_saves_no_bad_weights(imagefolder: Path, tmp_path: Path,
+                                                                         toy_terms: type, at_step: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU the check of step k is read at step k + 1 or before any checkpoint or validation; forced on here.
+    init = FiniteGuard.__init__
+    monkeypatch.setattr(FiniteGuard, "__init__", lambda self, defer=None: init(self, defer=True))
+    config = tiny_config(imagefolder, epochs=3)
+    config = FitConfig(data=config.data, model=config.model, optim=config.optim, trainer=config.trainer,
+                       regularizers=(TermSpec("toy_nan", {"at_step": at_step}),))
+    with pytest.raises(NonFiniteLossError, match=rf"step {at_step} \(epoch 2, batch {at_step - 3}\).*toy_nan=nan"):
+        fit(config, run_dir=tmp_path / "run")
+    last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 3  # the bad update reached no checkpoint
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_finite_guard_defers_to_the_next_watch_or_resolve() -> None:
+    guard = FiniteGuard(defer=True)
+    terms = {"ce": torch.tensor(0.5), "bad": torch.tensor(float("inf"))}
+    guard.watch(torch.tensor(1.0), {"ce": torch.tensor(1.0)}, "step 0")
+    guard.watch(torch.tensor(float("inf")), terms, "step 1")  # step 0 was finite: nothing raised
+    with pytest.raises(NonFiniteLossError, match=r"at step 1: ce=0\.5, bad=inf"):
+        guard.resolve()
+    guard.resolve()  # read once
+    guard.watch(torch.tensor(float("nan")), terms, "step 2")
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        guard.watch(torch.tensor(1.0), terms, "step 3")
+    with pytest.raises(NonFiniteLossError, match="at step 4"):  # undeferred: at once
+        FiniteGuard(defer=False).watch(torch.tensor(float("nan")), terms, "step 4")
 
 
 def test_paper_selection_is_labelled(imagefolder: Path, tmp_path: Path) -> None:
