@@ -11,3 +11,16 @@ for backbone in tf_efficientnet_lite0 resnet50; do
     --img-size 224 --batch-size 64 --backbone "$backbone" --pretrained none --steps-per-epoch 25 --rounds 2 \
     --out "$out/framework_$backbone.md" 2>&1 | grep -v "^\[overhead\] epoch"
 done
+# the deferred non-finite check on a real GPU (pinned copy behind an event)
+python3 - <<'PY'
+import torch
+from regtune.train.module import FiniteGuard, NonFiniteLossError
+guard, x = FiniteGuard(), torch.ones((), device="cuda")
+guard.watch(x, {"ce": x}, "step 0")
+guard.watch(x * float("nan"), {"ce": x * float("nan")}, "step 1")
+try:
+    guard.resolve()
+    print("FiniteGuard on CUDA: FAILED, no error")
+except NonFiniteLossError as err:
+    print("FiniteGuard on CUDA: ok:", err)
+PY
