@@ -2,7 +2,8 @@
 # A GPU session's prepared work, on the device machine, from the repository root with .carry/ carried
 # (benchmarks/gpu/prepare.sh): 1. regtune fit against a bare timm loop (EfficientNet-Lite0 and ResNet-50, bf16,
 # 224 px), 2. the per-method overhead table, 3. the pending imbalanced grid (regtune/grids/imbalanced_fmnist.yaml) in
-# 8 shards until the time is spent. Everything that comes back is under $OUT: the tables, the logs, and the grid's
+# 8 shards until the time is spent (about 40 s per run and shard: the whole grid takes a 10-minute call of its own).
+# Everything that comes back is under $OUT (at most 8 files): the tables, the grid's logs, and the grid's
 # finished runs without their checkpoints (results.tar.gz: unpack it in the repository root here, then
 # `regtune bench imbalanced_fmnist --report-only`; an unfinished run is trained again here or next time).
 # Usage: bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the device tool's 10-minute limit, less a margin)
@@ -34,16 +35,21 @@ timeout 150 python3 benchmarks/overhead.py --device cuda --img-size 224 --batch-
 echo "== 3. the imbalanced grid, 8 shards ($(left) s left)"
 grid=runs/bench/imbalanced_fmnist
 remaining=$(( $(left) - 45 ))  # keep time to pack the results
+logs=$(mktemp -d)
 if [ "$remaining" -gt 60 ]; then
   for i in 1 2 3 4 5 6 7 8; do
-    OMP_NUM_THREADS=2 timeout -s INT "$remaining" regtune bench imbalanced_fmnist --shard "$i/8" \
-      > "$out/grid_shard$i.log" 2>&1 &
+    # SIGKILL: the grid goes on after a failed run, so a gentler signal would only fail the run in progress; the
+    # finished runs are on disk and an unfinished one is trained again next time
+    OMP_NUM_THREADS=2 timeout -s KILL "$remaining" regtune bench imbalanced_fmnist --shard "$i/8" \
+      > "$logs/grid_shard$i.log" 2>&1 &
   done
   wait
 fi
 ls "$grid"/runs/*/*/*/metrics.json 2>/dev/null | wc -l | xargs echo "finished runs:"
-# finished runs only, without checkpoints and weights (they stay here; the report needs metrics and logs)
+# finished runs only, without checkpoints and weights (the report needs metrics and logs), and the shards' logs: the
+# device tool brings back at most 8 files
 find "$grid/runs" -name metrics.json -printf '%h\n' 2>/dev/null > /tmp/finished.txt
 tar -czf "$out/results.tar.gz" --exclude=checkpoints --exclude='*.safetensors' -T /tmp/finished.txt \
   "$grid/grid.yaml" "$grid/splits" 2>/dev/null
+tar -czf "$out/grid_logs.tar.gz" -C "$logs" . 2>/dev/null
 du -h "$out"/*
