@@ -51,18 +51,21 @@ def split_cell(cell: Sequence[tuple[str, Any]]) -> tuple[Cell, float | None, str
 
     Returns:
         ``(panel, x, axis)``: ``x`` is the fraction in percent (axis ``"training data per class (%)"``) or the
-        per-class count (axis ``"training images per class"``); ``(panel, None, "")`` for a cell with neither.
+        per-class count (axis ``"training images per class"``); ``(panel, None, "")`` for a cell with neither. In a
+        long-tailed cell (``data.imbalance_ratio``) the amount is the head class's, and the axis says so.
 
     Example:
         >>> split_cell((("data.dataset", "cub200"), ("data.fraction", 0.15)))
         ((('data.dataset', 'cub200'),), 15.0, 'training data per class (%)')
     """
     rest, x, axis = [], None, ""
+    # long-tailed subsets: the amount is the head class's; the others have fewer (data.imbalance_ratio)
+    whose = "of the head class" if any(key == "data.imbalance_ratio" for key, _ in cell) else "per class"
     for key, value in cell:
         if key == "data.fraction":
-            x, axis = 100 * float(value), "training data per class (%)"
+            x, axis = 100 * float(value), f"training data {whose} (%)"
         elif key == "data.per_class":
-            x, axis = float(value), "training images per class"
+            x, axis = float(value), f"training images {whose}"
         else:
             rest.append((key, value))
     return tuple(rest), x, axis

@@ -30,6 +30,9 @@ def test_split_cell_takes_the_amount_of_data_out_of_the_panel() -> None:
     assert split_cell((("data.per_class", 5), ("data.dataset", "pets"))) == (
         (("data.dataset", "pets"),), 5.0, "training images per class")
     assert split_cell((("data.dataset", "dtd"),)) == ((("data.dataset", "dtd"),), None, "")
+    # long-tailed: the fraction is the head class's budget (the tail has rho times fewer), and the axis says so
+    assert split_cell((("data.fraction", 0.05), ("data.imbalance_ratio", 100))) == (
+        (("data.imbalance_ratio", 100),), 5.0, "training data of the head class (%)")
 
 
 def test_cells_doctests() -> None:
