@@ -318,8 +318,8 @@ class RandomFeatureRegularizer(LazyShapeMixin, Regularizer):
         self._distance = distance.detach()
         return self.weight * distance
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._distance is None else {"distance": float(self._distance)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._distance is None else {"distance": self._distance}
 
 
 @register_regularizer("adarand")
@@ -468,10 +468,10 @@ class AdaRand(RandomFeatureRegularizer):
             self._prior_step(step)
         return loss
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         out = super().stats()
         if self._prior_losses is not None:
-            out["l_intra"], out["l_inter"] = (float(v) for v in self._prior_losses)
+            out["l_intra"], out["l_inter"] = self._prior_losses
         if self.mu.numel():
-            out["mu_norm"] = float(self.mu.detach().norm(dim=1).mean())
+            out["mu_norm"] = self.mu.detach().norm(dim=1).mean()  # a new tensor: mu moves in place
         return out

@@ -213,8 +213,15 @@ class Regularizer(nn.Module):
         """Return the weighted scalar loss term of one training step."""
         raise NotImplementedError
 
-    def stats(self) -> dict[str, float]:
-        """Return what the term wants logged after the last `forward` (weights, entropies, ...)."""
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        """Return what the term wants logged after the last `forward` (weights, entropies, ...).
+
+        A value computed on the device is returned as a detached 0-dim floating tensor where it lives, not as a
+        Python float: reading a GPU value on the host makes the host wait for every queued kernel, and the trainer
+        calls `stats` at every step (it reads the values on the host once per epoch). A tensor must not be a view of
+        a buffer or parameter that is changed in place later (return ``.detach().clone()`` or the result of an
+        operation); plain Python numbers (counts, constants) stay floats.
+        """
         return {}
 
     def artifacts(self) -> dict[str, torch.Tensor]:
@@ -313,8 +320,12 @@ class Criterion(nn.Module):
             counts: (C,).
         """
 
-    def stats(self) -> dict[str, float]:
-        """What the criterion wants logged after the last forward (margins, ...)."""
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        """What the criterion wants logged after the last forward (margins, ...).
+
+        As for ``Regularizer.stats``: device values as detached 0-dim floating tensors (a float read from a GPU
+        tensor makes the host wait at every step), not views of state changed in place; Python numbers as floats.
+        """
         return {}
 
     def __call__(self, step: TrainStep, *args: Any, **kwargs: Any) -> torch.Tensor:

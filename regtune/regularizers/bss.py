@@ -83,5 +83,5 @@ class BatchSpectralShrinkage(Regularizer):
         self._value = value.detach()
         return self.eta * value
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._value is None else {"sigma_min_sq": float(self._value)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._value is None else {"sigma_min_sq": self._value}

@@ -195,6 +195,6 @@ class CoTuning(LazyShapeMixin, SourceHeadRegularizer):
         self._value = value.detach()
         return self.weight * value
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._value is None else {"soft_ce": float(self._value)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._value is None else {"soft_ce": self._value}
 

@@ -443,5 +443,5 @@ class DELTA(LazyShapeMixin, Regularizer):
         self._last = {"feature_maps": total.detach(), "head": head.detach()}
         return self.alpha * total + self.beta * head
 
-    def stats(self) -> dict[str, float]:
-        return {key: float(value) for key, value in self._last.items()}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return dict(self._last)  # detached results of this step's forward, on its device

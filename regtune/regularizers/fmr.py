@@ -242,6 +242,14 @@ class FeatureMagnitudeRegularization(Regularizer):
         self.register_buffer("lambda_t", torch.tensor(lambda_ if mode == "provided" else float("nan"),
                                                       dtype=torch.float64))
         self._entropy: torch.Tensor | None = None
+        # What a step branches on, kept on the host so that no step reads a device value (a GPU wait): the filled
+        # window slots, and whether H_init and lambda_t are known. These only ever go from NaN to a value: set where
+        # they are set, else read from the buffer until known (a buffer filled from outside). A load of the state
+        # resets all three from the loaded buffers.
+        self._filled = 0
+        self._h_init_known = False
+        self._lambda_known = False
+        self.register_load_state_dict_post_hook(_sync_host_state)
 
     # -- statistics ---------------------------------------------------------------------------------------------------
 
@@ -261,9 +269,11 @@ class FeatureMagnitudeRegularization(Regularizer):
 
     def _push(self, value: torch.Tensor) -> torch.Tensor:
         """Add one batch entropy to the window; return the running mean H_t (current batch included)."""
-        position = self.window_count % self.window_size
-        self.window[position] = value
+        position = (self.window_count % self.window_size).reshape(1)
+        # index_copy_, not window[position] = ...: indexing with a 0-dim tensor reads the index on the host
+        self.window.index_copy_(0, position, value.reshape(1).to(self.window.dtype))
         self.window_count += 1
+        self._filled = min(self._filled + 1, self.window_size)
         filled = torch.arange(self.window_size, device=self.window.device) < self.window_count
         return (self.window * filled).sum() / filled.sum()  # no host sync
 
@@ -296,6 +306,7 @@ class FeatureMagnitudeRegularization(Regularizer):
         if self.mode == "static":
             n_train = len(loader.dataset)  # type: ignore[attr-defined]
             self.lambda_t.fill_(10.0 ** (self.static_a * n_train + self.static_b))
+            self._lambda_known = True
             return
         limit = self._statistics_batches(loader)
         device, was_training = model_device(model), model.training
@@ -321,6 +332,7 @@ class FeatureMagnitudeRegularization(Regularizer):
         if batches == 0:
             raise ValueError("FMR statistics pass saw no batch: the training loader is empty")
         self.h_init.copy_(h_t)
+        self._h_init_known = True
         # Uniform features give H_init = log D up to rounding; any gap below 1e-6 relative is "no gap".
         if self.mode == "meta" and float(self.h_max - self.h_init) <= 1e-6 * float(self.h_max):
             raise ValueError(
@@ -336,7 +348,19 @@ class FeatureMagnitudeRegularization(Regularizer):
         s % update_every == 1 (the official loop's ``iteration % 5 == 1``, its counter 0 at the first update)."""
         if step.epoch == 0 or step.global_step % self.update_every == 1 % self.update_every:
             return True
-        return bool(torch.isnan(self.lambda_t))  # a run started after epoch 0 has no weight yet
+        return not self._lambda_set()  # a run started after epoch 0 has no weight yet
+
+    def _h_init_set(self) -> bool:
+        """Whether H_init is known (statistics pass run, or loaded); reads the buffer only until it is."""
+        if not self._h_init_known:
+            self._h_init_known = not bool(torch.isnan(self.h_init))
+        return self._h_init_known
+
+    def _lambda_set(self) -> bool:
+        """Whether lambda_t is known; reads the buffer only until it is."""
+        if not self._lambda_known:
+            self._lambda_known = not bool(torch.isnan(self.lambda_t))
+        return self._lambda_known
 
     def forward(self, step: TrainStep) -> torch.Tensor:
         target = self._target(step.features, step.logits)
@@ -346,7 +370,7 @@ class FeatureMagnitudeRegularization(Regularizer):
             self.h_max.fill_(math.log(target.shape[1]))  # log D from the shape: no host sync
             h_t = self._push(self._weight_entropy(target, entropy))
             if self.mode in ("meta", "dynamic") and self._updates_weight(step):
-                if torch.isnan(self.h_init):
+                if not self._h_init_set():
                     raise RuntimeError(f"FMR mode {self.mode!r} needs setup() (the statistics pass) before training")
                 if self.mode == "meta":
                     weight = fmr_weight(h_t, self.h_init, self.h_max, self.beta)
@@ -355,17 +379,27 @@ class FeatureMagnitudeRegularization(Regularizer):
                 if self.lambda_max is not None:
                     weight = torch.clamp(weight, max=self.lambda_max)
                 self.lambda_t.copy_(weight)
-        if self.mode == "static" and torch.isnan(self.lambda_t):
+                self._lambda_known = True
+        if self.mode == "static" and not self._lambda_set():
             raise RuntimeError("FMR mode 'static' needs setup() (the size of the training subset) before training")
         return -self.lambda_t.to(entropy.dtype) * entropy.mean()
 
-    def stats(self) -> dict[str, float]:
-        out = {"lambda": float(self.lambda_t)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        # New tensors (a clone, a mean), never views: the buffers change in place at the next step, and the trainer
+        # reads these values only at the epoch's end. Only "meta" and "dynamic" set H_init.
+        out = {"lambda": self.lambda_t.detach().clone()}
         if self._entropy is not None:
-            out["entropy"] = float(self._entropy)
-        if self.window_count > 0:
-            filled = min(int(self.window_count), self.window_size)
-            out["h_t"] = float(self.window[:filled].mean())
-        if not torch.isnan(self.h_init):
-            out["h_init"] = float(self.h_init)
+            out["entropy"] = self._entropy
+        if self._filled:
+            out["h_t"] = self.window[:self._filled].mean()
+        if self.mode in ("meta", "dynamic") and self._h_init_set():
+            out["h_init"] = self.h_init.detach().clone()
         return out
+
+
+def _sync_host_state(module: nn.Module, incompatible_keys: Any) -> None:
+    """After a load: FMR's host-side state from the loaded buffers (one read each, at load time)."""
+    assert isinstance(module, FeatureMagnitudeRegularization)
+    module._filled = min(int(module.window_count), module.window_size)
+    module._h_init_known = not bool(torch.isnan(module.h_init))
+    module._lambda_known = not bool(torch.isnan(module.lambda_t))

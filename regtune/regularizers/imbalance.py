@@ -314,13 +314,13 @@ class _PriorShiftedCrossEntropy(LazyShapeMixin, Criterion):
         self._last = (plain.detach(), counts.detach() / counts.sum())
         return loss
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         """``unadjusted_ce``: the batch's cross-entropy of the logits without the shift (what the model's own
         predictions score); ``prior_min`` / ``prior_max``: the smallest and largest class prior pi_c."""
         if self._last is None:
             return {}
         plain, prior = self._last
-        return {"unadjusted_ce": float(plain), "prior_min": float(prior.min()), "prior_max": float(prior.max())}
+        return {"unadjusted_ce": plain, "prior_min": prior.min(), "prior_max": prior.max()}
 
 
 @register_criterion("logit_adjusted")

@@ -164,5 +164,5 @@ class L2SP(Regularizer):
         self._last = {"sp": sp.detach(), "head": head.detach()}
         return (self.alpha * sp + self.beta * head).to(step.features.dtype)
 
-    def stats(self) -> dict[str, float]:
-        return {key: float(value) for key, value in self._last.items()}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return dict(self._last)  # detached results of this step's forward, on its device

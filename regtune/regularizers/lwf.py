@@ -164,6 +164,6 @@ class LearningWithoutForgetting(LazyShapeMixin, SourceHeadRegularizer):
         self._value = value.detach()
         return self.weight * value
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._value is None else {"kl": float(self._value)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._value is None else {"kl": self._value}
 

@@ -378,13 +378,12 @@ class LMSoftmax(Criterion):
         self._last = (sample_margins(cos.detach(), step.labels), class_margin(weight.detach()))
         return lm_softmax_loss(cos, step.labels, s=self.s)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         """Sample margins of the batch (mean, min) and the head's class margin in degrees."""
         if self._last is None:
             return {}
         margins, cls = self._last
-        return {"margin_mean": float(margins.mean()), "margin_min": float(margins.min()),
-                "class_margin_deg": float(torch.rad2deg(cls))}
+        return {"margin_mean": margins.mean(), "margin_min": margins.min(), "class_margin_deg": torch.rad2deg(cls)}
 
 
 @register_regularizer("sample_margin")
@@ -418,10 +417,10 @@ class SampleMarginRegularizer(Regularizer):
         self._margins = sample_margins(cos.detach(), step.labels)
         return self.weight * sample_margin_loss(cos, step.labels)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         if self._margins is None:
             return {}
-        return {"margin_mean": float(self._margins.mean()), "margin_min": float(self._margins.min())}
+        return {"margin_mean": self._margins.mean(), "margin_min": self._margins.min()}
 
 
 @register_regularizer("zero_centroid")
@@ -464,7 +463,7 @@ class ZeroCentroidRegularizer(Regularizer):
         self._last = (value.detach(), class_margin(head_weight.detach()))
         return self.weight * value
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         if self._last is None:
             return {}
-        return {"centroid": float(self._last[0]), "class_margin_deg": float(torch.rad2deg(self._last[1]))}
+        return {"centroid": self._last[0], "class_margin_deg": torch.rad2deg(self._last[1])}

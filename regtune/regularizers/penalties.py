@@ -269,8 +269,8 @@ class _Logged(Regularizer):
         self._value = value.detach()
         return value
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._value is None else {"value": float(self._value)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._value is None else {"value": self._value}
 
 
 @register_regularizer("fnp")
@@ -346,8 +346,8 @@ class MaxEntropy(_Logged):
         entropy = self._keep(prediction_entropy(step.logits).mean())
         return -self.gamma * entropy
 
-    def stats(self) -> dict[str, float]:
-        return {} if self._value is None else {"entropy": float(self._value)}
+    def stats(self) -> dict[str, float | torch.Tensor]:
+        return {} if self._value is None else {"entropy": self._value}
 
 
 class _HeadPenalty(_Logged):

@@ -138,5 +138,5 @@ class StochNorm(Regularizer):
     def forward(self, step: TrainStep) -> torch.Tensor:
         return step.features.new_zeros(())
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | torch.Tensor]:
         return {"layers": float(self._converted), "p": float(self.p)}

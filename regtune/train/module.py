@@ -110,6 +110,11 @@ def _unique_names(terms: Sequence[Regularizer]) -> list[str]:
     return names
 
 
+def _step_value(value: torch.Tensor | float) -> torch.Tensor | float:
+    """A ``stats()`` value for the step log: a tensor detached and cloned where it lives, a number as a float."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else float(value)
+
+
 class FineTuner(pl.LightningModule):
     """Fine-tunes ``model`` with ``criterion`` plus the sum of ``regularizers``.
 
@@ -429,9 +434,10 @@ class FineTuner(pl.LightningModule):
         criterion_stats = self.criterion.stats()
         if self.regularizers or criterion_stats:
             stepwise.update({f"train/{name}": value.detach() for name, value in terms.items()})
-            stepwise.update({f"train/{self.criterion_name}/{key}": float(v) for key, v in criterion_stats.items()})
+            # Tensors stay on the device (a float() would wait for it), cloned: a term may change its state in place.
+            stepwise.update({f"train/{self.criterion_name}/{k}": _step_value(v) for k, v in criterion_stats.items()})
             for name, term in self.regularizers.items():
-                stepwise.update({f"train/{name}/{key}": float(v) for key, v in term.stats().items()})
+                stepwise.update({f"train/{name}/{key}": _step_value(v) for key, v in term.stats().items()})
         # The bar shows the criterion's loss: the total can be negative (FMR adds a negative entropy) and reads as a
         # bug.
         headline = f"train/{self.criterion_name}" if f"train/{self.criterion_name}" in stepwise else "train/loss"

@@ -270,16 +270,27 @@ def check_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
         assert_scalar(term(step_for(term, model, torch.float64, step=1 + i, seed=40 + i)), torch.float64)
 
 
-def check_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
+def assert_stat_value(key: Any, value: Any, device: torch.device) -> None:
+    """A ``stats()`` entry: a str key; a finite Python float, or a detached finite 0-dim floating tensor on the
+    training device (read on the host once per epoch, not at every step)."""
+    assert isinstance(key, str), (key, value)
+    if isinstance(value, torch.Tensor):
+        assert value.dim() == 0 and value.is_floating_point() and not value.requires_grad, (key, value)
+        assert value.device == device and bool(torch.isfinite(value)), (key, value)
+    else:
+        assert type(value) is float and np.isfinite(value), (key, value)
+
+
+def check_stats_are_floats_or_scalar_tensors(name: str, kwargs: dict[str, Any]) -> None:
     model = make_model()
     term = build(name, kwargs, model, torch.float32)
     assert isinstance(term.stats(), dict)  # before any forward as well
-    term(step_for(term, model, torch.float32))
+    step = step_for(term, model, torch.float32)
+    term(step)
     stats = term.stats()
     assert isinstance(stats, dict)
     for key, value in stats.items():
-        assert isinstance(key, str) and type(value) is float, (key, value)
-        assert np.isfinite(value), (key, value)
+        assert_stat_value(key, value, step.features.device)
 
 
 def check_batch_size_one_works_or_raises_clearly(name: str, kwargs: dict[str, Any]) -> None:
@@ -368,7 +379,7 @@ CHECKS: list[tuple[Callable[..., None], bool]] = [
     (check_state_dict_round_trips_into_fresh_instance, True),
     (check_to_float64_moves_floating_buffers, False),
     (check_forward_after_to_float64, False),
-    (check_stats_are_str_to_float, False),
+    (check_stats_are_floats_or_scalar_tensors, False),
     (check_batch_size_one_works_or_raises_clearly, False),
     (check_unknown_argument_lists_valid_ones, False),
     (check_param_group_options, False),
@@ -424,9 +435,9 @@ def test_forward_after_to_float64(name: str, kwargs: dict[str, Any]) -> None:
     check_forward_after_to_float64(name, kwargs)
 
 
-@cases("test_stats_are_str_to_float")
-def test_stats_are_str_to_float(name: str, kwargs: dict[str, Any]) -> None:
-    check_stats_are_str_to_float(name, kwargs)
+@cases("test_stats_are_floats_or_scalar_tensors")
+def test_stats_are_floats_or_scalar_tensors(name: str, kwargs: dict[str, Any]) -> None:
+    check_stats_are_floats_or_scalar_tensors(name, kwargs)
 
 
 @cases("test_batch_size_one_works_or_raises_clearly")
@@ -550,14 +561,14 @@ def test_lm_softmax_value_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("name", list_criteria())
-def test_criterion_stats_are_str_to_float(name: str) -> None:
+def test_criterion_stats_are_floats_or_scalar_tensors(name: str) -> None:
     model = make_model()
     criterion = build_criterion(name, model)
     assert criterion.stats() == {}  # nothing before the first forward
     step = make_step(model, torch.float32)
     criterion(step)
     for key, value in criterion.stats().items():
-        assert isinstance(key, str) and type(value) is float and np.isfinite(value), (key, value)
+        assert_stat_value(key, value, step.features.device)
 
 
 def test_lm_softmax_logs_the_margins_it_trains() -> None:

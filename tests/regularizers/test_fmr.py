@@ -479,6 +479,46 @@ def test_buffers_survive_state_dict_round_trip() -> None:
         assert float(fresh.lambda_t) == float(fmr.lambda_t)
 
 
+def test_stats_are_not_views_of_the_buffers_the_next_step_changes() -> None:
+    # The trainer keeps each step's stats() tensors and reads them at the epoch's end: lambda_t and the window change
+    # in place at the next step, and must not change a dict already returned.
+    fmr = FeatureMagnitudeRegularization(mode="meta", beta=50.0, window=3, update_every=2)
+    fmr.setup(FeatureNet(2), loader_of(ENTROPY_BATCHES))
+    step, epoch, a = SCRIPT[0]
+    fmr(make_step(two_channel(a), step=step, epoch=epoch))
+    earlier = fmr.stats()
+    assert {"lambda", "entropy", "h_t", "h_init"} <= set(earlier)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in earlier.values())
+    values = {k: float(v) for k, v in earlier.items()}
+    lambda_before, window_before = fmr.lambda_t.clone(), fmr.window.clone()
+    step, epoch, a = SCRIPT[2]  # another epoch-0 step: lambda_t and the window move
+    fmr(make_step(two_channel(a), step=step, epoch=epoch))
+    assert not torch.equal(fmr.lambda_t, lambda_before) and not torch.equal(fmr.window, window_before)
+    assert float(fmr.stats()["lambda"]) != values["lambda"]
+    assert {k: float(v) for k, v in earlier.items()} == values
+
+
+@pytest.mark.parametrize("mode", ["meta", "dynamic", "static", "provided"])
+def test_a_step_and_its_stats_read_no_tensor_on_the_host(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU each such read waits for the device. Once set up and past its first step, a training step branches
+    # on host-side state only: H_init and lambda_t known, the window's filling counted.
+    fmr = FeatureMagnitudeRegularization(mode=mode, beta=50.0, window=3, update_every=2)
+    fmr.setup(FeatureNet(2), loader_of(ENTROPY_BATCHES))
+    fmr(make_step(two_channel(SCRIPT[3][2]), step=3, epoch=1))
+    steps = [make_step(two_channel(a), step=step, epoch=epoch) for step, epoch, a in SCRIPT[4:6]]  # kept, update
+
+    def read(*args: Any) -> None:
+        raise AssertionError("a tensor's value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for method in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+            patch.setattr(torch.Tensor, method, read)
+        for step in steps:
+            fmr(step)
+            stats = fmr.stats()
+    assert set(stats) == {"lambda", "entropy", "h_t"} | ({"h_init"} if mode in ("meta", "dynamic") else set())
+
+
 @pytest.mark.parametrize("kwargs", [
     {"mode": "adaptive"}, {"target": "maps"}, {"init_mode": "test"}, {"tau": 0.0}, {"tau": -1.0},
     {"window": 0}, {"update_every": 0}, {"init_batches": 0},

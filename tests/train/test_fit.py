@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def toy_terms(monkeypatch: pytest.MonkeyPatch) -> type:
             super().__init__()
             self.weight = weight
             self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-            self._last = 0.0
+            self.register_buffer("last", torch.zeros(()))
 
         def setup(self, model: torch.nn.Module, loader: object) -> None:
             ToyNorm.setups.append(sum(len(labels) for _, labels in loader))
@@ -70,11 +71,13 @@ def toy_terms(monkeypatch: pytest.MonkeyPatch) -> type:
         def forward(self, step: TrainStep) -> torch.Tensor:
             self.seen += step.labels.numel()
             value = step.features.pow(2).sum(1).mean()
-            self._last = float(value.detach())
+            self.last.copy_(value.detach())
             return self.weight * value
 
-        def stats(self) -> dict[str, float]:
-            return {"norm2": self._last}
+        def stats(self) -> dict[str, float | torch.Tensor]:
+            # The buffer itself, which the next step overwrites: against the contract (a new tensor), so that the
+            # tests see the trainer keep each step's value even then.
+            return {"norm2": self.last}
 
     @register_regularizer("toy_nan")
     class ToyNaN(Regularizer):
@@ -159,6 +162,17 @@ def test_resume_equals_uninterrupted(imagefolder: Path, tmp_path: Path, toy_term
     assert [r["step"] for r in steps] == list(range(1, 13))
     whole_steps = read_epoch_log(whole.run_dir / "steps.csv")
     assert [r["train/toy_norm"] for r in steps] == [r["train/toy_norm"] for r in whole_steps]
+
+
+def test_a_regularizer_stat_tensor_reaches_steps_csv_for_every_step(imagefolder: Path, tmp_path: Path,
+                                                                    toy_terms: type) -> None:
+    config = dataclasses.replace(tiny_config(imagefolder, epochs=2), regularizers=(TermSpec("toy_norm"),))
+    steps = read_epoch_log(fit(config, run_dir=tmp_path / "run").run_dir / "steps.csv")
+    assert [r["step"] for r in steps] == list(range(1, 7))  # 2 epochs x 3 batches
+    for row in steps:  # each step's own value (the term's loss is 0.01 of it), not the epoch's last
+        assert type(row["train/toy_norm/norm2"]) is float and math.isfinite(row["train/toy_norm/norm2"]), row
+        assert row["train/toy_norm/norm2"] == pytest.approx(row["train/toy_norm"] / 0.01, rel=1e-5), row
+    assert len({r["train/toy_norm/norm2"] for r in steps}) == len(steps)
 
 
 def test_finished_run_is_not_overwritten(imagefolder: Path, tmp_path: Path) -> None:
