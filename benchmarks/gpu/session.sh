@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A GPU session's prepared work, on the device machine, from the repository root with .carry/ carried
 # (benchmarks/gpu/prepare.sh): 1. regtune fit against a bare timm loop (EfficientNet-Lite0 and ResNet-50, bf16,
-# 224 px), 2. the per-method overhead table, 3. the pending imbalanced grid (regtune/grids/imbalanced_fmnist.yaml) in
-# 8 shards until the time is spent (about 40 s per run and shard: the whole grid takes a 10-minute call of its own).
-# Everything that comes back is under $OUT (at most 8 files): the tables, the grid's logs, and the grid's
-# finished runs without their checkpoints (results.tar.gz: unpack it in the repository root here, then
-# `regtune bench imbalanced_fmnist --report-only`; an unfinished run is trained again here or next time).
-# Usage: bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the device tool's 10-minute limit, less a margin)
+# 224 px), 2. the per-method overhead tables (seed and transfer methods), 3. the pending grid (GRID=<name>, default
+# imbalanced_fmnist) in 8 shards until the time is spent (about 40 s per run and shard: a 120-run grid takes a
+# 10-minute call of its own). Everything that comes back is under $OUT (at most 8 files): the tables, the grid's logs,
+# and its finished runs without their checkpoints (results.tar.gz: unpack it under a separate folder here and report
+# it with `regtune bench <grid> --report-only --out <folder>`; GPU and CPU runs are not mixed in one report).
+# Usage: [GRID=<name>] bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the 10-minute limit, less a margin)
 set -uo pipefail
 budget="${1:-540}"
 start=$(date +%s)
@@ -28,19 +28,24 @@ for backbone in tf_efficientnet_lite0 resnet50; do
     --out "$out/framework_$backbone.md" 2>&1 | tail -8
 done
 
-echo "== 2. per-method overhead, fp32 ($(left) s left)"
-timeout 150 python3 benchmarks/overhead.py --device cuda --img-size 224 --batch-size 64 \
-  --out "$out/overhead_cuda.md" 2>&1 | tail -20
+echo "== 2. per-method overhead, fp32, seed then transfer methods ($(left) s left)"
+# 4 rounds of 10 steps: 5 steps were too few on the first GPU (FT's own rounds ranged 21-29 ms)
+for set in seed transfer; do
+  timeout 150 python3 benchmarks/overhead.py --methods "$set" --device cuda --img-size 224 --batch-size 64 \
+    --steps 10 --rounds 4 --out "$out/overhead_${set}_cuda.md" 2>&1 | tail -20
+done
 
-echo "== 3. the imbalanced grid, 8 shards ($(left) s left)"
-grid=runs/bench/imbalanced_fmnist
+# the pending grid: GRID=<name> to change it (the imbalanced grid may have finished on the CPU by then)
+name="${GRID:-imbalanced_fmnist}"
+echo "== 3. the grid $name, 8 shards ($(left) s left)"
+grid=runs/bench/$name
 remaining=$(( $(left) - 45 ))  # keep time to pack the results
 logs=$(mktemp -d)
 if [ "$remaining" -gt 60 ]; then
   for i in 1 2 3 4 5 6 7 8; do
     # SIGKILL: the grid goes on after a failed run, so a gentler signal would only fail the run in progress; the
     # finished runs are on disk and an unfinished one is trained again next time
-    OMP_NUM_THREADS=2 timeout -s KILL "$remaining" regtune bench imbalanced_fmnist --shard "$i/8" \
+    OMP_NUM_THREADS=2 timeout -s KILL "$remaining" regtune bench "$name" --shard "$i/8" \
       > "$logs/grid_shard$i.log" 2>&1 &
   done
   wait
