@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -50,8 +54,28 @@ def check_matching_matrices(names: tuple[str, str], first: torch.Tensor, second:
                          f"and {tuple(second.shape)}")
 
 
+_LABELS_VERIFIED: contextvars.ContextVar[int | None] = contextvars.ContextVar("regtune_labels_verified", default=None)
+
+
+@contextlib.contextmanager
+def labels_verified(classes: int) -> Iterator[None]:
+    """Within the block, `check_labels` trusts that device labels lie in ``[0, classes)``.
+
+    For a caller that has checked them where reading them is free: the trainer checks each batch's labels on the CPU
+    before the batch goes to the GPU, so the terms do not read their minimum and maximum back from the GPU (a host
+    wait at every step). Shapes and dtypes are still checked; labels on the CPU, or scores with another number of
+    classes, are still range-checked.
+    """
+    token = _LABELS_VERIFIED.set(classes)
+    try:
+        yield
+    finally:
+        _LABELS_VERIFIED.reset(token)
+
+
 def check_labels(labels: torch.Tensor, batch: int, classes: int, scores_name: str) -> None:
-    """Raise unless ``labels`` are ``batch`` integer class indices in ``[0, classes)``."""
+    """Raise unless ``labels`` are ``batch`` integer class indices in ``[0, classes)`` (the range is trusted inside
+    `labels_verified` for device labels)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != batch:
@@ -59,7 +83,7 @@ def check_labels(labels: torch.Tensor, batch: int, classes: int, scores_name: st
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
     # Checked here because an out-of-range index in gather/one_hot is a device-side assert on CUDA (unrecoverable).
-    if batch > 0:
+    if batch > 0 and not (labels.device.type != "cpu" and _LABELS_VERIFIED.get() == classes):
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= classes:
             raise ValueError(

@@ -121,6 +121,8 @@ def _quiet_lightning() -> Iterator[None]:
         # Under DDP the module logs epoch values that are already sums and counts reduced over the processes
         # (FineTuner._eval_sums, its epoch sums), so Lightning's own sync_dist would average equal numbers.
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
+        # FineTuner range-checks labels on the CPU in its own on_before_batch_transfer; the data module has none.
+        warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningMod")
         # Lightning's all_gather still goes through the deprecated torch.distributed.nn.functional.all_gather.
         warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_gather is deprecated")
         if "SLURM_JOB_ID" not in os.environ:

@@ -16,7 +16,7 @@ from regtune.data.seeds import mix_seed
 from regtune.data.transforms import seeded_rng
 from regtune.models import forward_parts
 from regtune.regularizers import Criterion, Regularizer, TrainStep, capture_outputs
-from regtune.regularizers._utils import all_reduce_sum
+from regtune.regularizers._utils import all_reduce_sum, labels_verified
 from regtune.regularizers.functional import channel_entropy, class_margin, cosine_logits, sample_margins
 from regtune.train.config import OptimConfig
 
@@ -183,6 +183,7 @@ class FineTuner(pl.LightningModule):
         self.mixup = mixup
         self.seed = seed
         self.finite_guard = FiniteGuard()
+        self._labels_checked = False  # this training batch's labels were range-checked on the CPU
         self.step_values: dict[str, torch.Tensor | float] = {}  # the last training step's logged values
         self.freeze_bn_stats = freeze_bn_stats  # Lightning keeps the modes it finds; train() below sets them
         self.prepare = prepare
@@ -420,8 +421,11 @@ class FineTuner(pl.LightningModule):
         if self.mixup is not None:
             with seeded_rng(mix_seed(self.seed, self.global_step)):  # timm's Mixup draws from NumPy and random
                 images, targets = self.mixup(images, labels)
-        terms, record = self.compute_terms(images, labels, self.global_step, self.current_epoch, self._total_steps(),
-                                           indices=rest[0] if rest else None, targets=targets)
+        # Labels checked on the CPU before the transfer (on_before_batch_transfer): the terms need not read them back.
+        verified, self._labels_checked = self._labels_checked, False
+        with labels_verified(self.num_classes) if verified else contextlib.nullcontext():
+            terms, record = self.compute_terms(images, labels, self.global_step, self.current_epoch,
+                                               self._total_steps(), indices=rest[0] if rest else None, targets=targets)
         logits = record.logits
         if self.feature_stats:
             self._log_feature_stats(record.features, labels, "train")
@@ -451,6 +455,19 @@ class FineTuner(pl.LightningModule):
         self.step_values = stepwise
         self._epoch_stat("train/acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
         return loss
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check the batch's labels while they are on the CPU (free), before they go to the device."""
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and labels.dim() == 1 and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(
+                    f"a batch has labels in [{low}, {high}], outside [0, {self.num_classes - 1}] for the "
+                    f"{self.num_classes} classes of the model: the dataset's targets do not match its class list"
+                )
+            self._labels_checked = self._trainer is not None and self.trainer.training
+        return batch
 
     def _total_steps(self) -> int | None:
         return self._steps_total

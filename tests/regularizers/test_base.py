@@ -134,3 +134,22 @@ def test_train_step_global_step_and_its_former_name() -> None:
         assert record.step == 7
     with pytest.raises(TypeError, match="both"):
         TrainStep(**common, step=1, global_step=2)
+
+
+def test_labels_verified_spares_the_device_read_of_the_range_and_nothing_else() -> None:
+    from regtune.regularizers._utils import check_labels, labels_verified
+
+    # A meta tensor has no values: reading its minimum fails, as a GPU read would cost a host wait.
+    device_labels = torch.tensor([0, 5], device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        check_labels(device_labels, 2, 3, "logits")
+    with labels_verified(3):
+        check_labels(device_labels, 2, 3, "logits")  # trusted: not read
+        with pytest.raises(RuntimeError, match="meta"):
+            check_labels(device_labels, 2, 4, "logits")  # scores with another number of classes: read
+        with pytest.raises(ValueError, match=r"got values in \[0, 5\]"):
+            check_labels(torch.tensor([0, 5]), 2, 3, "logits")  # CPU labels: checked (it is free)
+        with pytest.raises(ValueError, match="shape"):
+            check_labels(device_labels, 3, 3, "logits")  # shapes are still checked
+    with pytest.raises(RuntimeError, match="meta"):
+        check_labels(device_labels, 2, 3, "logits")  # outside the block again

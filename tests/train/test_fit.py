@@ -215,6 +215,26 @@ def test_a_deferred_finite_check_names_the_step_and_saves_no_bad_weights(imagefo
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
+def test_every_training_step_runs_its_terms_with_labels_checked_on_the_cpu(imagefolder: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The batch's labels are range-checked before the transfer, so the terms (here LM-Softmax) need not read them
+    # back from a GPU; every training step must run inside labels_verified for the model's classes.
+    from regtune.train import module as module_module
+
+    entered: list[int] = []
+    real = module_module.labels_verified
+
+    def spy(classes: int) -> object:  # a context manager, as the real one
+        entered.append(classes)
+        return real(classes)
+
+    monkeypatch.setattr(module_module, "labels_verified", spy)
+    config = apply_overrides(tiny_config(imagefolder, epochs=2), {"criterion": "lm_softmax"})
+    fit(config, run_dir=tmp_path / "run")
+    steps = read_epoch_log(tmp_path / "run/steps.csv")
+    assert len(entered) == len(steps) > 0 and set(entered) == {3}
+
+
 def test_finite_guard_defers_to_the_next_watch_or_resolve() -> None:
     guard = FiniteGuard(defer=True)
     terms = {"ce": torch.tensor(0.5), "bad": torch.tensor(float("inf"))}

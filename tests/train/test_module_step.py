@@ -98,3 +98,15 @@ def test_feature_stats_never_share_a_column_with_a_term() -> None:
     assert {"train/feature_norm", "train/fmr_entropy", "train/mean_margin"} <= stats
     terms = {f"train/{name}" for name in list_regularizers() + list_criteria()}  # each term's weighted value
     assert not stats & terms  # the feature-stat mean of sample margins was once averaged with the term's value
+
+
+def test_labels_are_range_checked_on_the_cpu_before_the_transfer() -> None:
+    model = timm.create_model(TINY_BACKBONE, pretrained=False, num_classes=CLASSES)
+    module = FineTuner(model, CrossEntropy(), [], OptimConfig(), CLASSES)
+    images, labels = _batch()
+    assert module.on_before_batch_transfer((images, labels), 0)[1] is labels  # in range: passed through
+    assert not module._labels_checked  # no trainer is training: the terms check the labels themselves
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside \[0, 2\] for the 3 classes"):
+        module.on_before_batch_transfer((images, torch.tensor([0, 3, 1, 2])), 0)
+    with pytest.raises(ValueError, match=r"labels in \[-1, 2\]"):
+        module.on_before_batch_transfer((images, torch.tensor([0, -1, 1, 2]), torch.arange(4)), 0)
