@@ -463,3 +463,22 @@ def test_logit_adjustment_favours_the_rare_classes_after_training() -> None:
         fitted[tau] = torch.softmax(z.detach(), dim=0)
     torch.testing.assert_close(fitted[0.0], torch.tensor(counts / counts.sum()), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(fitted[1.0], torch.full((3,), 1 / 3, dtype=torch.float64), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["ce", "logit_adjusted", "balanced_softmax"])
+def test_a_criterion_step_reads_nothing_back_from_the_device(name: str) -> None:
+    # Meta tensors stand in for a GPU's: they have no values, so any read of one on the host fails. Inside
+    # labels_verified (the trainer checked the batch's labels on the CPU) a step and its stats read none.
+    from regtune.regularizers._utils import labels_verified
+
+    criterion = create_criterion(name)
+    criterion.set_class_counts(torch.tensor([5, 3, 1]))
+    criterion.to("meta")
+    logits = torch.zeros(4, 3, device="meta", requires_grad=True)
+    step = TrainStep(features=torch.zeros(4, 2, device="meta"), logits=logits,
+                     labels=torch.zeros(4, dtype=torch.long, device="meta"), model=torch.nn.Identity())
+    with labels_verified(3):
+        loss = criterion.forward(step)  # the float32 wrapper of criterion(step) asks autocast, which has no meta device
+        stats = criterion.stats()
+    assert loss.device.type == "meta" and loss.dim() == 0 and loss.requires_grad
+    assert all(isinstance(v, float) or v.device.type == "meta" for v in stats.values())
