@@ -6,7 +6,9 @@
 # 10-minute call of its own). Everything that comes back is under $OUT (at most 8 files): the tables, the grid's logs,
 # and its finished runs without their checkpoints (results.tar.gz: unpack it under a separate folder here and report
 # it with `regtune bench <grid> --report-only --out <folder>`; GPU and CPU runs are not mixed in one report).
-# Usage: [GRID=<name>] bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the 10-minute limit, less a margin)
+# With SEARCH=<file>, step 3 runs that search (regtune tune, 8 workers) instead of a grid.
+# Usage: [GRID=<name> | SEARCH=<file>] bash benchmarks/gpu/session.sh [SECONDS]   (default 540: the 10-minute limit,
+# less a margin)
 set -uo pipefail
 budget="${1:-540}"
 start=$(date +%s)
@@ -35,12 +37,25 @@ for set in seed transfer; do
     --steps 10 --rounds 4 --out "$out/overhead_${set}_cuda.md" 2>&1 | tail -20
 done
 
+logs=$(mktemp -d)
+if [ -n "${SEARCH:-}" ]; then
+  # a pending search instead (SEARCH=<file or name>): 8 workers on the one GPU until the time is spent; its journal
+  # and trial records come back in search.tar.gz (a killed trial is retried when the search is continued)
+  echo "== 3. the search $SEARCH, 8 workers ($(left) s left)"
+  remaining=$(( $(left) - 45 ))
+  OMP_NUM_THREADS=2 timeout -s KILL "$remaining" regtune tune "$SEARCH" --workers 8 --out runs/tune/gpu \
+    > "$logs/search.log" 2>&1
+  tail -5 "$logs/search.log"
+  tar -czf "$out/search.tar.gz" --exclude=checkpoints --exclude='*.safetensors' runs/tune/gpu 2>/dev/null
+  tar -czf "$out/search_logs.tar.gz" -C "$logs" . 2>/dev/null
+  du -h "$out"/*
+  exit 0
+fi
 # the pending grid: GRID=<name> to change it (the imbalanced grid may have finished on the CPU by then)
 name="${GRID:-imbalanced_fmnist}"
 echo "== 3. the grid $name, 8 shards ($(left) s left)"
 grid=runs/bench/$name
 remaining=$(( $(left) - 45 ))  # keep time to pack the results
-logs=$(mktemp -d)
 if [ "$remaining" -gt 60 ]; then
   for i in 1 2 3 4 5 6 7 8; do
     # SIGKILL: the grid goes on after a failed run, so a gentler signal would only fail the run in progress; the
