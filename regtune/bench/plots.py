@@ -104,8 +104,8 @@ def plot_accuracy_vs_fraction(summaries: Sequence[Any], path: str | Path, baseli
                 axes[1][column].set_visible(False)
         title = cell_label(panel)
         if len(xs) == 1:
-            title += f" ({items[0][2].split(' (')[0]}: {xs[0]:g}{'%' if '%' in items[0][2] else ''})"
-        ax.set_title(title)
+            title += f"\n({items[0][2].split(' (')[0]}: {xs[0]:g}{'%' if '%' in items[0][2] else ''})"
+        ax.set_title(title, fontsize=10)  # on two lines: side-by-side panels' titles must not run into each other
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
