@@ -400,7 +400,6 @@ class BalancedSoftmax(_PriorShiftedCrossEntropy):
         return counts.log()
 
     def _hard_loss(self, logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # balanced_softmax_loss without its check that every count is positive, which reads the counts back from the
-        # device at every step: set_class_counts refused a class without images already
-        check_labels(labels, logits.shape[0], logits.shape[1], "logits")
-        return F.cross_entropy(logits + self._shift(counts), labels)
+        # Logit adjustment by log n_c with tau 1, the same sum as balanced_softmax_loss, whose check that every count
+        # is positive would read the counts back from the device at every step (set_class_counts checked them).
+        return logit_adjusted_cross_entropy(logits, labels, self._shift(counts), tau=1.0)

@@ -294,7 +294,8 @@ class EpochLog(pl.Callback):
 
 
 class StepLog(pl.Callback):
-    """Per-step values of every logged term (``train/<name>_step``) in a CSV, written once per epoch.
+    """Per-step values of every logged term (the module's ``step_values``: ``train/<name>``, its stats) in a CSV,
+    written once per epoch.
 
     Rows are kept in memory during an epoch and appended at its end (no file I/O in the step loop). Their ``epoch``
     counts from 1, as in ``epochs.csv``. On resume, rows after the restored step are dropped first.
@@ -323,11 +324,8 @@ class StepLog(pl.Callback):
         if trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
             return
         row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
-        values = getattr(pl_module, "step_values", None)
-        if values is None:  # another module: what it logged per step (read on the host now)
-            values = {k.removesuffix("_step"): v for k, v in trainer.callback_metrics.items() if k.endswith("_step")}
-        # GPU values stay where they are until the epoch's end: reading one now would make the host wait
-        row.update({k: v.detach() if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()})
+        # detached tensors and floats; GPU values stay there until the epoch's end (reading one now makes the host wait)
+        row.update(pl_module.step_values)
         self._rows.append(row)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
