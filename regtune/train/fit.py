@@ -57,7 +57,7 @@ from regtune.train.rundir import (
     run_preprocessing,
 )
 
-__all__ = ["FitResult", "RunDirError", "default_run_dir", "fit", "train_class_counts"]
+__all__ = ["FitResult", "RunDirError", "default_run_dir", "fit", "imbalance_advice", "train_class_counts"]
 
 _log = logging.getLogger(__name__)
 
@@ -234,6 +234,31 @@ def train_class_counts(train_set: ImageDataset, split: Split) -> list[int]:
     """Training images per class in the run's training split (its validation carve-out left out)."""
     targets = torch.as_tensor(train_set.targets)[torch.as_tensor(split.train, dtype=torch.long)]
     return torch.bincount(targets, minlength=train_set.num_classes).tolist()
+
+
+IMBALANCE_ADVICE_RATIO = 3.0  # largest / smallest class of the training split from which `fit` advises
+_REBALANCING_CRITERIA = ("logit_adjusted", "balanced_softmax")
+
+
+def imbalance_advice(config: FitConfig, counts: Sequence[int]) -> str | None:
+    """One line of advice when the training split is imbalanced (largest / smallest class >= 3) and the run neither
+    selects by balanced accuracy nor rebalances its classifier; ``None`` otherwise. It changes nothing: the run does
+    what its config says."""
+    present = [int(c) for c in counts if c > 0]
+    if len(present) < 2 or max(present) < IMBALANCE_ADVICE_RATIO * min(present):
+        return None
+    t, criterion = config.trainer, config.criterion
+    tips = []
+    if t.select == "val_acc":
+        tips.append("--select val_bal_acc chooses the checkpoint by balanced accuracy (every class counts the same)")
+    rebalanced = (t.crt or t.posthoc_tau is not None or criterion.name in _REBALANCING_CRITERIA
+                  or criterion.args.get("class_weights") is not None)
+    if not rebalanced and criterion.name != "lm_softmax" and t.epochs > 0:
+        tips.append("--crt re-fits the head on class-balanced weights after training")
+    if not tips:
+        return None
+    return (f"the training classes are imbalanced: {max(present)} to {min(present)} images per class (ratio "
+            f"{max(present) / min(present):.3g}); " + "; ".join(tips) + " (docs/imbalance.md)")
 
 
 def _check_images(train_set: ImageDataset, test_set: ImageDataset | None, split: Split,
@@ -691,6 +716,9 @@ def fit(
               d.dataset, "train", len(parts.split.train), len(parts.split.val), len(parts.test_set),
               parts.train_set.num_classes, parts.backbone.name, parts.backbone.weights,
               parts.preprocessing["input_size"])
+    advice = imbalance_advice(config, train_class_counts(parts.train_set, parts.split))
+    if advice:
+        _log.info(advice)
     if config.trainer.epochs == 0:
         result = _probe_only(config, parts, run, made, test)
     elif _train(config, parts, run, made, resume):

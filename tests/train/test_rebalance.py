@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from regtune.train.config import ConfigError, apply_overrides, validate
-from regtune.train.fit import fit
+from regtune.train.config import ConfigError, TermSpec, apply_overrides, validate
+from regtune.train.fit import fit, imbalance_advice
 from regtune.train.probe import fit_linear_probe
 from tests.conftest import write_imagefolder
 from tests.train.test_fit import tiny_config
@@ -53,8 +53,14 @@ def test_posthoc_logit_adjustment_moves_the_bias_by_tau_log_prior(imbalanced: Pa
     assert all(torch.equal(tested[k], trained[k]) for k in backbone)
 
 
-def test_crt_refits_the_head_class_balanced_on_the_frozen_backbone(imbalanced: Path, tmp_path: Path) -> None:
-    result = fit(tiny_config(imbalanced, epochs=2, crt=True), run_dir=tmp_path / "run")
+def test_crt_refits_the_head_class_balanced_on_the_frozen_backbone(imbalanced: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="regtune.train.fit"):
+        result = fit(tiny_config(imbalanced, epochs=2, crt=True), run_dir=tmp_path / "run")
+    advice = [r.message for r in caplog.records if "imbalanced" in r.message]  # the split's 16 / 7 / 3 images
+    assert advice == [("the training classes are imbalanced: 16 to 3 images per class (ratio 5.33); --select "
+                       "val_bal_acc chooses the checkpoint by balanced accuracy (every class counts the same) "
+                       "(docs/imbalance.md)")]  # it selects by accuracy, but already rebalances (cRT)
     m = result.metrics
     crt = m["crt"]
     assert crt["C"] in tiny_config(imbalanced).model.lp_cs
@@ -104,3 +110,31 @@ def test_the_cli_sets_both() -> None:
 
     config = _fit_config(build_parser().parse_args(["fit", "--crt", "--posthoc-tau", "1"]))
     assert config.trainer.crt and config.trainer.posthoc_tau == 1.0
+
+
+def _ce(**args: object) -> dict:
+    return {"name": "ce", "args": args}
+
+
+@pytest.mark.parametrize(("counts", "overrides", "tips"), [
+    ([16, 7, 3], {}, ["--select val_bal_acc", "--crt"]),
+    ([16, 7, 3], {"trainer.select": "val_bal_acc"}, ["--crt"]),
+    ([16, 7, 3], {"trainer.select": "val_bal_acc", "trainer.posthoc_tau": 1.0}, []),
+    ([16, 7, 3], {"trainer.select": "val_bal_acc", "criterion": {"name": "balanced_softmax", "args": {}}}, []),
+    ([16, 7, 3], {"trainer.select": "val_bal_acc", "criterion": _ce(class_weights="balanced")}, []),
+    ([16, 7, 3], {"trainer.select": "val_bal_acc", "criterion": {"name": "lm_softmax", "args": {}}}, []),  # no cRT
+    ([16, 7, 3], {"trainer.select": "val_loss", "trainer.epochs": 0, "model.head_init": "lp"}, []),  # a probe
+    ([9, 7, 3], {}, ["--select val_bal_acc", "--crt"]),  # ratio 3: the threshold itself
+    ([8, 7, 3], {}, []),  # ratio 2.67
+    ([16, 16, 0], {}, []),  # an empty class is not a ratio
+])
+def test_fit_advises_on_an_imbalanced_split_only_when_the_run_ignores_it(imbalanced: Path, counts: list[int],
+                                                                        overrides: dict, tips: list[str]) -> None:
+    config = apply_overrides(tiny_config(imbalanced, epochs=2), overrides)
+    assert config.criterion == TermSpec(**overrides.get("criterion", {"name": "ce", "args": {}}))
+    advice = imbalance_advice(config, counts)
+    if not tips:
+        assert advice is None
+        return
+    assert advice.startswith(f"the training classes are imbalanced: {max(counts)} to {min(counts)} images")
+    assert [tip for tip in ("--select val_bal_acc", "--crt") if tip in advice] == tips
