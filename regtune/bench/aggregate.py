@@ -74,8 +74,18 @@ def collect_grid(grid: Grid) -> list[RunRecord]:
     for run in expand(grid):
         run_dir = RunDir(run.run_dir)
         if run_dir.finished:
-            records.append(RunRecord(run.method, tuple(run.cell.items()), run.seed, run_dir.metrics(), run.run_dir))
+            cell = _with_imbalance(run.cell, run.config.data.imbalance_ratio)
+            records.append(RunRecord(run.method, cell, run.seed, run_dir.metrics(), run.run_dir))
     return records
+
+
+def _with_imbalance(cell: Mapping[str, Any], ratio: float | None) -> Cell:
+    """The cell, with the imbalance ratio of a long-tailed run when no axis names it: its tables and plots then say
+    that the subset is long-tailed and that its amount of data is the head class's."""
+    items = list(cell.items())
+    if ratio is not None and "data.imbalance_ratio" not in cell:
+        items.append(("data.imbalance_ratio", int(ratio) if float(ratio).is_integer() else ratio))
+    return tuple(items)
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -114,10 +124,10 @@ def collect_runs(run_dirs: Iterable[str | Path], labels: Mapping[str | Path, str
         # The config as plain YAML, not checked against this version's names: reports also read older runs.
         config = load_yaml(run.config_path.read_text())
         data = config["data"]
-        cell: list[tuple[str, Any]] = [("data.dataset", data["dataset"])]
-        cell.append(("data.fraction", data["fraction"]) if data.get("fraction") is not None
-                    else ("data.per_class", data["per_class"]))
-        records.append(RunRecord(names.get(run_dir) or method_label(config), tuple(cell),
+        amount = (("data.fraction", data["fraction"]) if data.get("fraction") is not None
+                  else ("data.per_class", data["per_class"]))
+        cell = _with_imbalance(dict([("data.dataset", data["dataset"]), amount]), data.get("imbalance_ratio"))
+        records.append(RunRecord(names.get(run_dir) or method_label(config), cell,
                                  int(config["trainer"]["seed"]),
                                  metrics, run_dir))
     return records

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from regtune.bench.aggregate import RESULT_METRICS, RunRecord, markdown_report, summarize, write_report
+from regtune.bench.aggregate import RESULT_METRICS, RunRecord, collect_runs, markdown_report, summarize, write_report
+from regtune.bench.cells import cell_label, split_cell
 from regtune.cli import main
 
 CELL = (("data.dataset", "toy"), ("data.fraction", 0.01))
@@ -115,3 +116,19 @@ def test_a_report_of_long_tailed_runs_says_the_test_set_is_the_datasets_own(tmp_
     assert "long-tailed (exp rho = 100" in text and "The test set is the dataset's own" in text
     balanced = write_report(_records(), tmp_path / "balanced", baseline="ft")["summary_md"].read_text()
     assert "long-tailed" not in balanced  # runs without a split.json, or balanced ones: no note
+
+
+def test_long_tailed_runs_are_a_cell_of_their_own_that_says_so(tmp_path: Path) -> None:
+    """Runs whose ratio is set in the base config, not on an axis (a search's finals, `regtune report`)."""
+    for name, ratio in (("lt", 100.0), ("lt_odd", 12.5), ("balanced", None)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        data = {"dataset": "fashion_mnist", "fraction": 0.05, "imbalance_ratio": ratio}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": data, "trainer": {"seed": 0}}))
+        (run_dir / "metrics.json").write_text(json.dumps(_metrics(0.8, 0.6, 0.5, 0.2)))
+    cells = {r.run_dir.name: r.cell for r in collect_runs(sorted(tmp_path.iterdir()))}
+    assert cells["lt"] == (("data.dataset", "fashion_mnist"), ("data.fraction", 0.05), ("data.imbalance_ratio", 100))
+    assert cell_label(cells["lt"]) == "fashion_mnist 5% imbalance_ratio=100"
+    assert cell_label(cells["lt_odd"]) == "fashion_mnist 5% imbalance_ratio=12.5"
+    assert split_cell(cells["lt"])[2] == "training data of the head class (%)"  # the plots' axis
+    assert cells["balanced"] == (("data.dataset", "fashion_mnist"), ("data.fraction", 0.05))
