@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20's committed reports from the imbalanced grid's finished runs (regtune/grids/imbalanced_fmnist.yaml):
 # balanced accuracy, the many / medium / few-shot groups, macro-F1 and plain accuracy, each paired with FT, and
-# zero-centroid paired with LM-Softmax alone (benchmarks/imbalanced_zc.yaml). Trains nothing.
+# zero-centroid paired with LM-Softmax alone (benchmarks/imbalanced_zc.yaml), and the default recipe alone and with cRT
+# (benchmarks/imbalanced_default.yaml, in default_recipe/). Trains nothing.
 # Usage: bash benchmarks/imbalanced_reports.sh [DEST]   (default benchmarks/results/imbalanced_fmnist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +23,15 @@ for metric in test_bal_acc test_few_acc; do
   mkdir -p "$dest/zero_centroid_vs_lm_softmax/$metric"
   cp "$zc"/report/{summary.md,summary.csv,paired_differences.png} "$dest/zero_centroid_vs_lm_softmax/$metric/"
 done
+# The default recipe (WiSE-FT) alone and with cRT, paired with the grid's FT (benchmarks/imbalanced_default.yaml)
+dflt=runs/bench/imbalanced_default
+mkdir -p "$dflt"
+ln -sfn ../imbalanced_fmnist/runs "$dflt/runs"
+ln -sfn ../imbalanced_fmnist/splits "$dflt/splits"
+for metric in test_bal_acc test_many_acc test_medium_acc test_few_acc; do
+  regtune bench benchmarks/imbalanced_default.yaml --report-only --metric "$metric" --out "$dflt" | tail -1
+  mkdir -p "$dest/default_recipe/$metric"
+  cp "$dflt"/report/{summary.md,summary.csv,paired_differences.png} "$dest/default_recipe/$metric/"
+done
+cp "$dflt/report/results.csv" "$dest/default_recipe/results.csv"
 du -sh "$dest"

@@ -624,7 +624,9 @@ def _metrics(config: FitConfig, parts: _Parts, run: RunDir, result: dict[str, An
         "selection_note": _SELECT[t.select][2],
         "selected_epoch": epoch + 1 if epoch is not None else None,
         "epoch_base": 1,  # epochs counted from 1 here, in epochs.csv and on the console (older runs: from 0)
-        "selected_checkpoint": (str(Path(result["selected"]).relative_to(run.path)) if result["selected"] else None),
+        # Lightning resolves links in its checkpoint paths; the run's own path may go through one (runs/ -> /scratch)
+        "selected_checkpoint": (str(Path(result["selected"]).resolve().relative_to(run.path.resolve()))
+                                if result["selected"] else None),
         "best_val": result["best_val"],
         "model_file": result["model_file"],
         "probe": json.loads((run.path / "probe.json").read_text()) if config.model.head_init == "lp" else None,

@@ -154,6 +154,16 @@ def test_load_model_rebuilds_the_run_as_trained(tmp_path: Path) -> None:
     assert run.metrics()["selected_epoch"] in (1, 2) and run.metrics()["epoch_base"] == 1
 
 
+def test_a_run_reached_through_a_linked_folder_finishes(tmp_path: Path) -> None:
+    """runs/ as a link to other storage: Lightning resolves the link in its checkpoint paths; the run keeps it."""
+    root = write_imagefolder(tmp_path / "data", classes=2, train_per_class=5, test_per_class=2)
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch", target_is_directory=True)
+    result = fit(tiny_config(root, epochs=1), run_dir=tmp_path / "runs" / "run")
+    assert result.metrics["selected_checkpoint"] == "checkpoints/best.ckpt"
+    assert RunDir(tmp_path / "runs" / "run").finished and (tmp_path / "scratch" / "run" / "metrics.json").is_file()
+
+
 def test_metrics_of_an_older_run_count_the_selected_epoch_from_1(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     _touch(run.config_path)
