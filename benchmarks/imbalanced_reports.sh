@@ -34,4 +34,8 @@ for metric in test_bal_acc test_many_acc test_medium_acc test_few_acc; do
   cp "$dflt"/report/{summary.md,summary.csv,paired_differences.png} "$dest/default_recipe/$metric/"
 done
 cp "$dflt/report/results.csv" "$dest/default_recipe/results.csv"
+lt100="$grid/runs/fashion_mnist-f0.05-imbalance_ratio100"  # cRT on the default, and on FT's recipe, against the default
+regtune report wise_ft="$lt100/wise_ft" wise_ft+crt="$lt100/wise_ft+crt" crt="$lt100/crt" --baseline wise_ft \
+  --metric test_bal_acc --out "$dflt/vs_wise_ft" | tail -1
+cp "$dflt/vs_wise_ft/summary.md" "$dest/default_recipe/crt_on_wise_ft.md"
 du -sh "$dest"
