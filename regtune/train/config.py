@@ -18,8 +18,10 @@ import yaml
 from regtune._io import atomic_write_text, load_yaml
 
 __all__ = [
+    "COSINE_HEAD_CRITERIA",
     "CROP_MODES",
     "HEAD_INITS",
+    "PRIOR_ADJUSTED_CRITERIA",
     "SELECT_MODES",
     "WISE_ALPHAS",
     "ConfigError",
@@ -36,6 +38,8 @@ __all__ = [
 ]
 
 SELECT_MODES = ("val_acc", "val_loss", "val_bal_acc", "test_acc", "last")
+PRIOR_ADJUSTED_CRITERIA = ("logit_adjusted", "balanced_softmax")  # criteria that shift the logits by the class prior
+COSINE_HEAD_CRITERIA = ("lm_softmax",)  # criteria whose head is cosine, without a bias: no cRT, no post-hoc shift
 HEAD_INITS = ("normal", "timm", "lp")
 CROP_MODES = ("center", "squash", "border")  # timm's evaluation frames (create_transform's crop_mode)
 WISE_ALPHAS = tuple(round(0.1 * k, 1) for k in range(11))  # WiSE-FT's mixing coefficients: 0, 0.1, ..., 1
@@ -390,12 +394,12 @@ def _recipe_checks(config: FitConfig) -> list[tuple[bool, str]]:
          ("trainer.crt re-trains the head of a fine-tuned backbone on class-balanced weights; with trainer.epochs: 0 "
           "there is no fine-tuned backbone: train for some epochs, or drop --crt")),
         (t.posthoc_tau is None or t.posthoc_tau >= 0, f"trainer.posthoc_tau must be >= 0, got {t.posthoc_tau}"),
-        (not (t.posthoc_tau is not None and config.criterion.name in ("logit_adjusted", "balanced_softmax")),
+        (not (t.posthoc_tau is not None and config.criterion.name in PRIOR_ADJUSTED_CRITERIA),
          (f"trainer.posthoc_tau adjusts the logits of a model trained on the plain prior; the criterion "
           f"{config.criterion.name} has already adjusted them in training: use one of the two")),
-        (not ((t.crt or t.posthoc_tau is not None) and config.criterion.name == "lm_softmax"),
-         ("trainer.crt and trainer.posthoc_tau change a linear head's weights and bias; lm_softmax's cosine head has "
-          "no bias: use them with criterion ce")),
+        (not ((t.crt or t.posthoc_tau is not None) and config.criterion.name in COSINE_HEAD_CRITERIA),
+         (f"trainer.crt and trainer.posthoc_tau change a linear head's weights and bias; {config.criterion.name}'s "
+          "cosine head has no bias: use them with criterion ce")),
         (not (probe_only and (config.data.mixup > 0 or config.data.cutmix > 0)),
          "trainer.epochs: 0 runs the linear probe alone, on unaugmented images: data.mixup / data.cutmix do nothing"),
     ]

@@ -45,7 +45,7 @@ from regtune.train.callbacks import (
     StepLog,
     read_epoch_log,
 )
-from regtune.train.config import FitConfig, check_names
+from regtune.train.config import COSINE_HEAD_CRITERIA, PRIOR_ADJUSTED_CRITERIA, FitConfig, check_names
 from regtune.train.datamodule import FineTuneData
 from regtune.train.module import Evaluation, FineTuner, NonFiniteLossError
 from regtune.train.rundir import (
@@ -237,7 +237,6 @@ def train_class_counts(train_set: ImageDataset, split: Split) -> list[int]:
 
 
 IMBALANCE_ADVICE_RATIO = 3.0  # largest / smallest class of the training split from which `fit` advises
-_REBALANCING_CRITERIA = ("logit_adjusted", "balanced_softmax")
 
 
 def imbalance_advice(config: FitConfig, counts: Sequence[int]) -> str | None:
@@ -251,9 +250,9 @@ def imbalance_advice(config: FitConfig, counts: Sequence[int]) -> str | None:
     tips = []
     if t.select == "val_acc":
         tips.append("--select val_bal_acc chooses the checkpoint by balanced accuracy (every class counts the same)")
-    rebalanced = (t.crt or t.posthoc_tau is not None or criterion.name in _REBALANCING_CRITERIA
+    rebalanced = (t.crt or t.posthoc_tau is not None or criterion.name in PRIOR_ADJUSTED_CRITERIA
                   or criterion.args.get("class_weights") is not None)
-    if not rebalanced and criterion.name != "lm_softmax" and t.epochs > 0:
+    if not rebalanced and criterion.name not in COSINE_HEAD_CRITERIA and t.epochs > 0:
         tips.append("--crt re-fits the head on class-balanced weights after training")
     if not tips:
         return None
